@@ -1,0 +1,165 @@
+"""`bnrewrite.analyze`: the norm-layer inventory with fold verdicts, and the lint findings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import fx, nn
+
+from .diagnostics import Action, NormEntry, Report
+from .fold import fold
+from .graph.capture import Capture, Region, capture, source_line
+from .graph.norms import BNSite, OtherNormSite, bn_site, is_norm_module, other_norm_family, other_norm_site
+from .graph.ops import target_name
+from .graph.view import to_networkx
+from .passes.fold_plan import NOT_FOLDABLE, decide, rank_lookup
+from .rules import RULES, RuleContext
+
+
+def find_norms(cap: Capture) -> tuple[list[BNSite], list[OtherNormSite]]:
+    bns: list[BNSite] = []
+    others: list[OtherNormSite] = []
+    for region in cap.regions:
+        for node in region.gm.graph.nodes:
+            if node.op not in ("call_module", "call_function"):
+                continue
+            site = bn_site(region, node)
+            if site is not None:
+                bns.append(site)
+                continue
+            other = other_norm_site(region, node)
+            if other is not None:
+                others.append(other)
+    return bns, others
+
+
+def _describe(region: Region, node: fx.Node | None) -> str | None:
+    if node is None:
+        return None
+    if node.op == "call_module":
+        m = region.gm.get_submodule(str(node.target))
+        return f"{region.module_path(node)} ({type(m).__name__})"
+    return f"{region.qualify(node.name)} ({target_name(node)})"
+
+
+def _after(region: Region, node: fx.Node) -> list[str]:
+    return [d for u in node.users if (d := _describe(region, u)) is not None and u.op != "output"] + (
+        ["output"] if any(u.op == "output" for u in node.users) else []
+    )
+
+
+def opaque_norm_entries(cap: Capture) -> list[NormEntry]:
+    """Norm modules that sit in code no region covers, with the reason their code is opaque."""
+    if cap.whole or not isinstance(cap.model, nn.Module) or isinstance(cap.model, fx.GraphModule):
+        return []
+    covered = [r.path for r in cap.regions]
+    entries = []
+    for path, m in cap.model.named_modules():
+        if not path or not is_norm_module(m):
+            continue
+        if any(path == p or path.startswith(p + ".") for p in covered):
+            continue
+        owner = max(
+            (o for o in cap.opaque if o.module_path == "" or path.startswith(o.module_path + ".")),
+            key=lambda o: len(o.module_path),
+            default=None,
+        )
+        where = (owner.module_path or "<root>") if owner else "<root>"
+        why = owner.reason if owner else "not traced"
+        family = other_norm_family(m) or "batch"
+        entries.append(
+            NormEntry(
+                None,
+                path,
+                type(m).__name__,
+                family,
+                None,
+                [],
+                NOT_FOLDABLE,
+                None,
+                "FD203",
+                f"called from untraceable code in {where}: {why}",
+            )
+        )
+    return entries
+
+
+def inventory(
+    cap: Capture, bns: list[BNSite], others: list[OtherNormSite], folded: dict[str, Action]
+) -> list[NormEntry]:
+    """One entry per norm layer; BatchNorm verdicts are those a fold of the model applies."""
+    rank_of = rank_lookup(cap)
+    entries = []
+    for site in bns:
+        action = folded.get(site.name)
+        if action is not None:
+            verdict, target, code, reason = action.kind, action.target, action.code, action.detail
+        else:
+            d = decide(site, rank_of)
+            verdict, target, code, reason = d.verdict, d.target, d.code, d.reason
+        entries.append(
+            NormEntry(
+                site.name,
+                site.module_path,
+                site.kind,
+                "frozen" if site.frozen else "batch",
+                _describe(site.region, site.input),
+                _after(site.region, site.node),
+                verdict,
+                target,
+                code,
+                reason,
+                source_line(site.call),
+            )
+        )
+    for o in others:
+        entries.append(
+            NormEntry(
+                o.name,
+                o.module_path,
+                o.kind,
+                o.family,
+                _describe(
+                    o.region, o.node.args[0] if o.node.args and isinstance(o.node.args[0], fx.Node) else None
+                ),
+                _after(o.region, o.node),
+                "not-applicable",
+                None,
+                "FD205",
+                f"{o.family} norm computes statistics per input: nothing to fold",
+                source_line(o.node),
+            )
+        )
+    entries.extend(opaque_norm_entries(cap))
+    return entries
+
+
+def analyze(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    rules: Iterable[str] | None = None,
+    name: str | None = None,
+) -> Report:
+    """Inventory every normalization layer and lint the model for BatchNorm pitfalls.
+
+    ``model`` may be an ``nn.Module`` (traced whole, or in its traceable parts), a
+    ``GraphModule`` or an ``ExportedProgram``. With ``example_inputs`` shapes are propagated,
+    which some verdicts (Linear -> BatchNorm1d) and rules (batch size) need.
+    """
+    cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
+    if cap.example_inputs is not None:
+        cap.ensure_shapes()
+    bns, others = find_norms(cap)
+    report = Report("analyze", name or type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
+    # The verdicts come from a dry-run fold on a separate capture (folding runs to a fixed
+    # point, so a BatchNorm may become foldable after another one is folded).
+    dry = fold(model, cap.example_inputs, leaf_modules=leaf_modules).report
+    report.norms = inventory(cap, bns, others, {a.node: a for a in dry.actions if a.node})
+    ctx = RuleContext(cap, to_networkx(cap), bns, others)
+    selected = RULES if rules is None else {c: RULES[c] for c in rules}
+    for rule in selected.values():
+        report.diagnostics.extend(rule(ctx))
+    return report

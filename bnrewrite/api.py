@@ -1,0 +1,76 @@
+"""Workflows that combine the building blocks the way the CLI and pipelines use them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .diagnostics import Report
+from .errors import UsageError, VerificationError
+from .export import (
+    MODEL_FORMATS,
+    check_output,
+    diff_view,
+    export,
+    format_of,
+    graph_view,
+    to_dot,
+    write_dot_and_svg,
+)
+from .fold import fold
+from .io import Loaded
+from .verify import verify
+
+
+def fold_to_file(
+    loaded: Loaded,
+    output: str | os.PathLike[str],
+    inputs: tuple[Any, ...] | None,
+    *,
+    verify: bool = False,
+    eval_mode: bool = False,
+    fmt: str | None = None,
+    dynamic_batch: bool = False,
+    graph: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> Report:
+    """Fold, optionally verify, and write; nothing is written unless every step succeeded."""
+    kind = format_of(output, fmt)
+    check_output(output, force=force)
+    if graph is not None:
+        check_output(graph, force=force)
+    if kind in MODEL_FORMATS and inputs is None:
+        raise UsageError(f"writing .{kind} needs example inputs: pass --input-shape (e.g. 1,3,224,224)")
+    return _fold_and_write(loaded, output, inputs, verify, eval_mode, kind, dynamic_batch, graph, force)
+
+
+def _fold_and_write(
+    loaded: Loaded,
+    output: str | os.PathLike[str],
+    inputs: tuple[Any, ...] | None,
+    do_verify: bool,
+    eval_mode: bool,
+    kind: str,
+    dynamic_batch: bool,
+    graph: str | os.PathLike[str] | None,
+    force: bool,
+) -> Report:
+    result = fold(loaded.model, inputs, eval_mode=eval_mode, record_sources=True)
+    report = result.report
+    report.model = loaded.source
+    if do_verify:
+        if inputs is None:
+            raise UsageError("--verify needs example inputs: pass --input-shape")
+        check = verify(loaded.model, result.model, inputs, eval_mode=eval_mode)
+        report.verification = {**check.to_dict(), "summary": check.summary()}
+        if not check.passed:
+            raise VerificationError(f"verification failed, nothing written: {check.summary()}")
+    info = export(result.model, output, inputs, fmt=kind, force=force, dynamic_batch=dynamic_batch)
+    report.extra["output"] = info["path"]
+    if "onnxruntime_check" in info:
+        report.extra["onnxruntime_check"] = info["onnxruntime_check"]
+    if graph is not None:
+        before, after = graph_view(loaded.model), graph_view(result.model)
+        union, status = diff_view(before, after)
+        report.extra["graph"] = write_dot_and_svg(to_dot(union, status=status), graph, force=force)
+    return report

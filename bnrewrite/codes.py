@@ -1,0 +1,212 @@
+"""The catalogue of stable diagnostic codes; `bnrewrite explain CODE` prints these texts.
+
+BN0xx are lint findings (rules/), FD1xx say what a fold does with a BatchNorm, FD2xx say why a
+BatchNorm cannot be folded into a neighbour. Codes are never renumbered or reused.
+"""
+
+from __future__ import annotations
+
+from .diagnostics import Code, Severity
+from .errors import UsageError
+
+_W, _E, _I = Severity.WARNING, Severity.ERROR, Severity.INFO
+
+_ALL = [
+    Code(
+        "BN001",
+        "redundant-bias",
+        _W,
+        "conv/linear bias directly before BatchNorm is redundant",
+        "What: a Conv or Linear with a bias feeds a BatchNorm directly.\n"
+        "Why: BatchNorm subtracts the (batch or running) mean per channel, which removes any\n"
+        "constant per-channel offset, so the bias is learned for nothing and costs memory.\n"
+        "Fix (safe): `bnrewrite.fix(model, codes=['BN001'])` drops the bias and absorbs it\n"
+        "into the BatchNorm's running mean, exact in eval mode and in training mode.",
+    ),
+    Code(
+        "BN002",
+        "training-mode",
+        _W,
+        "BatchNorm is in training mode",
+        "What: the BatchNorm layer has `training=True`.\n"
+        "Why: in training mode its output depends on the statistics of the current batch, not on\n"
+        "the running statistics, so the layer cannot be folded and inference results vary with\n"
+        "batch composition. Most often `model.eval()` was forgotten before export.\n"
+        "Fix: call `model.eval()`, or pass `--eval` to `bnrewrite fold` to fold the eval-mode\n"
+        "behaviour.",
+    ),
+    Code(
+        "BN003",
+        "stats-never-updated",
+        _W,
+        "running statistics were never updated (mean 0, var 1, num_batches_tracked 0)",
+        "What: the BatchNorm's running mean is all zeros, running var all ones and\n"
+        "num_batches_tracked is 0: the values it was initialized with.\n"
+        "Why: the model was never trained in training mode, or its statistics were not loaded\n"
+        "from the checkpoint. In eval mode the layer then only applies its affine transform.\n"
+        "Fix: load the right state_dict, or re-estimate the statistics with\n"
+        "`bnrewrite recalibrate`.",
+    ),
+    Code(
+        "BN004",
+        "bad-statistics",
+        _E,
+        "non-finite or non-positive running_var, or non-finite running_mean / affine",
+        "What: running_var has values <= 0, NaN or Inf, or running_mean, weight or bias has NaN\n"
+        "or Inf.\n"
+        "Why: the layer produces NaN/Inf or huge outputs in eval mode; folding would write\n"
+        "those into the neighbouring weights. Usually a diverged training run or a bad cast.\n"
+        "Fix: re-estimate the statistics (`bnrewrite recalibrate`) or fix the checkpoint.",
+    ),
+    Code(
+        "BN005",
+        "no-running-stats",
+        _W,
+        "BatchNorm has track_running_stats=False",
+        "What: the BatchNorm keeps no running statistics.\n"
+        "Why: it always normalizes with the statistics of the current batch, also at inference,\n"
+        "so outputs depend on what else is in the batch and the layer cannot be folded.\n"
+        "Fix: if per-sample normalization is intended, use GroupNorm/InstanceNorm\n"
+        "(`bnrewrite swap --to gn`); otherwise enable running stats and recalibrate.",
+    ),
+    Code(
+        "BN006",
+        "dropout-before-bn",
+        _W,
+        "dropout directly before BatchNorm",
+        "What: a Dropout layer feeds a BatchNorm directly.\n"
+        "Why: dropout changes the variance of its output between training and inference, so the\n"
+        "running variance BatchNorm learned in training does not match what it sees at\n"
+        "inference (the 'variance shift', Li et al. 2019).\n"
+        "Fix: move dropout after the last BatchNorm, or drop it.",
+    ),
+    Code(
+        "BN007",
+        "norm-after-norm",
+        _W,
+        "a normalization layer directly after another",
+        "What: a norm layer's only input is another norm layer's output.\n"
+        "Why: the second normalization mostly undoes the first; this is usually a leftover from\n"
+        "refactoring. Both are still folded where possible.\n"
+        "Fix: remove one (`bnrewrite remove --select PATH`).",
+    ),
+    Code(
+        "BN008",
+        "tiny-batch",
+        _W,
+        "batch size 1 with BatchNorm in training mode",
+        "What: the example input has batch size 1 and a BatchNorm is in training mode.\n"
+        "Why: batch statistics over one sample are noisy or undefined (PyTorch raises for 1\n"
+        "value per channel). Small-batch training works better with GroupNorm.\n"
+        "Fix: `bnrewrite swap --to gn`, or train with larger batches.",
+    ),
+    Code(
+        "BN009",
+        "producer-shared",
+        _I,
+        "the layer before BatchNorm has other users",
+        "What: the conv/linear output that feeds this BatchNorm is also used elsewhere.\n"
+        "Why: folding BatchNorm into that conv would change what the other users see, so a\n"
+        "plain fold into the preceding layer is impossible. bnrewrite then tries the following\n"
+        "layer, else replaces the BatchNorm by its per-channel scale and shift.",
+    ),
+    Code(
+        "BN010",
+        "shared-conv",
+        _I,
+        "one conv/linear module is called at several places",
+        "What: the same module object is called at more than one place in forward().\n"
+        "Why: a naive fold rewrites the shared weights and corrupts the other call sites.\n"
+        "bnrewrite folds per call site, giving a folded copy only to the sites that need one.",
+    ),
+    Code(
+        "FD101",
+        "fold-into-preceding",
+        _I,
+        "BatchNorm folds into the preceding conv/linear",
+        "The BatchNorm's eval-mode scale s = weight / sqrt(running_var + eps) multiplies the\n"
+        "preceding layer's output channels and its shift becomes the bias:\n"
+        "W' = W * s, b' = (b - running_mean) * s + bias. Exact in eval mode.",
+    ),
+    Code(
+        "FD102",
+        "fold-into-following",
+        _I,
+        "BatchNorm folds into the following conv/linear",
+        "The BatchNorm feeds a conv/linear directly (BN placed after the activation). Its\n"
+        "scale multiplies that layer's input channels and its shift t is pushed through the\n"
+        "weights into the bias: W' = W * s (per input channel), b' = b + sum(W * t).\n"
+        "Exact only when every output position sees every kernel tap of real data: no zero\n"
+        "padding (reflect/replicate/circular padding is fine).",
+    ),
+    Code(
+        "FD103",
+        "scale-shift",
+        _I,
+        "BatchNorm becomes a per-channel scale-and-shift",
+        "No neighbouring conv/linear can absorb this BatchNorm, so it is replaced by its\n"
+        "eval-mode per-channel affine map y = x * s + t (one multiply-add, no statistics).\n"
+        "Exact in eval mode; reported as a replacement, not as a fold.",
+    ),
+    Code(
+        "FD201",
+        "zero-padding-after",
+        _I,
+        "following conv pads with zeros",
+        "The BatchNorm feeds a conv that pads with zeros. Padded positions would not receive\n"
+        "the BatchNorm's shift, so folding into that conv is not exact. Use reflect,\n"
+        "replicate or circular padding, or padding=0, to make it foldable.",
+    ),
+    Code(
+        "FD202",
+        "channel-mismatch",
+        _I,
+        "BatchNorm channel dim is not the linear layer's feature dim",
+        "BatchNorm normalizes dim 1; a Linear acts on the last dim. They coincide only for 2-D\n"
+        "(N, C) tensors. For other ranks, or when the ranks are unknown because no example\n"
+        "inputs were given, the fold is not done. Pass example inputs (--input-shape).",
+    ),
+    Code(
+        "FD203",
+        "opaque",
+        _I,
+        "BatchNorm sits in code that could not be traced",
+        "The layer is called from a forward() that torch.fx could not trace (data-dependent\n"
+        "control flow, non-torch calls), so its neighbours are unknown and it is left as is.\n"
+        "Make that code traceable, or mark the untraceable part as a leaf module.",
+    ),
+    Code(
+        "FD204",
+        "non-constant-parameters",
+        _I,
+        "weights or statistics are computed in the graph",
+        "A weight, bias or statistic of the BatchNorm or its neighbour is not a stored tensor\n"
+        "but the result of a computation in forward(), so it cannot be rewritten statically.",
+    ),
+    Code(
+        "FD205",
+        "not-batchnorm",
+        _I,
+        "per-sample normalization cannot be folded",
+        "GroupNorm, LayerNorm and InstanceNorm compute statistics from each input at inference,\n"
+        "so they are not constant affine maps and cannot be folded into weights.",
+    ),
+    Code(
+        "FD206",
+        "no-neighbour",
+        _I,
+        "no neighbouring conv/linear can absorb the BatchNorm",
+        "Neither the producer nor every consumer of this BatchNorm is a conv/linear that can\n"
+        "absorb it exactly (e.g. BN -> ReLU -> conv in pre-activation blocks).",
+    ),
+]
+
+CODES: dict[str, Code] = {c.id: c for c in _ALL}
+
+
+def get(code: str) -> Code:
+    """Look up a code, case-insensitively; unknown codes are a usage error."""
+    key = code.strip().upper()
+    if key not in CODES:
+        raise UsageError(f"unknown code {code!r}; known codes: {', '.join(sorted(CODES))}")
+    return CODES[key]

@@ -1,0 +1,408 @@
+"""Write models and graphs: ``.pt2``, ``.onnx``, ``.py`` (+ weights), and the graph itself as ``.json`` (node-link), ``.graphml``, ``.dot`` or ``.svg``.
+
+Every write is atomic: the file is written beside the target under a temporary name and renamed
+into place only when complete, so a failure never leaves a partial output. An existing output is
+only replaced with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from .errors import BnrewriteError, UsageError
+from .graph.capture import _reason, buffers_restored, capture
+from .graph.view import to_networkx
+
+MODEL_FORMATS = ("pt2", "onnx", "py")
+GRAPH_FORMATS = ("json", "graphml", "dot", "svg")
+FORMATS = MODEL_FORMATS + GRAPH_FORMATS
+
+
+def format_of(path: str | os.PathLike[str], fmt: str | None = None) -> str:
+    """The output format: explicit, else from the file extension."""
+    if fmt:
+        fmt = fmt.lower().lstrip(".")
+    else:
+        fmt = Path(path).suffix.lower().lstrip(".")
+        fmt = {"gml": "graphml"}.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise UsageError(
+            f"{path}: cannot tell the output format from {fmt!r}; use one of "
+            f"{', '.join('.' + f for f in FORMATS)} or --format"
+        )
+    return fmt
+
+
+def check_output(path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Fail early, before any work, when the output cannot or must not be written."""
+    p = Path(path)
+    if p.exists() and p.is_dir():
+        raise BnrewriteError(f"{p}: is a directory")
+    if p.exists() and not force:
+        raise BnrewriteError(f"{p}: already exists; pass --force to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise BnrewriteError(f"{p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise BnrewriteError(f"{p}: directory {parent} is not writable")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only on success."""
+    target = check_output(path, force=force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.tmp.", suffix=target.suffix, dir=target.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _runnable(model: Any) -> nn.Module:
+    return model.module() if isinstance(model, torch.export.ExportedProgram) else model
+
+
+def export_program(
+    model: Any, example_inputs: tuple[Any, ...] | None, *, dynamic_batch: bool = False
+) -> torch.export.ExportedProgram:
+    """``torch.export`` the model (optionally with a dynamic batch dimension)."""
+    if example_inputs is None:
+        raise BnrewriteError("exporting needs example inputs: pass --input-shape (e.g. 1,3,224,224)")
+    module = _runnable(model)
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+    try:
+        with buffers_restored(module):
+            return torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    except Exception as exc:
+        raise BnrewriteError(f"torch.export failed: {_reason(exc)}") from exc
+
+
+def export(
+    model: Any,
+    path: str | os.PathLike[str],
+    example_inputs: tuple[Any, ...] | None = None,
+    *,
+    fmt: str | None = None,
+    force: bool = False,
+    dynamic_batch: bool = False,
+    check: bool = True,
+) -> dict[str, Any]:
+    """Write ``model`` to ``path`` in the format its extension (or ``fmt``) names.
+
+    Returns a small report (format, path, and for ONNX the onnxruntime check result).
+    """
+    kind = format_of(path, fmt)
+    check_output(path, force=force)
+    info: dict[str, Any] = {"format": kind, "path": str(path)}
+    if kind == "pt2":
+        ep = export_program(model, example_inputs, dynamic_batch=dynamic_batch)
+        with atomic_path(path, force=force) as tmp:
+            torch.export.save(ep, tmp)
+    elif kind == "onnx":
+        info.update(
+            _export_onnx(model, path, example_inputs, force=force, dynamic_batch=dynamic_batch, check=check)
+        )
+    elif kind == "py":
+        info.update(_export_python(model, Path(path), example_inputs, force=force))
+    else:
+        write_graph(model, path, fmt=kind, force=force)
+    return info
+
+
+# -- ONNX ----------------------------------------------------------------------------------------
+
+
+def _export_onnx(
+    model: Any, path: Any, inputs: tuple[Any, ...] | None, *, force: bool, dynamic_batch: bool, check: bool
+) -> dict[str, Any]:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise BnrewriteError("ONNX export needs the onnx extra: pip install 'bnrewrite[onnx]'") from exc
+    ep = export_program(model, inputs, dynamic_batch=dynamic_batch)
+    info: dict[str, Any] = {}
+    with atomic_path(path, force=force) as tmp:
+        try:
+            with contextlib.redirect_stdout(open(os.devnull, "w")):
+                prog = torch.onnx.export(ep, dynamo=True, verbose=False)
+            prog.save(str(tmp))
+        except Exception as exc:
+            raise BnrewriteError(f"ONNX export failed: {_reason(exc)}") from exc
+        if check:
+            info["onnxruntime_check"] = check_onnx(tmp, _runnable(model), inputs)
+            if info["onnxruntime_check"].get("passed") is False:
+                raise BnrewriteError(f"ONNX output differs from PyTorch: {info['onnxruntime_check']}")
+    return info
+
+
+def check_onnx(path: Any, model: nn.Module, inputs: tuple[Any, ...] | None) -> dict[str, Any]:
+    """Run the ONNX file with onnxruntime (when installed) and compare with PyTorch."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"passed": None, "note": "onnxruntime not installed; output not checked"}
+    assert inputs is not None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), inputs)}
+    got = sess.run(None, feeds)
+    with torch.no_grad(), buffers_restored(model):
+        want = torch.utils._pytree.tree_leaves(model(*inputs))
+    worst = 0.0
+    for g, w in zip(got, want):
+        worst = max(worst, float((torch.from_numpy(g).double() - w.double()).abs().max()))
+    scale = max(float(w.double().abs().max()) for w in want) if want else 1.0
+    passed = worst <= 1e-4 * max(scale, 1.0) + 1e-5
+    return {"passed": passed, "max_abs_error": worst}
+
+
+# -- Python source -------------------------------------------------------------------------------
+
+
+def _flat_graph_module(model: Any, inputs: tuple[Any, ...] | None) -> fx.GraphModule:
+    """An ATen graph with flat attribute names and plain (non-pytree) calling convention."""
+    ep = export_program(model, inputs)
+    gm = ep.module()
+    graph = gm.graph
+    out = graph.output_node()
+    if ep.call_spec.out_spec is not None and ep.call_spec.out_spec.is_leaf():
+        (values,) = out.args
+        if isinstance(values, (tuple, list)) and len(values) == 1:
+            out.args = (values[0],)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and not node.users:  # export's input guards
+            graph.erase_node(node)
+    flat = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value = getattr_path(gm, str(node.target))
+            name = str(node.target).replace(".", "_")
+            if isinstance(value, nn.Parameter):
+                flat.register_parameter(name, nn.Parameter(value.detach(), requires_grad=False))
+            else:
+                flat.register_buffer(name, value)
+            node.target = name
+    graph._codegen = fx.graph.CodeGen()
+    flat.graph = graph
+    flat.recompile()
+    return flat
+
+
+def getattr_path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _export_python(model: Any, path: Path, inputs: tuple[Any, ...] | None, *, force: bool) -> dict[str, Any]:
+    if not path.stem.isidentifier():
+        raise UsageError(f"{path}: the file name must be a Python identifier to be importable")
+    flat = _flat_graph_module(model, inputs)
+    weights = path.with_name(path.stem + "_weights.pt")
+    check_output(weights, force=force)
+    code = flat.graph.python_code(root_module="self")
+    body = code.src.strip("\n")
+    lines = [
+        f'"""Generated by bnrewrite: the rewritten graph of a model. Weights: {weights.name}."""',
+        "",
+        "import math  # noqa: F401",
+        "import operator  # noqa: F401",
+        "from pathlib import Path",
+        "",
+        "import torch",
+        "from torch import device, inf, nan  # noqa: F401",
+        "",
+        "",
+        "class Model(torch.nn.Module):",
+        "    def __init__(self):",
+        "        super().__init__()",
+    ]
+    for name, p in flat.named_parameters():
+        lines.append(
+            f"        self.{name} = torch.nn.Parameter(torch.empty({list(p.shape)}, dtype={p.dtype}), requires_grad=False)"
+        )
+    for name, b in flat.named_buffers():
+        lines.append(f"        self.register_buffer({name!r}, torch.empty({list(b.shape)}, dtype={b.dtype}))")
+    lines += ["", *("    " + ln if ln else "" for ln in body.splitlines()), ""]
+    lines += [
+        "",
+        "def build(weights=None):",
+        '    """The model with its weights (read with weights_only=True)."""',
+        "    model = Model()",
+        f"    path = weights or Path(__file__).with_name({weights.name!r})",
+        "    model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))",
+        "    return model.eval()",
+        "",
+        "",
+        "def example_inputs():",
+        f"    return ({', '.join(_input_expr(x) for x in inputs or ())}{',' if inputs and len(inputs) == 1 else ''})",
+        "",
+    ]
+    text = "\n".join(lines)
+    with atomic_path(weights, force=force) as tmp_w, atomic_path(path, force=force) as tmp_py:
+        torch.save(flat.state_dict(), tmp_w)
+        tmp_py.write_text(text)
+    return {"weights": str(weights)}
+
+
+def _input_expr(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"torch.randn({list(x.shape)}, dtype={x.dtype})"
+    return repr(x)
+
+
+# -- graph files ---------------------------------------------------------------------------------
+
+
+def graph_view(model: Any) -> nx.DiGraph:
+    cap = capture(model, record_sources=False)
+    if not cap.regions:
+        raise BnrewriteError("no part of the model could be traced, so there is no graph to write")
+    view = to_networkx(cap)
+    view.graph.pop("fx", None)
+    return view
+
+
+def _plain(view: nx.DiGraph) -> nx.DiGraph:
+    """GraphML wants scalar attributes: lists become strings, None becomes ''."""
+    g = nx.DiGraph()
+    for n, attrs in view.nodes(data=True):
+        g.add_node(
+            n, **{k: ("" if v is None else str(v) if isinstance(v, list) else v) for k, v in attrs.items()}
+        )
+    g.add_edges_from(view.edges())
+    return g
+
+
+def to_dot(view: nx.DiGraph, *, status: dict[str, str] | None = None, title: str = "bnrewrite") -> str:
+    """DOT text; ``status`` maps node ids to removed/changed/added for highlighting."""
+    colors = {
+        "removed": ("#f4cccc", "#cc0000", "dashed"),
+        "changed": ("#fff2cc", "#b45f06", "bold"),
+        "added": ("#d9ead3", "#38761d", "bold"),
+    }
+
+    def q(s: str) -> str:
+        return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    out = [
+        f"digraph {q(title)} {{",
+        "  rankdir=TB;",
+        '  node [shape=box, fontsize=10, style="rounded,filled", fillcolor="#ffffff"];',
+    ]
+    for n, a in view.nodes(data=True):
+        if a.get("op") in ("get_attr",):
+            continue
+        label = a.get("module_path") or n
+        kind = a.get("module_type") or a.get("target") or a.get("op")
+        text = f"{label}\\n{kind}"
+        if a.get("shape"):
+            text += f"\\n{a['shape']}"
+        attrs = f"label={q(text).replace(chr(92) * 2 + 'n', chr(92) + 'n')}"
+        st = (status or {}).get(n)
+        if st in colors:
+            fill, color, style = colors[st]
+            attrs += f', fillcolor="{fill}", color="{color}", style="rounded,filled,{style}"'
+        out.append(f"  {q(n)} [{attrs}];")
+    for u, v in view.edges():
+        if view.nodes[u].get("op") == "get_attr" or view.nodes[v].get("op") == "get_attr":
+            continue
+        out.append(f"  {q(u)} -> {q(v)};")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def diff_view(before: nx.DiGraph, after: nx.DiGraph) -> tuple[nx.DiGraph, dict[str, str]]:
+    """The union of two views with each node marked removed, changed or added."""
+    union = nx.DiGraph()
+    status: dict[str, str] = {}
+    for n, a in before.nodes(data=True):
+        union.add_node(n, **a)
+        if n not in after:
+            status[n] = "removed"
+    for n, a in after.nodes(data=True):
+        if n not in before:
+            status[n] = "added"
+        elif a.get("rewrite"):
+            status[n] = "changed"
+        union.add_node(n, **a)
+    union.add_edges_from(before.edges())
+    union.add_edges_from(after.edges())
+    return union, status
+
+
+def render_svg(dot_text: str) -> bytes | None:
+    """SVG bytes from Graphviz's ``dot`` when it is installed, else None."""
+    exe = shutil.which("dot")
+    if exe is None:
+        return None
+    try:
+        res = subprocess.run(
+            [exe, "-Tsvg"], input=dot_text.encode(), capture_output=True, timeout=120, check=True
+        )
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return res.stdout
+
+
+def write_dot_and_svg(dot_text: str, path: str | os.PathLike[str], *, force: bool) -> dict[str, Any]:
+    """Write ``.dot`` (always) and ``.svg`` (when Graphviz renders it) for a ``.svg``/``.dot`` path."""
+    p = Path(path)
+    dot_path = p.with_suffix(".dot")
+    info: dict[str, Any] = {"dot": str(dot_path)}
+    if p.suffix.lower() == ".svg":
+        check_output(p, force=force)
+    with atomic_path(dot_path, force=force) as tmp:
+        tmp.write_text(dot_text)
+    if p.suffix.lower() == ".svg":
+        svg = render_svg(dot_text)
+        if svg is None:
+            info["svg"] = None
+            info["note"] = "Graphviz 'dot' not found: wrote the .dot only"
+        else:
+            with atomic_path(p, force=force) as tmp:
+                tmp.write_bytes(svg)
+            info["svg"] = str(p)
+    return info
+
+
+def write_graph(
+    model: Any, path: str | os.PathLike[str], *, fmt: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    kind = format_of(path, fmt)
+    view = graph_view(model)
+    if kind == "json":
+        import json
+
+        with atomic_path(path, force=force) as tmp:
+            tmp.write_text(json.dumps(nx.node_link_data(view, edges="edges"), indent=1))
+    elif kind == "graphml":
+        with atomic_path(path, force=force) as tmp:
+            nx.write_graphml(_plain(view), tmp)
+    elif kind in ("dot", "svg"):
+        return write_dot_and_svg(to_dot(view), path, force=force)
+    else:
+        raise UsageError(f"{path}: {kind} is not a graph format")
+    return {"format": kind, "path": str(path)}

@@ -1,0 +1,79 @@
+"""`bnrewrite.fold`: capture, fold every region, reassemble the model, report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from . import codes
+from .diagnostics import Diagnostic, Report
+from .graph.capture import Capture, capture
+from .graph.edit import Editor, shallow_copy
+from .passes.fold_bn import fold_region
+from .passes.fold_plan import rank_lookup
+
+
+class RewriteResult(NamedTuple):
+    """A rewritten model and the report of what was changed; unpacks as ``model, report``."""
+
+    model: nn.Module
+    report: Report
+
+
+def assemble(cap: Capture, *, inplace: bool = False) -> nn.Module:
+    """The rewritten model: the single graph, or the original tree with its regions replaced."""
+    if cap.whole or not cap.regions:
+        return cap.regions[0].gm if cap.regions else cap.model
+    root = cap.model if inplace else shallow_copy(cap.model)
+    editor = Editor(root, inplace=inplace)
+    for region in cap.regions:
+        editor.set_module(region.path, region.gm)
+    return root
+
+
+def opaque_diagnostics(cap: Capture) -> list[Diagnostic]:
+    from .analyze import opaque_norm_entries
+
+    out = []
+    for entry in opaque_norm_entries(cap):
+        out.append(
+            Diagnostic(
+                "FD203",
+                codes.get("FD203").severity,
+                f"{entry.module_path}: not folded: {entry.reason}",
+                None,
+                entry.module_path,
+            )
+        )
+    return out
+
+
+def fold(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    eval_mode: bool = False,
+    leaf_modules: Iterable[type | str] = (),
+    record_sources: bool = False,
+    cap: Capture | None = None,
+) -> RewriteResult:
+    """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
+
+    Returns the rewritten model (a ``GraphModule``, or the original module tree with its
+    traceable parts replaced) and a report of every fold and every skip with its reason. The
+    input model is not modified unless ``inplace=True``. ``eval_mode=True`` folds the eval-mode
+    behaviour of BatchNorms that are in training mode.
+    """
+    if cap is None:
+        cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=record_sources)
+    report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
+    rank_of = rank_lookup(cap)
+    for region in cap.regions:
+        actions, diagnostics = fold_region(region, rank_of, eval_mode=eval_mode, inplace=inplace)
+        report.actions.extend(actions)
+        report.diagnostics.extend(diagnostics)
+    report.diagnostics.extend(opaque_diagnostics(cap))
+    return RewriteResult(assemble(cap, inplace=inplace), report)

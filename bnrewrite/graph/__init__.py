@@ -1,0 +1,21 @@
+"""Graph capture and the views that rules and passes work on."""
+
+from .capture import Capture, Region, capture, clone_graph_module, node_shape, source_line
+from .norms import BNSite, LayerSite, OtherNormSite, bn_site, layer_site, other_norm_site
+from .view import to_networkx
+
+__all__ = [
+    "BNSite",
+    "Capture",
+    "LayerSite",
+    "OtherNormSite",
+    "Region",
+    "bn_site",
+    "capture",
+    "clone_graph_module",
+    "layer_site",
+    "node_shape",
+    "other_norm_site",
+    "source_line",
+    "to_networkx",
+]

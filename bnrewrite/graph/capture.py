@@ -1,0 +1,302 @@
+"""Capture a model as fx graphs: whole, in its traceable parts, or from ``torch.export``.
+
+A model that ``symbolic_trace`` rejects is not given up on: its largest traceable submodules
+become separate regions and every part that stayed opaque is recorded with the tracer's reason.
+Capturing never changes the input model: traced graphs share its tensors but own their module
+containers, and shape propagation restores every buffer it may have touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..diagnostics import OpaquePart
+from ..errors import BnrewriteError
+from .norms import is_norm_module
+
+
+@dataclass
+class Region:
+    """One captured graph and where it sits in the original model."""
+
+    path: str
+    gm: fx.GraphModule
+    dialect: str
+    inputs: tuple[Any, ...] | None = None
+    shapes_known: bool = False
+
+    def qualify(self, name: str) -> str:
+        """A node name unique across regions."""
+        return f"{self.path}/{name}" if self.path else name
+
+    def module_path(self, node: fx.Node) -> str | None:
+        """The dotted path, in the original model, of the module this node belongs to."""
+        local: str | None = None
+        if node.op == "call_module":
+            local = str(node.target)
+        elif node.op == "get_attr":
+            local = str(node.target).rpartition(".")[0]
+        else:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                local = str(list(stack.values())[-1][0])
+            else:  # functional call on stored tensors: the module that owns them
+                attrs = [n for n in node.all_input_nodes if n.op == "get_attr"]
+                local = str(attrs[-1].target).rpartition(".")[0] if attrs else None
+        if local is None:
+            return self.path or None
+        if self.path and local:
+            return f"{self.path}.{local}"
+        return self.path or local
+
+
+@dataclass
+class Capture:
+    """The graphs of a model plus the parts that could not be captured."""
+
+    model: Any
+    regions: list[Region]
+    opaque: list[OpaquePart] = field(default_factory=list)
+    example_inputs: tuple[Any, ...] | None = None
+
+    @property
+    def dialect(self) -> str:
+        return self.regions[0].dialect if self.regions else "module"
+
+    @property
+    def whole(self) -> bool:
+        """True when the whole model is a single graph."""
+        return len(self.regions) == 1 and self.regions[0].path == ""
+
+    def ensure_shapes(self) -> bool:
+        """Propagate shapes through every region that has example inputs; True if all did."""
+        ok = True
+        for region in self.regions:
+            if region.shapes_known:
+                continue
+            if region.dialect == "aten":
+                region.shapes_known = True
+                continue
+            if region.inputs is None:
+                ok = False
+                continue
+            propagate_shapes(region.gm, region.inputs)
+            region.shapes_known = True
+        return ok
+
+
+class _Tracer(fx.Tracer):
+    """symbolic_trace's tracer, plus user leaves and norm modules kept as single calls."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], sources: bool) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+        self.record_stack_traces = sources
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if module_qualified_name in self.leaf_paths or is_norm_module(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(
+    module: nn.Module,
+    tracer: _Tracer,
+    concrete_args: dict[str, Any] | None,
+) -> fx.GraphModule:
+    graph = tracer.trace(module, concrete_args=concrete_args)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def _is_aten(gm: fx.GraphModule) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph and containers, sharing gm's tensors (no deepcopy)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    graph._codegen = gm.graph._codegen
+    new = fx.GraphModule(gm, graph, type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise BnrewriteError(
+        f"example inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def capture(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    record_sources: bool = True,
+) -> Capture:
+    """Capture ``model`` (nn.Module, GraphModule or ExportedProgram) as one or more fx graphs."""
+    inputs = normalize_inputs(example_inputs)
+    if isinstance(model, torch.export.ExportedProgram):
+        if inputs is None and model.example_inputs is not None:
+            args, kwargs = model.example_inputs
+            inputs = tuple(args) if not kwargs else None
+        gm = model.module()
+        region = Region("", gm, "aten", inputs, shapes_known=True)
+        return Capture(model, [region], [], inputs)
+    if not isinstance(model, nn.Module):
+        raise BnrewriteError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
+    if isinstance(model, fx.GraphModule):
+        gm = clone_graph_module(model)
+        dialect = "aten" if _is_aten(gm) else "module"
+        return Capture(model, [Region("", gm, dialect, inputs, shapes_known=dialect == "aten")], [], inputs)
+
+    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
+    leaf_paths = {x for x in leaf_modules if isinstance(x, str)}
+    tracer = _Tracer(leaf_types, leaf_paths, record_sources)
+    try:
+        gm = _trace(model, tracer, concrete_args)
+        return Capture(model, [Region("", gm, "module", inputs)], [], inputs)
+    except Exception as exc:  # any tracer failure means: descend into children
+        opaque = [OpaquePart("", type(model).__name__, _reason(exc))]
+
+    regions: list[Region] = []
+    for name, child in model.named_children():
+        _capture_parts(child, name, tracer, regions, opaque)
+    if inputs is not None and regions:
+        _record_region_inputs(model, regions, inputs)
+    return Capture(model, regions, opaque, inputs)
+
+
+def _capture_parts(
+    module: nn.Module,
+    path: str,
+    tracer: _Tracer,
+    regions: list[Region],
+    opaque: list[OpaquePart],
+) -> None:
+    if tracer.is_leaf_module(module, path):
+        return  # a single layer called from opaque code: nothing to trace inside
+    try:
+        gm = _trace(module, tracer, None)
+        regions.append(Region(path, gm, "module"))
+        return
+    except Exception as exc:
+        opaque.append(OpaquePart(path, type(module).__name__, _reason(exc)))
+    for name, child in module.named_children():
+        _capture_parts(child, f"{path}.{name}", tracer, regions, opaque)
+
+
+class buffers_restored:
+    """Context manager: every buffer of the given modules is restored on exit."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> buffers_restored:
+        seen: set[int] = set()
+        for m in self.modules:
+            for b in m.buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    self.saved.append((b, b.detach().clone()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for b, copy in self.saved:
+                b.copy_(copy)
+
+
+def _record_region_inputs(model: nn.Module, regions: list[Region], inputs: Sequence[Any]) -> None:
+    """Run the model once and keep the arguments each region receives (for shape propagation)."""
+    modules = dict(model.named_modules())
+    handles = []
+    for region in regions:
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], region: Region = region) -> None:
+            if region.inputs is None:
+                region.inputs = tuple(args)
+
+        handles.append(modules[region.path].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad(), buffers_restored(model):
+            model(*inputs)
+    except Exception as exc:
+        raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """Record shape and dtype of every node (``meta['tensor_meta']``) by running gm once."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        with torch.no_grad(), buffers_restored(gm):
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def source_line(node: fx.Node) -> str | None:
+    """``file:line`` of the user's code that created this node, when the graph recorded it."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = [f for f in _FRAME.findall(trace) if not f[0].startswith(_TORCH_DIR)]
+    if not frames:
+        return None
+    path, line, _func = frames[-1]
+    return f"{path}:{line}"
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The output shape of a node when shape propagation or export recorded it."""
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except (TypeError, ValueError):  # symbolic sizes
+            return tuple(int(s) if isinstance(s, int) else -1 for s in val.shape)
+    return None
+
+
+def node_rank(node: fx.Node) -> int | None:
+    shape = node_shape(node)
+    return None if shape is None else len(shape)

@@ -1,0 +1,349 @@
+"""Find norm layers and conv/linear layers in a captured graph, in every form they take.
+
+A BatchNorm may be an ``nn.BatchNorm*``/``SyncBatchNorm`` call, a frozen-BN style module, a
+functional ``F.batch_norm`` or an ATen ``batch_norm``; a conv may be a module or a functional
+call with stored weights. :class:`BNSite` and :class:`LayerSite` give rules and passes one view
+of all of them: the tensors involved, the flags, and whether everything is a stored constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from . import ops
+
+if TYPE_CHECKING:
+    from .capture import Region
+
+_STAT_NAMES = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_batchnorm_module(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNorm) and not isinstance(m, _InstanceNorm)
+
+
+def is_frozen_bn_module(m: nn.Module) -> bool:
+    """Frozen BN (torchvision/detectron style): fixed stats and affine stored as buffers."""
+    if isinstance(m, _BatchNorm):
+        return False
+    if not all(isinstance(getattr(m, n, None), torch.Tensor) for n in _STAT_NAMES):
+        return False
+    return "frozen" in type(m).__name__.lower() or getattr(m, "_bnrewrite_frozen", False)
+
+
+def other_norm_family(m: nn.Module) -> str | None:
+    if isinstance(m, nn.GroupNorm):
+        return "group"
+    if isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return "layer"
+    if isinstance(m, _InstanceNorm):
+        return "instance"
+    return None
+
+
+def is_norm_module(m: nn.Module) -> bool:
+    return is_batchnorm_module(m) or is_frozen_bn_module(m) or other_norm_family(m) is not None
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _tensor_arg(gm: fx.GraphModule, arg: Any) -> tuple[torch.Tensor | None, bool]:
+    """(tensor, is_constant) for a call argument: None, a get_attr node, or something computed."""
+    if arg is None:
+        return None, True
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = fetch_attr(gm, str(arg.target))
+        if isinstance(value, torch.Tensor):
+            return value, True
+    return None, False
+
+
+@dataclass
+class BNSite:
+    """One BatchNorm-like application in a graph."""
+
+    region: Region
+    node: fx.Node  # the node whose value is the normalized tensor
+    call: fx.Node  # the call itself (differs from node for tuple-returning ATen ops)
+    input: fx.Node | None
+    kind: str
+    module: nn.Module | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    eps: float
+    training: bool
+    tracks_stats: bool
+    constant: bool
+    frozen: bool = False
+    num_batches_tracked: torch.Tensor | None = None
+
+    @property
+    def module_path(self) -> str | None:
+        return self.region.module_path(self.call)
+
+    @property
+    def name(self) -> str:
+        return self.region.qualify(self.node.name)
+
+    @property
+    def num_features(self) -> int | None:
+        t = self.running_mean if self.running_mean is not None else self.weight
+        return None if t is None else int(t.numel())
+
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode ``y = x * scale + shift`` per channel, computed in float64."""
+        assert self.running_mean is not None and self.running_var is not None
+        var = self.running_var.detach().double()
+        mean = self.running_mean.detach().double()
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.detach().double()
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.detach().double()
+        return scale, shift
+
+
+@dataclass
+class OtherNormSite:
+    """A per-sample norm (GroupNorm, LayerNorm, InstanceNorm): inventoried, never folded."""
+
+    region: Region
+    node: fx.Node
+    kind: str
+    family: str
+
+    @property
+    def module_path(self) -> str | None:
+        return self.region.module_path(self.node)
+
+    @property
+    def name(self) -> str:
+        return self.region.qualify(self.node.name)
+
+
+def bn_site(region: Region, node: fx.Node) -> BNSite | None:
+    """The BatchNorm applied by ``node``, if it applies one."""
+    gm = region.gm
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if is_batchnorm_module(m):
+            tracks = m.track_running_stats and m.running_mean is not None
+            return BNSite(
+                region,
+                node,
+                node,
+                _first_input(node),
+                type(m).__name__,
+                m,
+                m.weight if m.affine else None,
+                m.bias if m.affine else None,
+                m.running_mean,
+                m.running_var,
+                float(m.eps),
+                bool(m.training),
+                bool(tracks),
+                True,
+                num_batches_tracked=m.num_batches_tracked,
+            )
+        if is_frozen_bn_module(m):
+            return BNSite(
+                region,
+                node,
+                node,
+                _first_input(node),
+                type(m).__name__,
+                m,
+                m.weight,
+                m.bias,
+                m.running_mean,
+                m.running_var,
+                float(getattr(m, "eps", 1e-5)),
+                False,
+                True,
+                True,
+                frozen=True,
+            )
+        return None
+    if node.op != "call_function" or node.target not in ops.BN_TARGETS:
+        return None
+    kind, names, tuple_out = ops.BN_TARGETS[node.target]
+    out = node
+    if tuple_out:
+        items = [u for u in node.users if ops.is_getitem0(u)]
+        if len(items) != 1 or len(node.users) != 1:
+            return None
+        out = items[0]
+    a = ops.bind(node, names)
+    tensors = {}
+    constant = True
+    for n in _STAT_NAMES:
+        t, is_const = _tensor_arg(gm, a.get(n))
+        tensors[n] = t
+        constant = constant and is_const
+    training = a.get("training", False)
+    if isinstance(training, fx.Node):
+        constant, training = False, True
+    eps = a.get("eps", 1e-5)
+    if isinstance(eps, fx.Node):
+        constant, eps = False, 1e-5
+    tracks = a.get("running_mean") is not None and a.get("running_var") is not None
+    return BNSite(
+        region,
+        out,
+        node,
+        a["input"] if isinstance(a.get("input"), fx.Node) else None,
+        kind,
+        None,
+        tensors["weight"],
+        tensors["bias"],
+        tensors["running_mean"],
+        tensors["running_var"],
+        float(eps),
+        bool(training),
+        tracks,
+        constant,
+    )
+
+
+def other_norm_site(region: Region, node: fx.Node) -> OtherNormSite | None:
+    if node.op == "call_module":
+        m = region.gm.get_submodule(str(node.target))
+        family = other_norm_family(m)
+        return OtherNormSite(region, node, type(m).__name__, family) if family else None
+    if node.op == "call_function" and node.target in ops.OTHER_NORM_TARGETS:
+        kind, family = ops.OTHER_NORM_TARGETS[node.target]
+        return OtherNormSite(region, node, kind, family)
+    return None
+
+
+def _first_input(node: fx.Node) -> fx.Node | None:
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+
+@dataclass
+class LayerSite:
+    """A conv, transposed conv or linear application with its (stored) weights."""
+
+    region: Region
+    node: fx.Node
+    kind: str  # "conv" | "conv_transpose" | "linear"
+    module: nn.Module | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    stride: tuple[int, ...]
+    padding: Any
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+    constant: bool
+    arg_names: tuple[str, ...] = ()
+
+    @property
+    def module_path(self) -> str | None:
+        return self.region.module_path(self.node)
+
+    @property
+    def name(self) -> str:
+        return self.region.qualify(self.node.name)
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        assert self.weight is not None
+        return tuple(int(k) for k in self.weight.shape[2:])
+
+    def zero_pads(self) -> bool:
+        """True when the layer reads zero-padded positions of its input."""
+        if self.kind == "linear" or self.padding_mode != "zeros":
+            return False
+        if isinstance(self.padding, str):
+            if self.padding == "valid":
+                return False
+            return any((k - 1) * d > 0 for k, d in zip(self.kernel, _ntuple(self.dilation, len(self.kernel))))
+        return any(int(p) != 0 for p in _ntuple(self.padding, max(1, len(self.kernel))))
+
+
+def _ntuple(v: Any, n: int) -> tuple[Any, ...]:
+    if isinstance(v, (list, tuple)):
+        return tuple(v) if len(v) == n else tuple(v) * (n // max(1, len(v)))
+    return (v,) * n
+
+
+def layer_site(region: Region, node: fx.Node) -> LayerSite | None:
+    """The conv/linear applied by ``node``, if it applies one."""
+    gm = region.gm
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if isinstance(m, _ConvNd):
+            kind = "conv_transpose" if isinstance(m, _ConvTransposeNd) else "conv"
+            return LayerSite(
+                region,
+                node,
+                kind,
+                m,
+                m.weight,
+                m.bias,
+                tuple(m.stride),
+                m.padding,
+                tuple(m.dilation),
+                int(m.groups),
+                str(m.padding_mode),
+                True,
+            )
+        if isinstance(m, nn.Linear):
+            return LayerSite(region, node, "linear", m, m.weight, m.bias, (), 0, (), 1, "zeros", True)
+        return None
+    if node.op != "call_function" or node.target not in ops.LAYER_TARGETS:
+        return None
+    kind, names = ops.LAYER_TARGETS[node.target]
+    a = ops.bind(node, names)
+    if kind == "convolution":
+        transposed = a.get("transposed")
+        if not isinstance(transposed, bool):
+            return None
+        kind = "conv_transpose" if transposed else "conv"
+    weight, w_const = _tensor_arg(gm, a.get("weight"))
+    bias, b_const = _tensor_arg(gm, a.get("bias"))
+    constant = w_const and b_const and weight is not None
+    nd = (weight.dim() - 2) if weight is not None else 1
+    if kind == "linear":
+        return LayerSite(region, node, kind, None, weight, bias, (), 0, (), 1, "zeros", constant, names)
+    groups = a.get("groups", 1)
+    if not isinstance(groups, int):
+        constant, groups = False, 1
+    padding = a.get("padding", 0)
+    return LayerSite(
+        region,
+        node,
+        kind,
+        None,
+        weight,
+        bias,
+        tuple(_ntuple(a.get("stride", 1), nd)),
+        padding if isinstance(padding, str) else tuple(_ntuple(padding, nd)),
+        tuple(_ntuple(a.get("dilation", 1), nd)),
+        int(groups),
+        "zeros",
+        constant,
+        names,
+    )
+
+
+def is_dropout(region: Region, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(region.gm.get_submodule(str(node.target)), nn.modules.dropout._DropoutNd)
+    return node.op == "call_function" and node.target in ops.DROPOUT_TARGETS

@@ -1,0 +1,156 @@
+"""Which fx call targets are convs, linears and norms, in both dialects, and their arguments.
+
+The module-call dialect (``symbolic_trace``) records functional calls as ``torch.conv2d``,
+``F.batch_norm``, ...; the ATen dialect (``torch.export``) records ``aten.conv2d.default``,
+``aten.batch_norm.default``, ... . One table maps every such target to its positional argument
+names, so the rest of bnrewrite reads arguments by name and never by dialect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+aten = torch.ops.aten
+
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONVOLUTION = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+)
+_LINEAR = ("input", "weight", "bias")
+_F_BN = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_ATEN_BN = (
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+    "cudnn_enabled",
+)
+_ATEN_BN_NO_TRAIN = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
+
+# target -> (layer kind, argument names)
+LAYER_TARGETS: dict[Any, tuple[str, tuple[str, ...]]] = {
+    torch.conv1d: ("conv", _CONV),
+    torch.conv2d: ("conv", _CONV),
+    torch.conv3d: ("conv", _CONV),
+    torch.conv_transpose1d: ("conv_transpose", _CONV_T),
+    torch.conv_transpose2d: ("conv_transpose", _CONV_T),
+    torch.conv_transpose3d: ("conv_transpose", _CONV_T),
+    F.linear: ("linear", _LINEAR),
+    aten.conv1d.default: ("conv", _CONV),
+    aten.conv2d.default: ("conv", _CONV),
+    aten.conv3d.default: ("conv", _CONV),
+    aten.conv1d.padding: ("conv", _CONV),
+    aten.conv2d.padding: ("conv", _CONV),
+    aten.conv3d.padding: ("conv", _CONV),
+    aten.conv_transpose1d.default: ("conv_transpose", _CONV_T),
+    aten.conv_transpose2d.input: ("conv_transpose", _CONV_T),
+    aten.conv_transpose3d.input: ("conv_transpose", _CONV_T),
+    aten.convolution.default: ("convolution", _CONVOLUTION),
+    aten.linear.default: ("linear", _LINEAR),
+}
+
+# target -> (kind label, argument names, output is a tuple whose item 0 is the result)
+BN_TARGETS: dict[Any, tuple[str, tuple[str, ...], bool]] = {
+    F.batch_norm: ("F.batch_norm", _F_BN, False),
+    torch.batch_norm: ("torch.batch_norm", _ATEN_BN, False),
+    aten.batch_norm.default: ("aten.batch_norm", _ATEN_BN, False),
+    aten._native_batch_norm_legit_no_training.default: (
+        "aten._native_batch_norm_legit_no_training",
+        _ATEN_BN_NO_TRAIN,
+        True,
+    ),
+}
+
+# Per-sample norms: reported in the inventory, never folded.
+OTHER_NORM_TARGETS: dict[Any, tuple[str, str]] = {
+    F.group_norm: ("F.group_norm", "group"),
+    F.layer_norm: ("F.layer_norm", "layer"),
+    F.instance_norm: ("F.instance_norm", "instance"),
+    torch.group_norm: ("torch.group_norm", "group"),
+    torch.layer_norm: ("torch.layer_norm", "layer"),
+    torch.instance_norm: ("torch.instance_norm", "instance"),
+    aten.group_norm.default: ("aten.group_norm", "group"),
+    aten.layer_norm.default: ("aten.layer_norm", "layer"),
+    aten.instance_norm.default: ("aten.instance_norm", "instance"),
+}
+
+DROPOUT_TARGETS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, aten.dropout.default}
+
+_DEFAULTS = {
+    "bias": None,
+    "stride": 1,
+    "padding": 0,
+    "dilation": 1,
+    "groups": 1,
+    "output_padding": 0,
+    "weight": None,
+    "training": False,
+    "momentum": 0.1,
+    "eps": 1e-5,
+    "transposed": False,
+}
+
+
+def bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """Map a call's positional and keyword arguments to names, filling documented defaults."""
+    out = {k: v for k, v in _DEFAULTS.items() if k in names}
+    out.update(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def set_arg(node: fx.Node, names: tuple[str, ...], name: str, value: Any) -> None:
+    """Set one argument of a call by name, positionally when it can be, else as a keyword."""
+    index = names.index(name)
+    args = list(node.args)
+    if index < len(args):
+        args[index] = value
+        node.args = tuple(args)
+    elif index == len(args) and name not in node.kwargs:
+        node.args = (*args, value)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs[name] = value
+        node.kwargs = kwargs
+
+
+def is_getitem0(node: fx.Node) -> bool:
+    import operator
+
+    return (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and len(node.args) == 2
+        and node.args[1] == 0
+    )
+
+
+def target_name(node: fx.Node) -> str:
+    """A short readable name for what a node does."""
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return f"aten.{t._schema.name.split('::')[-1]}"
+        return getattr(t, "__name__", str(t))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return f"{node.op}:{node.target}"

@@ -1,0 +1,27 @@
+"""BN008: batch size 1 with a BatchNorm in training mode (suggest GroupNorm)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..diagnostics import Diagnostic
+from ..graph.capture import node_shape
+from .context import RuleContext
+
+CODE = "BN008"
+
+
+def check(ctx: RuleContext) -> Iterator[Diagnostic]:
+    if ctx.cap.example_inputs is None:
+        return
+    for site in ctx.bn_sites:
+        if not site.training or site.input is None:
+            continue
+        shape = node_shape(site.input)
+        if shape and shape[0] == 1:
+            yield ctx.diagnostic(
+                CODE,
+                "batch size 1 in training mode: batch statistics are noisy; consider GroupNorm",
+                site.region,
+                site.call,
+            )

@@ -1,0 +1,271 @@
+"""Numerical equivalence of a rewrite, judged against a float64 evaluation of the original.
+
+For every input set (the given ones plus random inputs of the same shapes) both models run in
+their own precision; the reference is a float64 copy of the original. An output passes when its
+error is within ``atol + rtol * max|ref|`` (defaults by dtype) or no worse than twice the
+original model's own rounding error. On failure the first diverging node is named, comparing
+intermediate values node by node (a folded conv is compared with the BatchNorm it absorbed).
+Neither model is modified: buffers are restored after every run.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .errors import BnrewriteError
+from .graph.capture import _reason, buffers_restored, capture, normalize_inputs
+from .passes.fold_bn import EQUIV
+
+# dtype -> (rtol, atol), relative to the largest reference magnitude of each output
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (1e-4, 1e-6),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (4e-2, 1e-2),
+}
+
+
+@dataclass
+class OutputCheck:
+    input_set: int
+    output: int
+    shape: list[int]
+    dtype: str
+    max_abs_error: float
+    max_rel_error: float
+    original_abs_error: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass
+class VerifyResult:
+    passed: bool
+    checks: list[OutputCheck] = field(default_factory=list)
+    first_divergence: dict[str, Any] | None = None
+    note: str | None = None
+
+    def worst(self) -> OutputCheck | None:
+        return max(self.checks, key=lambda c: c.max_abs_error, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "checks": [asdict(c) for c in self.checks],
+            "first_divergence": self.first_divergence,
+            "note": self.note,
+        }
+
+    def summary(self) -> str:
+        w = self.worst()
+        status = "PASS" if self.passed else "FAIL"
+        if w is None:
+            return f"{status}: no outputs compared"
+        text = (
+            f"{status}: {len(self.checks)} output(s) compared; worst max abs error {w.max_abs_error:.3g} "
+            f"(rel {w.max_rel_error:.3g}, tolerance {w.tolerance:.3g}, original model's own error "
+            f"{w.original_abs_error:.3g})"
+        )
+        if self.first_divergence:
+            text += f"; first diverging node: {self.first_divergence['node']}"
+        return text
+
+
+def _callable(model: Any) -> nn.Module:
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module()
+    if isinstance(model, nn.Module):
+        return model
+    raise BnrewriteError(f"cannot run a {type(model).__name__}")
+
+
+def _to64(x: Any) -> Any:
+    return x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _run(model: nn.Module, inputs: tuple[Any, ...]) -> list[Any]:
+    try:
+        with torch.no_grad(), buffers_restored(model):
+            out = model(*inputs)
+    except Exception as exc:
+        raise BnrewriteError(f"running {type(model).__name__} failed: {_reason(exc)}") from exc
+    return pytree.tree_leaves(out)
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    try:
+        ref = copy.deepcopy(model)
+    except Exception as exc:
+        raise BnrewriteError(f"cannot copy the model for a float64 reference: {_reason(exc)}") from exc
+    return ref.to(torch.float64)
+
+
+def random_like(inputs: tuple[Any, ...], seed: int) -> tuple[Any, ...]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            out.append(torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(x.device))
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def verify(
+    original: Any,
+    rewritten: Any,
+    inputs: Any = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    random_sets: int = 2,
+    eval_mode: bool = False,
+    seed: int = 0,
+) -> VerifyResult:
+    """Check that ``rewritten`` computes what ``original`` computes.
+
+    ``inputs``: one input tuple (or tensor), or a list of tuples; when None, the example
+    inputs of an ExportedProgram are used. ``random_sets`` more sets of random inputs with the
+    same shapes are checked too. ``eval_mode=True`` compares with the original in eval mode.
+    """
+    sets = _input_sets(original, rewritten, inputs)
+    sets = sets + [random_like(sets[0], seed + k) for k in range(random_sets)]
+    orig = _callable(original)
+    if eval_mode and orig.training:
+        orig = copy.deepcopy(orig).eval()
+    new = _callable(rewritten)
+    ref = float64_copy(orig)
+    result = VerifyResult(True)
+    for i, xs in enumerate(sets):
+        ref_out = _run(ref, tuple(_to64(x) for x in xs))
+        orig_out = _run(orig, xs)
+        new_out = _run(new, xs)
+        if len(new_out) != len(ref_out):
+            raise BnrewriteError(f"the models return {len(ref_out)} and {len(new_out)} outputs")
+        for j, (r, o, n) in enumerate(zip(ref_out, orig_out, new_out)):
+            if not isinstance(r, torch.Tensor):
+                continue
+            if not isinstance(n, torch.Tensor) or n.shape != r.shape:
+                raise BnrewriteError(
+                    f"output {j} has shape {tuple(r.shape)} originally, {getattr(n, 'shape', n)} now"
+                )
+            check = _compare(i, j, r, o, n, rtol, atol)
+            result.checks.append(check)
+            result.passed = result.passed and check.passed
+    if not result.passed:
+        failing = next(c for c in result.checks if not c.passed)
+        result.first_divergence, result.note = localize(orig, new, sets[failing.input_set], rtol, atol)
+    return result
+
+
+def _input_sets(original: Any, rewritten: Any, inputs: Any) -> list[tuple[Any, ...]]:
+    if inputs is None:
+        for m in (original, rewritten):
+            if isinstance(m, torch.export.ExportedProgram) and m.example_inputs is not None:
+                args, kwargs = m.example_inputs
+                if not kwargs:
+                    return [tuple(args)]
+        raise BnrewriteError("no inputs to verify with: pass inputs (or --input-shape)")
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], (tuple, list)):
+        return [tuple(x) for x in inputs]
+    normalized = normalize_inputs(inputs)
+    assert normalized is not None
+    return [normalized]
+
+
+def _tolerance(dtype: torch.dtype, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
+    return (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
+
+
+def _compare(
+    i: int,
+    j: int,
+    ref: torch.Tensor,
+    orig: torch.Tensor,
+    new: torch.Tensor,
+    rtol: float | None,
+    atol: float | None,
+) -> OutputCheck:
+    r = ref.double()
+    scale = float(r.abs().max()) if r.numel() else 0.0
+    err = float((new.double() - r).abs().max()) if r.numel() else 0.0
+    base = float((orig.double() - r).abs().max()) if r.numel() else 0.0
+    if not r.is_floating_point():
+        err = float((new.double() != r).any())
+    rt, at = _tolerance(new.dtype, rtol, atol)
+    tol = at + rt * scale
+    ok = err == err and (err <= tol or err <= 2 * base)
+    return OutputCheck(
+        i,
+        j,
+        list(r.shape),
+        str(new.dtype).replace("torch.", ""),
+        err,
+        err / scale if scale else err,
+        base,
+        tol,
+        ok,
+    )
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and n.op not in ("get_attr", "placeholder"):
+            self.values[n.meta.get(EQUIV, n.name)] = out.detach()
+        return out
+
+
+def _as_graph(model: nn.Module) -> fx.GraphModule | None:
+    cap = capture(model, record_sources=False)
+    return cap.regions[0].gm if cap.whole else None
+
+
+def localize(
+    orig: nn.Module, new: nn.Module, inputs: tuple[Any, ...], rtol: float | None, atol: float | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The first node (in the rewritten graph's order) whose value leaves the tolerance."""
+    try:
+        g_ref = _as_graph(float64_copy(orig))
+        g_orig = _as_graph(orig)
+        g_new = new if isinstance(new, fx.GraphModule) else _as_graph(new)
+    except BnrewriteError as exc:
+        return None, f"divergence not localized: {exc}"
+    if g_ref is None or g_orig is None or g_new is None:
+        return None, "divergence not localized: a model could not be traced as one graph"
+    recs = []
+    for gm, xs in ((g_ref, tuple(_to64(x) for x in inputs)), (g_orig, inputs), (g_new, inputs)):
+        rec = _Recorder(gm)
+        try:
+            with torch.no_grad(), buffers_restored(gm):
+                rec.run(*xs)
+        except Exception as exc:
+            return None, f"divergence not localized: {_reason(exc)}"
+        recs.append(rec.values)
+    ref_v, orig_v, new_v = recs
+    for node in g_new.graph.nodes:
+        key = node.meta.get(EQUIV, node.name)
+        if key not in new_v or key not in ref_v or key not in orig_v:
+            continue
+        if new_v[key].shape != ref_v[key].shape:
+            continue
+        check = _compare(0, 0, ref_v[key], orig_v[key], new_v[key], rtol, atol)
+        if not check.passed:
+            return {
+                "node": node.name,
+                "original_node": key,
+                "max_abs_error": check.max_abs_error,
+                "tolerance": check.tolerance,
+            }, None
+    return None, "no single node exceeds the tolerance; the error accumulates over the graph"

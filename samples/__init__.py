@@ -1,0 +1,15 @@
+"""Small sample models people recognize; each module has ``build()`` and ``example_inputs()``.
+
+Use them from the CLI as ``samples.resnet:build`` (run from the repository root).
+"""
+
+NAMES = [
+    "resnet",
+    "mobilenet",
+    "unet3d",
+    "mlp",
+    "functional_bn",
+    "bn_after_act",
+    "untraceable",
+    "shared_conv",
+]
