@@ -149,14 +149,14 @@ def analyze(
     ``GraphModule`` or an ``ExportedProgram``. With ``example_inputs`` shapes are propagated,
     which some verdicts (Linear -> BatchNorm1d) and rules (batch size) need.
     """
-    cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
+    cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True, check_trace=True)
     if cap.example_inputs is not None:
         cap.ensure_shapes()
     bns, others = find_norms(cap)
     report = Report("analyze", name or type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     # The verdicts come from a dry-run fold on a separate capture (folding runs to a fixed
     # point, so a BatchNorm may become foldable after another one is folded).
-    dry = fold(model, cap.example_inputs, leaf_modules=leaf_modules).report
+    dry = fold(model, cap.example_inputs, leaf_modules=leaf_modules, check_trace=True).report
     report.norms = inventory(cap, bns, others, {a.node: a for a in dry.actions if a.node})
     ctx = RuleContext(cap, to_networkx(cap), bns, others)
     selected = RULES if rules is None else {c: RULES[c] for c in rules}

@@ -55,7 +55,7 @@ def _fold_and_write(
     graph: str | os.PathLike[str] | None,
     force: bool,
 ) -> Report:
-    result = fold(loaded.model, inputs, eval_mode=eval_mode, record_sources=True)
+    result = fold(loaded.model, inputs, eval_mode=eval_mode, record_sources=True, check_trace=True)
     report = result.report
     report.model = loaded.source
     if do_verify:

@@ -58,6 +58,7 @@ def fold(
     eval_mode: bool = False,
     leaf_modules: Iterable[type | str] = (),
     record_sources: bool = False,
+    check_trace: bool = True,
     cap: Capture | None = None,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
@@ -65,10 +66,18 @@ def fold(
     Returns the rewritten model (a ``GraphModule``, or the original module tree with its
     traceable parts replaced) and a report of every fold and every skip with its reason. The
     input model is not modified unless ``inplace=True``. ``eval_mode=True`` folds the eval-mode
-    behaviour of BatchNorms that are in training mode.
+    behaviour of BatchNorms that are in training mode. With example inputs, ``check_trace`` (on
+    by default) runs each traced graph against the eager model first and falls back to the
+    traceable parts when tracing silently changed the computation.
     """
     if cap is None:
-        cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=record_sources)
+        cap = capture(
+            model,
+            example_inputs,
+            leaf_modules=leaf_modules,
+            record_sources=record_sources,
+            check_trace=check_trace,
+        )
     report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     rank_of = rank_lookup(cap)
     for region in cap.regions:

@@ -160,8 +160,14 @@ def capture(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     record_sources: bool = True,
+    check_trace: bool = False,
 ) -> Capture:
-    """Capture ``model`` (nn.Module, GraphModule or ExportedProgram) as one or more fx graphs."""
+    """Capture ``model`` (nn.Module, GraphModule or ExportedProgram) as one or more fx graphs.
+
+    With ``check_trace`` and example inputs, every traced graph is run against the eager module
+    it came from; a graph that disagrees (tracing can silently drop a branch, e.g. around
+    ``torch.jit.isinstance``) is treated as untraceable and its children are tried instead.
+    """
     inputs = normalize_inputs(example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
         if inputs is None and model.example_inputs is not None:
@@ -182,15 +188,17 @@ def capture(
     tracer = _Tracer(leaf_types, leaf_paths, record_sources)
     try:
         gm = _trace(model, tracer, concrete_args)
-        return Capture(model, [Region("", gm, "module", inputs)], [], inputs)
+        problem = _check(model, gm, inputs) if (check_trace and inputs is not None) else None
+        if problem is None:
+            return Capture(model, [Region("", gm, "module", inputs)], [], inputs)
+        opaque = [OpaquePart("", type(model).__name__, problem)]
     except Exception as exc:  # any tracer failure means: descend into children
         opaque = [OpaquePart("", type(model).__name__, _reason(exc))]
 
+    seen = _record_module_inputs(model, inputs) if inputs is not None else {}
     regions: list[Region] = []
     for name, child in model.named_children():
-        _capture_parts(child, name, tracer, regions, opaque)
-    if inputs is not None and regions:
-        _record_region_inputs(model, regions, inputs)
+        _capture_parts(child, name, tracer, regions, opaque, seen, check_trace)
     return Capture(model, regions, opaque, inputs)
 
 
@@ -200,17 +208,51 @@ def _capture_parts(
     tracer: _Tracer,
     regions: list[Region],
     opaque: list[OpaquePart],
+    seen: dict[str, tuple[Any, ...]],
+    check_trace: bool,
 ) -> None:
     if tracer.is_leaf_module(module, path):
         return  # a single layer called from opaque code: nothing to trace inside
+    inputs = seen.get(path)
     try:
         gm = _trace(module, tracer, None)
-        regions.append(Region(path, gm, "module"))
-        return
+        problem = _check(module, gm, inputs) if (check_trace and inputs is not None) else None
+        if problem is None:
+            regions.append(Region(path, gm, "module", inputs))
+            return
+        opaque.append(OpaquePart(path, type(module).__name__, problem))
     except Exception as exc:
         opaque.append(OpaquePart(path, type(module).__name__, _reason(exc)))
     for name, child in module.named_children():
-        _capture_parts(child, f"{path}.{name}", tracer, regions, opaque)
+        _capture_parts(child, f"{path}.{name}", tracer, regions, opaque, seen, check_trace)
+
+
+def _check(module: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
+    """None when the traced graph computes what the eager module computes on ``inputs``."""
+    from torch.utils import _pytree as pytree
+
+    try:
+        with torch.no_grad(), buffers_restored(module):
+            want = pytree.tree_leaves(module(*inputs))
+    except Exception as exc:
+        raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
+    try:
+        with torch.no_grad(), buffers_restored(gm):
+            got = pytree.tree_leaves(gm(*inputs))
+    except Exception as exc:
+        return f"traced graph fails where eager execution works ({_reason(exc)})"
+    same = len(got) == len(want) and all(
+        not isinstance(w, torch.Tensor)
+        or (
+            isinstance(g, torch.Tensor)
+            and g.shape == w.shape
+            and torch.allclose(g, w, rtol=1e-4, atol=1e-5, equal_nan=True)
+        )
+        for g, w in zip(got, want)
+    )
+    return (
+        None if same else "traced graph differs from eager execution (tracing silently took another branch)"
+    )
 
 
 class buffers_restored:
@@ -235,17 +277,18 @@ class buffers_restored:
                 b.copy_(copy)
 
 
-def _record_region_inputs(model: nn.Module, regions: list[Region], inputs: Sequence[Any]) -> None:
-    """Run the model once and keep the arguments each region receives (for shape propagation)."""
-    modules = dict(model.named_modules())
+def _record_module_inputs(model: nn.Module, inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+    """Run the model once and keep the arguments each submodule first receives."""
+    seen: dict[str, tuple[Any, ...]] = {}
     handles = []
-    for region in regions:
+    for path, module in model.named_modules():
+        if not path:
+            continue
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], region: Region = region) -> None:
-            if region.inputs is None:
-                region.inputs = tuple(args)
+        def hook(_m: nn.Module, args: tuple[Any, ...], path: str = path) -> None:
+            seen.setdefault(path, tuple(args))
 
-        handles.append(modules[region.path].register_forward_pre_hook(hook))
+        handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad(), buffers_restored(model):
             model(*inputs)
@@ -254,17 +297,28 @@ def _record_region_inputs(model: nn.Module, regions: list[Region], inputs: Seque
     finally:
         for h in handles:
             h.remove()
+    return seen
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Record shape and dtype of every node (``meta['tensor_meta']``) by running gm once."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
     try:
         with torch.no_grad(), buffers_restored(gm):
-            ShapeProp(gm).propagate(*inputs)
+            _ShapeRecorder(gm).run(*inputs)
     except Exception as exc:
         raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Like torch.fx's ShapeProp, without printing tracebacks on failure."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep

@@ -91,6 +91,31 @@ OTHER_NORM_TARGETS: dict[Any, tuple[str, str]] = {
     aten.instance_norm.default: ("aten.instance_norm", "instance"),
 }
 
+# Padding that copies real values (not zeros): commutes with a per-channel affine map.
+_PAD_MODES = ("reflect", "replicate", "circular")
+_COPYING_PADS = {
+    aten.reflection_pad1d.default,
+    aten.reflection_pad2d.default,
+    aten.reflection_pad3d.default,
+    aten.replication_pad1d.default,
+    aten.replication_pad2d.default,
+    aten.replication_pad3d.default,
+    aten._pad_circular.default,
+}
+
+
+def is_copying_pad(node: fx.Node) -> bool:
+    """True for a pad that fills with copies of the input (reflect/replicate/circular)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _COPYING_PADS:
+        return True
+    if node.target in (F.pad, aten.pad.default):
+        a = bind(node, ("input", "pad", "mode", "value"))
+        return a.get("mode", "constant") in _PAD_MODES
+    return False
+
+
 DROPOUT_TARGETS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, aten.dropout.default}
 
 _DEFAULTS = {

@@ -92,13 +92,13 @@ class _RegionFolder:
             targets = [layer]
         else:
             assert site.input is not None
-            for layer in d.consumers:
+            for layer, entry in zip(d.consumers, d.entries):
                 assert layer.weight is not None
                 w, b = fold_math.into_following(
                     layer.kind, layer.weight, layer.bias, layer.groups, scale, shift
                 )
                 self._write_layer(layer, w, b)
-                layer.node.args = (site.input, *layer.node.args[1:])
+                entry.args = (site.input, *entry.args[1:])
                 self._tag(layer.node, d)
             targets = d.consumers
         self._erase_bn(site)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from ..graph import ops
 from ..graph.capture import node_rank
 from ..graph.norms import BNSite, LayerSite, layer_site
 
@@ -30,6 +31,7 @@ class Decision:
     reason: str
     producer: LayerSite | None = None
     consumers: list[LayerSite] = field(default_factory=list)
+    entries: list[fx.Node] = field(default_factory=list)  # nodes whose input becomes the BN input
     notes: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -103,44 +105,62 @@ def _check_preceding(site: BNSite, rank_of: RankOf) -> tuple[LayerSite | None, t
     return layer, None
 
 
-def _check_following(site: BNSite, rank_of: RankOf) -> tuple[list[LayerSite], tuple[str, str] | None]:
+def _check_following(
+    site: BNSite, rank_of: RankOf
+) -> tuple[list[LayerSite], list[fx.Node], tuple[str, str] | None]:
     users = list(site.node.users)
     if not users:
-        return [], None
+        return [], [], None
     layers: list[LayerSite] = []
-    for user in users:
+    entries: list[fx.Node] = []
+    for entry in users:
+        if not entry.args or entry.args[0] is not site.node or site.node in entry.args[1:]:
+            return [], [], None
+        user = entry
+        # A reflect/replicate/circular pad commutes with the per-channel affine: look through it.
+        if ops.is_copying_pad(entry) and len(entry.users) == 1:
+            user = next(iter(entry.users))
+            if not user.args or user.args[0] is not entry:
+                return [], [], None
         layer = layer_site(site.region, user)
         if layer is None:
-            return [], None
+            return [], [], None
         label = _label(layer)
-        if not user.args or user.args[0] is not site.node or site.node in user.args[1:]:
-            return [], ("FD204", f"BN output is not only the input of {label}")
         if not layer.constant or layer.weight is None:
-            return [], ("FD204", f"{label} has weights computed in the graph")
+            return [], [], ("FD204", f"{label} has weights computed in the graph")
         if _in_channels(layer) != site.num_features:
-            return [], (
-                "FD202",
-                f"{label} has {_in_channels(layer)} input channels, BN has {site.num_features}",
+            return (
+                [],
+                [],
+                (
+                    "FD202",
+                    f"{label} has {_in_channels(layer)} input channels, BN has {site.num_features}",
+                ),
             )
         if layer.kind == "conv" and layer.zero_pads():
-            return [], ("FD201", f"following {label} pads with zeros")
+            return [], [], ("FD201", f"following {label} pads with zeros")
         if layer.kind == "conv_transpose" and (
             any(k != 1 for k in layer.kernel)
             or any(s != 1 for s in layer.stride)
             or (not isinstance(layer.padding, str) and any(int(p) != 0 for p in layer.padding))
         ):
-            return [], ("FD206", f"following {label} is a transposed conv with kernel/stride > 1")
+            return [], [], ("FD206", f"following {label} is a transposed conv with kernel/stride > 1")
         if layer.kind == "linear":
             rank = rank_of(site.node)
             if rank is None:
-                return [], (
-                    "FD202",
-                    f"rank of the BN output unknown, needed for {label}: pass example inputs",
+                return (
+                    [],
+                    [],
+                    (
+                        "FD202",
+                        f"rank of the BN output unknown, needed for {label}: pass example inputs",
+                    ),
                 )
             if rank != 2:
-                return [], ("FD202", f"BN output has rank {rank}; {label} acts on the last dim")
+                return [], [], ("FD202", f"BN output has rank {rank}; {label} acts on the last dim")
         layers.append(layer)
-    return layers, None
+        entries.append(entry)
+    return layers, entries, None
 
 
 def decide(site: BNSite, rank_of: RankOf, *, eval_mode: bool = False) -> Decision:
@@ -164,11 +184,17 @@ def decide(site: BNSite, rank_of: RankOf, *, eval_mode: bool = False) -> Decisio
         return Decision(site, PRECEDING, "FD101", f"folds into {_label(producer)}", producer=producer)
     if note:
         notes.append(note)
-    consumers, note = _check_following(site, rank_of)
+    consumers, entries, note = _check_following(site, rank_of)
     if consumers:
         names = ", ".join(_label(c) for c in consumers)
         return Decision(
-            site, FOLLOWING, "FD102", f"folds into following {names}", consumers=consumers, notes=notes
+            site,
+            FOLLOWING,
+            "FD102",
+            f"folds into following {names}",
+            consumers=consumers,
+            entries=entries,
+            notes=notes,
         )
     if note:
         notes.append(note)

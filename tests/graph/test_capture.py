@@ -1,0 +1,70 @@
+import torch
+from torch import nn
+
+from bnrewrite.graph import capture, node_shape, to_networkx
+from tests.conftest import assert_unchanged, load_sample, randomize_bn, state_snapshot
+
+
+def test_whole_model_is_one_region():
+    model, inputs = load_sample("resnet")
+    cap = capture(model, inputs)
+    assert cap.whole and cap.dialect == "module" and not cap.opaque
+
+
+def test_untraceable_model_is_captured_in_its_traceable_parts():
+    model, inputs = load_sample("untraceable")
+    cap = capture(model, inputs)
+    assert sorted(r.path for r in cap.regions) == ["gate.bright", "gate.dark", "head", "stem"]
+    opaque = {o.module_path: o.reason for o in cap.opaque}
+    assert set(opaque) == {"", "gate"}
+    assert "TraceError" in opaque[""]
+
+
+def test_region_inputs_and_shapes_come_from_one_run():
+    model, inputs = load_sample("untraceable")
+    cap = capture(model, inputs)
+    assert not cap.ensure_shapes()  # only one branch of the gate ran on the example input
+    ran = {r.path: r.inputs is not None for r in cap.regions}
+    assert ran["stem"] and ran["head"] and ran["gate.bright"] != ran["gate.dark"]
+    head = next(r for r in cap.regions if r.path == "head")
+    out = next(n for n in head.gm.graph.nodes if n.op == "output").args[0]
+    assert node_shape(out) == (2, 4)
+
+
+def test_exported_program_is_the_aten_dialect():
+    model, inputs = load_sample("mlp")
+    ep = torch.export.export(model, inputs)
+    cap = capture(ep)
+    assert cap.dialect == "aten" and cap.example_inputs is not None
+    targets = {str(n.target) for n in cap.regions[0].gm.graph.nodes if n.op == "call_function"}
+    assert "aten.batch_norm.default" in targets
+
+
+def test_shape_propagation_does_not_touch_training_stats():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
+    snap = state_snapshot(model)
+    cap = capture(model, (torch.randn(2, 3, 8, 8),))
+    cap.ensure_shapes()
+    assert_unchanged(model, snap)
+    assert node_shape(list(cap.regions[0].gm.graph.nodes)[-2]) == (2, 4, 6, 6)
+
+
+def test_networkx_view_mirrors_the_graph():
+    model, inputs = load_sample("resnet")
+    cap = capture(model, inputs)
+    cap.ensure_shapes()
+    view = to_networkx(cap)
+    gm = cap.regions[0].gm
+    assert set(view.nodes) == {n.name for n in gm.graph.nodes}
+    attrs = view.nodes["layers_0_bn1"]
+    assert attrs["module_path"] == "layers.0.bn1"
+    assert attrs["module_type"] == "BatchNorm2d"
+    assert attrs["shape"] == [2, 16, 32, 32]
+    assert attrs["source"] and attrs["source"].endswith(".py:" + attrs["source"].rsplit(":", 1)[1])
+    assert ("layers_0_conv1", "layers_0_bn1") in view.edges
+
+
+def test_leaf_modules_are_kept_whole():
+    model, inputs = load_sample("resnet")
+    cap = capture(model, inputs, leaf_modules=["layers.0"])
+    assert any(n.op == "call_module" and n.target == "layers.0" for n in cap.regions[0].gm.graph.nodes)

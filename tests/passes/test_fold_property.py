@@ -1,0 +1,83 @@
+"""Property: over random conv/BN stacks the folded model is as accurate as the original.
+
+Random: 1-3 spatial dims, transposed or not, groups, stride, dilation, padding and padding mode,
+bias, affine, float32/float64/bfloat16, BN before or after the conv. The folded model's error
+against a float64 evaluation of the original must stay within about 2x the original model's own
+error in its dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bnrewrite import fold
+from tests.conftest import float64_reference
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SLACK = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}
+
+
+@st.composite
+def stacks(draw):
+    nd = draw(st.integers(1, 3))
+    transposed = draw(st.booleans())
+    groups = draw(st.sampled_from([1, 2, 4]))
+    cin = groups * draw(st.integers(1, 3))
+    cout = groups * draw(st.integers(1, 3))
+    k = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.integers(1, 2))
+    bias = draw(st.booleans())
+    affine = draw(st.booleans())
+    bn_first = draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    if transposed:
+        conv = CONVT[nd](cin, cout, k, stride=stride, dilation=dilation, groups=groups, bias=bias)
+    else:
+        mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+        padding = draw(st.integers(0, 1))
+        conv = CONV[nd](
+            cin,
+            cout,
+            k,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=mode,
+        )
+    bn = BN[nd](cin if bn_first else cout, affine=affine, eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 3 + 0.05)
+        if affine:
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+    layers = [nn.ReLU(), bn, conv] if bn_first else [conv, bn]
+    model = nn.Sequential(*layers).eval().to(dtype)
+    size = 6 + (k - 1) * dilation
+    x = torch.randn(2, cin, *([size] * nd), generator=g).to(dtype)
+    return model, x, bn_first
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stacks())
+def test_folded_error_is_within_twice_the_original_error(case):
+    model, x, bn_first = case
+    folded, report = fold(model, (x,))
+    ref = float64_reference(model, x)
+    with torch.no_grad():
+        base = (model(x).double() - ref).abs().max().item()
+        err = (folded(x).double() - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    assert err <= 2 * base + SLACK[x.dtype] * scale, (err, base, [a.kind for a in report.actions])
+    if not bn_first:
+        assert [a.kind for a in report.actions] == ["fold-into-preceding"]

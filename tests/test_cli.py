@@ -1,0 +1,139 @@
+"""The CLI through typer's runner: exit codes, JSON schema, one-line errors, no partial output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bnrewrite.cli import app
+from tests.conftest import load_sample
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_analyze_table_and_exit_code():
+    res = run("analyze", "samples.bn_after_act:build")
+    assert res.exit_code == 0, res.output
+    assert "post_unpadded.bn" in res.output and "fold-into-following" in res.output
+
+
+def test_analyze_json_schema():
+    res = run("analyze", "samples.untraceable:build", "--json")
+    data = json.loads(res.stdout)
+    assert data["schema_version"] == 1 and data["command"] == "analyze"
+    assert set(data) >= {"norms", "diagnostics", "actions", "opaque", "dialect", "model"}
+    norm = data["norms"][0]
+    assert set(norm) >= {
+        "node",
+        "module_path",
+        "kind",
+        "before",
+        "after",
+        "verdict",
+        "target",
+        "reason_code",
+        "reason",
+    }
+    assert {o["module_path"] for o in data["opaque"]} == {"", "gate"}
+
+
+def test_fail_on_threshold():
+    assert run("analyze", "samples.unet3d:build").exit_code == 0  # BN001 is a warning
+    assert run("analyze", "samples.unet3d:build", "--fail-on", "warning").exit_code == 1
+    assert run("analyze", "samples.unet3d:build", "--fail-on", "bogus").exit_code == 2
+
+
+def test_input_shape_overrides_example_inputs():
+    res = run("analyze", "samples.resnet:build", "--input-shape", "1,3,16,16", "--json")
+    assert res.exit_code == 0
+
+
+def test_fold_verify_writes_pt2_and_graph(tmp_path):
+    out = tmp_path / "r.pt2"
+    res = run(
+        "fold",
+        "samples.resnet:build",
+        "-o",
+        str(out),
+        "--verify",
+        "--graph",
+        str(tmp_path / "r.svg"),
+        "--json",
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["verification"]["passed"] and len(data["actions"]) == 15
+    assert out.exists() and (tmp_path / "r.dot").exists()
+    res = run("verify", "samples.resnet:build", str(out))
+    assert res.exit_code == 0 and "PASS" in res.stdout
+
+
+def test_fold_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "r.pt2"
+    out.write_text("x")
+    res = run("fold", "samples.mlp:build", "-o", str(out))
+    assert res.exit_code == 1 and "--force" in res.stderr and out.read_text() == "x"
+
+
+def test_explain():
+    res = run("explain", "bn001")
+    assert res.exit_code == 0 and "redundant" in res.stdout
+    assert run("explain").exit_code == 0
+    assert run("explain", "XX999").exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["analyze", "nope.pt2"], 1, "no such file"),
+        (["analyze", "no_such_pkg:build"], 1, "cannot import"),
+        (["analyze", "samples.resnet:build", "--input-shape", "a,b"], 2, "--input-shape"),
+        (["analyze", "samples.resnet:build", "--input-shape", "1,5,8,8"], 1, "failed on the example inputs"),
+        (["fold", "samples.mlp:build", "-o", "/nonexistent_dir/x.pt2"], 1, "does not exist"),
+        (["fold", "samples.mlp:build", "-o", "out.xyz"], 2, "output format"),
+        (["verify", "samples.mlp:build", "samples.resnet:build"], 1, ""),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, code, needle):
+    res = run(*args)
+    assert res.exit_code == code, (res.stdout, res.stderr)
+    assert "Traceback" not in res.output
+    assert needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 1 or needle == ""
+
+
+def test_unwritable_output_directory(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    res = run("fold", "samples.mlp:build", "-o", str(d / "x.pt2"))
+    assert res.exit_code == 1 and "not writable" in res.stderr
+
+
+def test_pickle_payload_not_executed_via_cli(tmp_path):
+    from tests.test_io import Marker
+
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    torch.save(Marker(str(marker)), path)
+    res = run("analyze", str(path))
+    assert res.exit_code == 1 and "--trust-pickle" in res.stderr
+    assert not marker.exists()
+
+
+def test_trusted_pickle_round_trip(tmp_path):
+    model, _ = load_sample("mlp")
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    res = run("analyze", str(path), "--trust-pickle", "--input-shape", "4,32")
+    assert res.exit_code == 0, res.output
