@@ -30,12 +30,18 @@ def is_batchnorm_module(m: nn.Module) -> bool:
 
 
 def is_frozen_bn_module(m: nn.Module) -> bool:
-    """Frozen BN (torchvision/detectron style): fixed stats and affine stored as buffers."""
+    """Frozen BN (torchvision/detectron style): fixed stats and affine stored as buffers.
+
+    Reads ``_buffers``/``_parameters`` directly: during tracing, attribute access on modules is
+    patched and costs a scan of the whole model.
+    """
     if isinstance(m, _BatchNorm):
         return False
-    if not all(isinstance(getattr(m, n, None), torch.Tensor) for n in _STAT_NAMES):
+    cls = type(m)
+    if "frozen" not in cls.__name__.lower() and not getattr(cls, "_bnrewrite_frozen", False):
         return False
-    return "frozen" in type(m).__name__.lower() or getattr(m, "_bnrewrite_frozen", False)
+    tensors = {**m._parameters, **m._buffers}
+    return all(isinstance(tensors.get(n), torch.Tensor) for n in _STAT_NAMES)
 
 
 def other_norm_family(m: nn.Module) -> str | None:

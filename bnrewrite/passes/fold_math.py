@@ -13,7 +13,8 @@ Into the following layer z = W y + b with y = x * s + t (BN acts on input channe
     W'[.., i, ..] = W[.., i, ..] * s[i],    b'[o] = b[o] + sum_{i, taps} W[o, i, taps] * t[i]
 which is exact only if every output position sees every tap of real data (no zero padding).
 
-Everything is computed in float64 and cast back to the layer's dtype and device.
+Everything is computed in float64 and cast back to the layer's dtype and device; weights of the
+preceding layer are multiplied in float64 and stored straight into the layer's dtype (one pass).
 """
 
 from __future__ import annotations
@@ -35,21 +36,25 @@ def into_preceding(
     scale: torch.Tensor,
     shift: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folded (weight, bias) of a conv/conv_transpose/linear followed by ``x * scale + shift``."""
-    w = weight.detach().to(torch.float64)
+    """Folded (weight, bias) of a conv/conv_transpose/linear followed by ``x * scale + shift``.
+
+    The weight comes back in the layer's dtype (computed in float64), the bias in float64.
+    """
+    w = weight.detach()
     s = scale.to(device=w.device)
     t = shift.to(device=w.device)
     extra = (1,) * (w.dim() - 2)
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     if kind == "conv_transpose":
         cin, cout_g = w.shape[0], w.shape[1]
-        wg = w.reshape(groups, cin // groups, cout_g, *w.shape[2:])
-        w_new = (wg * s.reshape(groups, 1, cout_g, *extra)).reshape(w.shape)
+        shape = (groups, cin // groups, cout_g, *w.shape[2:])
+        torch.mul(w.reshape(shape), s.reshape(groups, 1, cout_g, *extra), out=out.view(shape))
         n_out = cout_g * groups
     else:
-        w_new = w * s.reshape(-1, 1, *extra)
+        torch.mul(w, s.reshape(-1, 1, *extra), out=out)
         n_out = w.shape[0]
     b_new = _bias64(bias, n_out, w) * s + t
-    return w_new, b_new
+    return out, b_new
 
 
 def into_following(

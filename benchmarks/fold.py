@@ -1,0 +1,246 @@
+"""Benchmark `bnrewrite.fold` against `torch.fx.experimental.optimization.fuse`, in one process.
+
+Prints ratios, not absolute timings: BN layers removed (bnrewrite vs fuse), rewrite wall time
+(bnrewrite / fuse), extra peak memory during the rewrite as a fraction of the model's size,
+time-per-layer scaling (1000 blocks / 10 blocks) and folded-model latency against the same model
+with every BatchNorm deleted.
+
+Peak memory is the process's resident-set high-water mark (``/proc/self/status`` VmHWM, reset
+through ``/proc/self/clear_refs``), with glibc's mmap threshold pinned so freed tensors go back
+to the OS (the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` set). Linux only.
+
+Usage: python benchmarks/fold.py [--blocks 10,30,100,300,1000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib
+import os
+import statistics
+import sys
+import time
+import warnings
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bnrewrite  # noqa: E402
+from bnrewrite.verify import verify  # noqa: E402
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def synthetic_resnet(blocks: int, width: int = 64) -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        *[Block(width) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 10),
+    )
+    g = torch.Generator().manual_seed(blocks)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def count_bn(model: nn.Module) -> int:
+    if isinstance(model, torch.fx.GraphModule):
+        return sum(
+            1
+            for n in model.graph.nodes
+            if (n.op == "call_module"
+            and isinstance(model.get_submodule(n.target), nn.modules.batchnorm._BatchNorm))
+            or (n.op == "call_function" and "batch_norm" in str(n.target))
+        )
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+
+def extra_peak_bytes(fn) -> tuple[int, object]:
+    """Peak RSS growth while running fn (result kept alive until measured)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status("VmRSS:")
+    result = fn()
+    peak = _status("VmHWM:")
+    return peak - base, result
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bn_deleted(model: nn.Module) -> nn.Module:
+    stripped = copy.deepcopy(model)
+    for name, m in list(stripped.named_modules()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            parent, _, leaf = name.rpartition(".")
+            setattr(stripped.get_submodule(parent) if parent else stripped, leaf, nn.Identity())
+    return stripped
+
+
+def latency_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 100) -> float:
+    """Median over interleaved rounds of latency(a) / latency(b), so both share machine noise."""
+    ratios = []
+    with torch.no_grad():
+        for _ in range(5):
+            a(x), b(x)
+        for i in range(rounds):
+            first, second = (a, b) if i % 2 == 0 else (b, a)
+            t0 = time.perf_counter()
+            first(x)
+            t1 = time.perf_counter()
+            second(x)
+            t2 = time.perf_counter()
+            ta, tb = (t1 - t0, t2 - t1) if first is a else (t2 - t1, t1 - t0)
+            ratios.append(ta / tb)
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", default="10,30,100,300,1000")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (for smoke runs)")
+    ap.add_argument("--sections", default="samples,scaling,latency")
+    args = ap.parse_args()
+    sizes = [int(b) for b in args.blocks.split(",")]
+    x_small = (torch.randn(1, 3, 8, 8),)
+
+    sections = set(args.sections.split(","))
+    if "samples" in sections:
+        samples_section()
+    if "scaling" in sections:
+        scaling_section(sizes, args.quick, x_small)
+    if "latency" in sections:
+        latency_section()
+
+
+def samples_section() -> None:
+    print("## Samples: BatchNorm layers removed (and whether the result still computes the same)")
+    print(f"{'model':16} {'BN':>4} {'fuse':>5} {'fuse ok':>8} {'bnrewrite':>9} {'ok':>4}  (+scale-shift)")
+    for name in importlib.import_module("samples").NAMES:
+        mod = importlib.import_module(f"samples.{name}")
+        model, inputs = mod.build(), mod.example_inputs()
+        total = sum(n.family in ("batch", "frozen") for n in bnrewrite.analyze(model, inputs).norms)
+        try:
+            fused_model = fuse(model)
+            fused = total - count_bn(fused_model)
+            fuse_ok = "yes" if verify(model, fused_model, inputs).passed else "NO"
+        except Exception:
+            fused, fuse_ok = 0, "n/a"  # fuse cannot trace it
+        folded, report = bnrewrite.fold(model, inputs)
+        ok = "yes" if verify(model, folded, inputs).passed else "NO"
+        kinds = [a.kind for a in report.actions]
+        ours = sum(k.startswith("fold") for k in kinds)
+        print(
+            f"{name:16} {total:4d} {fused:5d} {fuse_ok:>8} {ours:9d} {ok:>4}  (+{kinds.count('scale-shift')})"
+        )
+        assert ours >= fused, name
+
+
+def scaling_section(sizes: list[int], quick: bool, x_small: tuple[torch.Tensor, ...]) -> None:
+    print("\n## Synthetic ResNets (width 64): ratios against torch.fx fuse")
+    header = (
+        f"{'blocks':>6} {'BN removed (ours/fuse)':>22} {'time ours/fuse':>15} {'w/ trace check':>15} "
+        f"{'mem ours':>9} {'mem inplace':>12} {'mem fuse':>9}"
+    )
+    print(header)
+    per_layer = {}
+    for n in sizes:
+        model = synthetic_resnet(n)
+        size = model_bytes(model)
+        repeats = 1 if quick else (3 if n >= 300 else 7)
+        t_fuse = best_time(lambda model=model: fuse(model), repeats)
+        t_ours = best_time(lambda model=model: bnrewrite.fold(model, x_small, check_trace=False), repeats)
+        t_check = best_time(lambda model=model: bnrewrite.fold(model, x_small), repeats)
+        per_layer[n] = t_ours / (2 * n + 1)
+        m_fuse, fused = extra_peak_bytes(lambda model=model: fuse(model))
+        removed_fuse = count_bn(model) - count_bn(fused)
+        del fused
+        m_ours, res = extra_peak_bytes(lambda model=model: bnrewrite.fold(model, x_small, check_trace=False))
+        removed_ours = count_bn(model) - count_bn(res.model)
+        del res
+        victim = copy.deepcopy(model)
+        m_inplace, res = extra_peak_bytes(
+            lambda victim=victim: bnrewrite.fold(victim, x_small, inplace=True, check_trace=False)
+        )
+        del res, victim
+        print(
+            f"{n:6d} {removed_ours:10d}/{removed_fuse:<11d} {t_ours / t_fuse:15.2f} {t_check / t_fuse:15.2f} "
+            f"{m_ours / size:9.2f} {m_inplace / size:12.2f} {m_fuse / size:9.2f}"
+        )
+        assert removed_ours >= removed_fuse
+    if 10 in per_layer and 1000 in per_layer:
+        print(f"\ntime per layer, 1000 blocks / 10 blocks: {per_layer[1000] / per_layer[10]:.2f}")
+
+
+def latency_section() -> None:
+    print("\n## Latency: folded model / same model with every BatchNorm deleted")
+    print("(both as fx graphs; median of per-round ratios over 100 interleaved rounds)")
+    cases = [
+        (f"resnet-{n} blocks, 8x3x32x32", synthetic_resnet(n), torch.randn(8, 3, 32, 32)) for n in (10, 30)
+    ]
+    cases.append(
+        (
+            "mobilenet sample, 8x3x64x64",
+            importlib.import_module("samples.mobilenet").build(),
+            torch.randn(8, 3, 64, 64),
+        )
+    )
+    for label, model, x in cases:
+        folded = bnrewrite.fold(model, (x,)).model
+        stripped = torch.fx.symbolic_trace(bn_deleted(model))
+        print(f"{label}: {latency_ratio(folded, stripped, x):.3f}")
+
+
+if __name__ == "__main__":
+    main()
