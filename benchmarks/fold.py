@@ -79,8 +79,10 @@ def count_bn(model: nn.Module) -> int:
         return sum(
             1
             for n in model.graph.nodes
-            if (n.op == "call_module"
-            and isinstance(model.get_submodule(n.target), nn.modules.batchnorm._BatchNorm))
+            if (
+                n.op == "call_module"
+                and isinstance(model.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+            )
             or (n.op == "call_function" and "batch_norm" in str(n.target))
         )
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
