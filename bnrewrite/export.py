@@ -63,15 +63,21 @@ def check_output(path: str | os.PathLike[str], *, force: bool = False) -> Path:
 def atomic_path(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only on success."""
     target = check_output(path, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.tmp.", suffix=target.suffix, dir=target.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.tmp.", suffix=target.suffix, dir=target.parent or ".")
+    except OSError as exc:
+        raise BnrewriteError(f"{target}: cannot write here: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, target)
+        try:
+            os.chmod(tmp_path, 0o666 & ~umask)
+            os.replace(tmp_path, target)
+        except OSError as exc:
+            raise BnrewriteError(f"{target}: cannot write: {exc.strerror or exc}") from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -111,13 +111,16 @@ def test_bad_input_is_one_line_without_traceback(args, code, needle):
 
 
 def test_unwritable_output_directory(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
-    d = tmp_path / "ro"
-    d.mkdir()
-    d.chmod(0o500)
-    res = run("fold", "samples.mlp:build", "-o", str(d / "x.pt2"))
-    assert res.exit_code == 1 and "not writable" in res.stderr
+    if os.geteuid() == 0:  # root passes permission checks: use a place no one can write
+        target, needle = "/proc/bnrewrite_out.pt2", "cannot write"
+    else:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o500)
+        target, needle = str(d / "x.pt2"), "not writable"
+    res = run("fold", "samples.mlp:build", "-o", target)
+    assert res.exit_code == 1 and needle in res.stderr, res.stderr
+    assert "Traceback" not in res.output
 
 
 def test_pickle_payload_not_executed_via_cli(tmp_path):
