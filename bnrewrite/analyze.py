@@ -15,6 +15,7 @@ from .graph.ops import target_name
 from .graph.view import to_networkx
 from .passes.fold_plan import NOT_FOLDABLE, decide, rank_lookup
 from .rules import RULES, RuleContext
+from .select import Selector
 
 
 def find_norms(cap: Capture) -> tuple[list[BNSite], list[OtherNormSite]]:
@@ -142,6 +143,8 @@ def analyze(
     leaf_modules: Iterable[type | str] = (),
     rules: Iterable[str] | None = None,
     name: str | None = None,
+    select: str | Iterable[str] | None = None,
+    types: Iterable[str | type] | None = None,
 ) -> Report:
     """Inventory every normalization layer and lint the model for BatchNorm pitfalls.
 
@@ -162,4 +165,9 @@ def analyze(
     selected = RULES if rules is None else {c: RULES[c] for c in rules}
     for rule in selected.values():
         report.diagnostics.extend(rule(ctx))
+    if select or types:
+        chosen = Selector.of(select, types)
+        report.norms = [n for n in report.norms if chosen.matches(n.module_path, n.kind)]
+        paths = Selector.of(select)
+        report.diagnostics = [d for d in report.diagnostics if paths.matches(d.module_path, "")]
     return report

@@ -33,15 +33,19 @@ def fold_to_file(
     dynamic_batch: bool = False,
     graph: str | os.PathLike[str] | None = None,
     force: bool = False,
+    select: Any = None,
+    types: Any = None,
 ) -> Report:
     """Fold, optionally verify, and write; nothing is written unless every step succeeded."""
     kind = format_of(output, fmt)
     check_output(output, force=force)
     if graph is not None:
         check_output(graph, force=force)
-    if kind in MODEL_FORMATS and inputs is None:
+    if kind in MODEL_FORMATS and inputs is None and kind != "pt":
         raise UsageError(f"writing .{kind} needs example inputs: pass --input-shape (e.g. 1,3,224,224)")
-    return _fold_and_write(loaded, output, inputs, verify, eval_mode, kind, dynamic_batch, graph, force)
+    return _fold_and_write(
+        loaded, output, inputs, verify, eval_mode, kind, dynamic_batch, graph, force, select, types
+    )
 
 
 def _fold_and_write(
@@ -54,8 +58,18 @@ def _fold_and_write(
     dynamic_batch: bool,
     graph: str | os.PathLike[str] | None,
     force: bool,
+    select: Any = None,
+    types: Any = None,
 ) -> Report:
-    result = fold(loaded.model, inputs, eval_mode=eval_mode, record_sources=True, check_trace=True)
+    result = fold(
+        loaded.model,
+        inputs,
+        eval_mode=eval_mode,
+        record_sources=True,
+        check_trace=True,
+        select=select,
+        types=types,
+    )
     report = result.report
     report.model = loaded.source
     if do_verify:
@@ -73,4 +87,29 @@ def _fold_and_write(
         before, after = graph_view(loaded.model), graph_view(result.model)
         union, status = diff_view(before, after)
         report.extra["graph"] = write_dot_and_svg(to_dot(union, status=status), graph, force=force)
+    return report
+
+
+def rewrite_to_file(
+    loaded: Loaded,
+    output: str | os.PathLike[str],
+    inputs: tuple[Any, ...] | None,
+    rewrite: Any,
+    *,
+    fmt: str | None = None,
+    dynamic_batch: bool = False,
+    force: bool = False,
+    write: bool = True,
+) -> Report:
+    """Run ``rewrite(model) -> RewriteResult`` and write the result; nothing is written on failure."""
+    kind = format_of(output, fmt)
+    check_output(output, force=force)
+    if kind in MODEL_FORMATS and inputs is None:
+        raise UsageError(f"writing .{kind} needs example inputs: pass --input-shape")
+    result = rewrite(loaded.model)
+    report = result.report
+    report.model = loaded.source
+    if write:
+        info = export(result.model, output, inputs, fmt=kind, force=force, dynamic_batch=dynamic_batch)
+        report.extra["output"] = info["path"]
     return report

@@ -50,6 +50,14 @@ TrustOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+SelectOpt = Annotated[
+    list[str] | None,
+    typer.Option("--select", help="Only layers whose dotted path matches this glob (repeatable)."),
+]
+TypeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--type", help="Only layers of this kind, e.g. BatchNorm2d, F.batch_norm (repeatable)."),
+]
 FormatOpt = Annotated[
     str | None, typer.Option("--format", help="Output format: pt2, onnx, py, json, graphml, dot, svg.")
 ]
@@ -131,6 +139,8 @@ def analyze(
         ),
     ] = "error",
     trust_pickle: TrustOpt = False,
+    select: SelectOpt = None,
+    type_: TypeOpt = None,
 ) -> None:
     """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls."""
     try:
@@ -140,7 +150,7 @@ def analyze(
     from .analyze import analyze as run
 
     loaded, inputs = _load(model, weights, trust_pickle, input_shape)
-    report = run(loaded.model, inputs, name=loaded.source)
+    report = run(loaded.model, inputs, name=loaded.source, select=select, types=type_)
     _emit(report, as_json)
     if report.has_at_least(threshold):
         raise typer.Exit(1)
@@ -169,6 +179,8 @@ def fold(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
+    select: SelectOpt = None,
+    type_: TypeOpt = None,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from .api import fold_to_file
@@ -184,6 +196,8 @@ def fold(
         dynamic_batch=dynamic_batch,
         graph=graph,
         force=force,
+        select=select,
+        types=type_,
     )
     _emit(report, as_json)
 
@@ -261,6 +275,202 @@ def explain(
         return
     c = codes.get(code)
     out.print(f"{c.id} ({c.name}, {c.severity.value}): {c.summary}\n\n{c.explanation}", highlight=False)
+
+
+OutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output", "-o", help="Output: .pt2/.onnx/.py (need inputs) or a state_dict .pt/.safetensors."
+    ),
+]
+
+
+def _rewrite(
+    model: str,
+    output: Path,
+    weights: Path | None,
+    input_shape: list[str] | None,
+    trust_pickle: bool,
+    fmt: str | None,
+    force: bool,
+    as_json: bool,
+    rewrite: Callable[[Any, Any], Any],
+) -> None:
+    from .api import rewrite_to_file
+
+    loaded, inputs = _load(model, weights, trust_pickle, input_shape)
+    report = rewrite_to_file(loaded, output, inputs, lambda m: rewrite(m, inputs), fmt=fmt, force=force)
+    _emit(report, as_json)
+
+
+@app.command()
+@handles_errors
+def swap(
+    model: ModelArg,
+    to: Annotated[str, typer.Option("--to", help="gn | ln | in | bn | frozen | sync")],
+    output: OutputOpt,
+    groups: Annotated[
+        int | None, typer.Option("--groups", help="GroupNorm groups (default: largest divisor of C <= 32).")
+    ] = None,
+    ln_dims: Annotated[
+        str,
+        typer.Option(
+            "--ln-dims",
+            help="LayerNorm over chw (channels+spatial, GroupNorm(1,C)) or c (channels per position).",
+        ),
+    ] = "chw",
+    select: SelectOpt = None,
+    type_: TypeOpt = None,
+    weights: WeightsOpt = None,
+    input_shape: ShapeOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Swap norm layers (BN <-> GroupNorm/LayerNorm/InstanceNorm, frozen BN, SyncBatchNorm)."""
+    from .surgery import swap as run
+
+    _rewrite(
+        model, output, weights, input_shape, trust_pickle, fmt, force, as_json,
+        lambda m, x: run(m, to, select=select, types=type_, groups=groups, ln_dims=ln_dims, example_inputs=x),
+    )  # fmt: skip
+
+
+@app.command()
+@handles_errors
+def insert(
+    model: ModelArg,
+    output: OutputOpt,
+    after: Annotated[
+        str, typer.Option("--after", help="Comma list of conv, conv_transpose, linear.")
+    ] = "conv,linear",
+    norm: Annotated[str, typer.Option("--norm", help="bn (identity-initialized) or gn.")] = "bn",
+    position: Annotated[
+        str, typer.Option("--position", help="pre-act (right after the layer) or post-act.")
+    ] = "pre-act",
+    select: SelectOpt = None,
+    type_: TypeOpt = None,
+    weights: WeightsOpt = None,
+    input_shape: ShapeOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Add a norm after every matching conv/linear that lacks one (identity in eval for bn)."""
+    from .surgery import insert as run
+
+    _rewrite(
+        model, output, weights, input_shape, trust_pickle, fmt, force, as_json,
+        lambda m, x: run(m, after, norm=norm, position=position, select=select, types=type_, example_inputs=x),
+    )  # fmt: skip
+
+
+@app.command()
+@handles_errors
+def remove(
+    model: ModelArg,
+    output: OutputOpt,
+    select: SelectOpt = None,
+    type_: TypeOpt = None,
+    weights: WeightsOpt = None,
+    input_shape: ShapeOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Strip the selected norm layers and report how much the output changes."""
+    from .surgery import remove as run
+
+    _rewrite(
+        model, output, weights, input_shape, trust_pickle, fmt, force, as_json,
+        lambda m, x: run(m, select=select, types=type_, example_inputs=x),
+    )  # fmt: skip
+
+
+@app.command("fix")
+@handles_errors
+def fix_cmd(
+    model: ModelArg,
+    output: OutputOpt,
+    code: Annotated[
+        list[str] | None, typer.Option("--code", help="Codes to fix (default: all fixable: BN001).")
+    ] = None,
+    select: SelectOpt = None,
+    type_: TypeOpt = None,
+    weights: WeightsOpt = None,
+    input_shape: ShapeOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Apply the fixes analysis offers (BN001: absorb a redundant bias into the BatchNorm)."""
+    from .surgery import FIXABLE
+    from .surgery import fix as run
+
+    _rewrite(
+        model, output, weights, input_shape, trust_pickle, fmt, force, as_json,
+        lambda m, x: run(m, code or FIXABLE, select=select, types=type_, example_inputs=x),
+    )  # fmt: skip
+
+
+@app.command("recalibrate")
+@handles_errors
+def recalibrate_cmd(
+    model: ModelArg,
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Calibration inputs: .pt (tensor or list of batches) or .safetensors."),
+    ],
+    output: OutputOpt,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Split a single tensor into batches of this size.")
+    ] = None,
+    select: SelectOpt = None,
+    type_: TypeOpt = None,
+    weights: WeightsOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Re-estimate BatchNorm statistics from data (exact; under torchrun each rank takes a shard)."""
+    import os
+
+    import torch
+
+    from .api import rewrite_to_file
+    from .recalibrate import read_batches, recalibrate
+
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("--batch-size must be positive")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    batches = read_batches(str(data), batch_size)
+    shard = batches[rank::world]
+    loaded, _ = _load(model, weights, trust_pickle, None)
+    first = shard[0] if shard else batches[0]
+    inputs = tuple(first) if isinstance(first, (list, tuple)) else (first,)
+    try:
+        report = rewrite_to_file(
+            loaded,
+            output,
+            inputs,
+            lambda m: recalibrate(m, shard, select=select, types=type_),
+            fmt=fmt,
+            force=force,
+            write=rank == 0,
+        )
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        _emit(report, as_json)
 
 
 def main() -> None:

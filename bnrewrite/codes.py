@@ -201,6 +201,28 @@ _ALL = [
     ),
 ]
 
+_ALL += [
+    Code(
+        "SW001",
+        "rewrite-refused",
+        _W,
+        "a selected layer could not be rewritten",
+        "What: swap, insert, remove, fix or recalibrate selected this layer but could not apply\n"
+        "the rewrite; the message gives the exact reason (e.g. GroupNorm groups that leave one value\n"
+        "per group for this input shape, an unknown input rank, a shared conv).\n"
+        "Fix: adjust --groups / --select, or pass example inputs (--input-shape) so shapes are known.",
+    ),
+    Code(
+        "SW002",
+        "changes-function",
+        _I,
+        "the rewrite changes what the model computes",
+        "What: the rewrite is not exact in eval mode (e.g. BatchNorm -> GroupNorm uses per-sample\n"
+        "statistics, removing a norm removes its normalization). The report gives the measured\n"
+        "output deviation on the example inputs. Retrain, fine-tune or recalibrate afterwards.",
+    ),
+]
+
 CODES: dict[str, Code] = {c.id: c for c in _ALL}
 
 

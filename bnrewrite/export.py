@@ -1,4 +1,5 @@
-"""Write models and graphs: ``.pt2``, ``.onnx``, ``.py`` (+ weights), and the graph itself as ``.json`` (node-link), ``.graphml``, ``.dot`` or ``.svg``.
+"""Write models and graphs: ``.pt2``, ``.onnx``, ``.py`` (+ weights), state_dicts (``.pt``,
+``.safetensors``), and the graph itself as ``.json`` (node-link), ``.graphml``, ``.dot`` or ``.svg``.
 
 Every write is atomic: the file is written beside the target under a temporary name and renamed
 into place only when complete, so a failure never leaves a partial output. An existing output is
@@ -25,8 +26,9 @@ from .graph.capture import _reason, buffers_restored, capture
 from .graph.view import to_networkx
 
 MODEL_FORMATS = ("pt2", "onnx", "py")
+WEIGHT_FORMATS = ("pt", "safetensors")
 GRAPH_FORMATS = ("json", "graphml", "dot", "svg")
-FORMATS = MODEL_FORMATS + GRAPH_FORMATS
+FORMATS = MODEL_FORMATS + WEIGHT_FORMATS + GRAPH_FORMATS
 
 
 def format_of(path: str | os.PathLike[str], fmt: str | None = None) -> str:
@@ -35,7 +37,7 @@ def format_of(path: str | os.PathLike[str], fmt: str | None = None) -> str:
         fmt = fmt.lower().lstrip(".")
     else:
         fmt = Path(path).suffix.lower().lstrip(".")
-        fmt = {"gml": "graphml"}.get(fmt, fmt)
+        fmt = {"gml": "graphml", "pth": "pt"}.get(fmt, fmt)
     if fmt not in FORMATS:
         raise UsageError(
             f"{path}: cannot tell the output format from {fmt!r}; use one of "
@@ -64,7 +66,9 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
     """Yield a temporary path beside ``path``; rename it into place only on success."""
     target = check_output(path, force=force)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.tmp.", suffix=target.suffix, dir=target.parent or ".")
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.stem}.tmp.", suffix=target.suffix, dir=target.parent or "."
+        )
     except OSError as exc:
         raise BnrewriteError(f"{target}: cannot write here: {exc.strerror or exc}") from exc
     os.close(fd)
@@ -126,6 +130,8 @@ def export(
         ep = export_program(model, example_inputs, dynamic_batch=dynamic_batch)
         with atomic_path(path, force=force) as tmp:
             torch.export.save(ep, tmp)
+    elif kind in WEIGHT_FORMATS:
+        write_state_dict(model, path, force=force)
     elif kind == "onnx":
         info.update(
             _export_onnx(model, path, example_inputs, force=force, dynamic_batch=dynamic_batch, check=check)
@@ -135,6 +141,24 @@ def export(
     else:
         write_graph(model, path, fmt=kind, force=force)
     return info
+
+
+def write_state_dict(model: Any, path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """The model's state_dict as ``.pt``/``.pth`` (tensors only: loads with weights_only=True)
+    or ``.safetensors``; for loading into the same architecture (``--weights``)."""
+    module = _runnable(model)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path, force=force) as tmp:
+        if Path(path).suffix.lower() == ".safetensors":
+            try:
+                from safetensors.torch import save_file
+            except ImportError as exc:
+                raise BnrewriteError(
+                    "writing .safetensors needs: pip install 'bnrewrite[safetensors]'"
+                ) from exc
+            save_file({k: v.clone() for k, v in state.items()}, str(tmp))
+        else:
+            torch.save(state, tmp)
 
 
 # -- ONNX ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from .graph.capture import Capture, capture
 from .graph.edit import Editor, shallow_copy
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import rank_lookup
+from .select import Selector
 
 
 class RewriteResult(NamedTuple):
@@ -59,6 +60,8 @@ def fold(
     leaf_modules: Iterable[type | str] = (),
     record_sources: bool = False,
     check_trace: bool = True,
+    select: str | Iterable[str] | None = None,
+    types: Iterable[str | type] | None = None,
     cap: Capture | None = None,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
@@ -68,8 +71,11 @@ def fold(
     input model is not modified unless ``inplace=True``. ``eval_mode=True`` folds the eval-mode
     behaviour of BatchNorms that are in training mode. With example inputs, ``check_trace`` (on
     by default) runs each traced graph against the eager model first and falls back to the
-    traceable parts when tracing silently changed the computation.
+    traceable parts when tracing silently changed the computation. ``select`` (dotted-path
+    globs) and ``types`` (kinds such as ``BatchNorm2d``, ``F.batch_norm``) limit which
+    BatchNorms are folded.
     """
+    selector = Selector.of(select, types) if (select or types) else None
     if cap is None:
         cap = capture(
             model,
@@ -81,7 +87,9 @@ def fold(
     report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     rank_of = rank_lookup(cap)
     for region in cap.regions:
-        actions, diagnostics = fold_region(region, rank_of, eval_mode=eval_mode, inplace=inplace)
+        actions, diagnostics = fold_region(
+            region, rank_of, eval_mode=eval_mode, inplace=inplace, selector=selector
+        )
         report.actions.extend(actions)
         report.diagnostics.extend(diagnostics)
     report.diagnostics.extend(opaque_diagnostics(cap))

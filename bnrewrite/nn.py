@@ -47,3 +47,30 @@ class FrozenBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"
+
+
+class ChannelwiseLayerNorm(nn.Module):
+    """LayerNorm over the channel dim (dim 1) at every position, with per-channel affine.
+
+    For ``(N, C)`` inputs this is ``nn.LayerNorm(C)``; for ``(N, C, *spatial)`` it normalizes each
+    position's C values, like a transformer's LayerNorm on ``(N, L, C)`` data.
+    """
+
+    _bnrewrite_norm_family = "layer"
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.normalized_shape = (num_features,)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(
+            x.movedim(1, -1), (self.num_features,), self.weight, self.bias, self.eps
+        )
+        return y.movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"

@@ -115,7 +115,9 @@ def _trace(
     concrete_args: dict[str, Any] | None,
 ) -> fx.GraphModule:
     graph = tracer.trace(module, concrete_args=concrete_args)
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm.training = module.training  # the root's own flag; submodules are shared as they are
+    return gm
 
 
 def _reason(exc: BaseException) -> str:
@@ -136,6 +138,7 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph._codegen = gm.graph._codegen
     new = fx.GraphModule(gm, graph, type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
+    new.training = gm.training
     return new
 
 

@@ -49,6 +49,8 @@ def other_norm_family(m: nn.Module) -> str | None:
         return "group"
     if isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
         return "layer"
+    if getattr(type(m), "_bnrewrite_norm_family", None):
+        return type(m)._bnrewrite_norm_family
     if isinstance(m, _InstanceNorm):
         return "instance"
     return None

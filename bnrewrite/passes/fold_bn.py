@@ -26,6 +26,7 @@ from ..graph.capture import Region, source_line
 from ..graph.edit import Editor, shallow_copy
 from ..graph.norms import BNSite, LayerSite, bn_site
 from ..nn import ChannelAffine
+from ..select import Selector
 from . import fold_math
 from .fold_plan import FOLLOWING, NOT_FOLDABLE, PRECEDING, SCALE_SHIFT, Decision, RankOf, decide
 
@@ -34,8 +35,17 @@ EQUIV = "bnrewrite_equiv"  # node.meta key: name of the original node whose valu
 
 
 class _RegionFolder:
-    def __init__(self, region: Region, rank_of: RankOf, *, eval_mode: bool, inplace: bool) -> None:
+    def __init__(
+        self,
+        region: Region,
+        rank_of: RankOf,
+        *,
+        eval_mode: bool,
+        inplace: bool,
+        selector: Selector | None = None,
+    ) -> None:
         self.region = region
+        self.selector = selector
         self.graph = region.gm.graph
         self.rank_of = rank_of
         self.eval_mode = eval_mode
@@ -74,7 +84,14 @@ class _RegionFolder:
     def _site(self, node: fx.Node) -> BNSite | None:
         if getattr(node, "_erased", False) or node.op not in ("call_module", "call_function"):
             return None
-        return bn_site(self.region, node)
+        site = bn_site(self.region, node)
+        if (
+            site is not None
+            and self.selector is not None
+            and not self.selector.matches(site.module_path, site.kind)
+        ):
+            return None
+        return site
 
     # -- rewrites ----------------------------------------------------------------------------
     def _apply_fold(self, d: Decision) -> None:
@@ -236,9 +253,14 @@ class _RegionFolder:
 
 
 def fold_region(
-    region: Region, rank_of: RankOf, *, eval_mode: bool = False, inplace: bool = False
+    region: Region,
+    rank_of: RankOf,
+    *,
+    eval_mode: bool = False,
+    inplace: bool = False,
+    selector: Selector | None = None,
 ) -> tuple[list[Action], list[Diagnostic]]:
-    """Fold every BatchNorm of one region in place (the region's graph module is ours)."""
-    folder = _RegionFolder(region, rank_of, eval_mode=eval_mode, inplace=inplace)
+    """Fold every (selected) BatchNorm of one region in place (the region's graph module is ours)."""
+    folder = _RegionFolder(region, rank_of, eval_mode=eval_mode, inplace=inplace, selector=selector)
     folder.run()
     return folder.actions, folder.diagnostics
