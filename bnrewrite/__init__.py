@@ -3,7 +3,12 @@
 from .analyze import analyze
 from .diagnostics import Diagnostic, Report, Severity
 from .errors import BnrewriteError, UsageError, VerificationError
+from .export import export
 from .fold import RewriteResult, fold
+from .io import load
+from .recalibrate import recalibrate
+from .surgery import fix, insert, remove, swap
+from .verify import VerifyResult, verify
 
 __version__ = "0.1.0"
 
@@ -15,6 +20,15 @@ __all__ = [
     "Severity",
     "UsageError",
     "VerificationError",
+    "VerifyResult",
     "analyze",
+    "export",
+    "fix",
     "fold",
+    "insert",
+    "load",
+    "recalibrate",
+    "remove",
+    "swap",
+    "verify",
 ]

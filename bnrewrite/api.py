@@ -35,6 +35,7 @@ def fold_to_file(
     force: bool = False,
     select: Any = None,
     types: Any = None,
+    leaf_modules: Any = (),
 ) -> Report:
     """Fold, optionally verify, and write; nothing is written unless every step succeeded."""
     kind = format_of(output, fmt)
@@ -44,7 +45,18 @@ def fold_to_file(
     if kind in MODEL_FORMATS and inputs is None and kind != "pt":
         raise UsageError(f"writing .{kind} needs example inputs: pass --input-shape (e.g. 1,3,224,224)")
     return _fold_and_write(
-        loaded, output, inputs, verify, eval_mode, kind, dynamic_batch, graph, force, select, types
+        loaded,
+        output,
+        inputs,
+        verify,
+        eval_mode,
+        kind,
+        dynamic_batch,
+        graph,
+        force,
+        select,
+        types,
+        leaf_modules,
     )
 
 
@@ -60,6 +72,7 @@ def _fold_and_write(
     force: bool,
     select: Any = None,
     types: Any = None,
+    leaf_modules: Any = (),
 ) -> Report:
     result = fold(
         loaded.model,
@@ -69,6 +82,7 @@ def _fold_and_write(
         check_trace=True,
         select=select,
         types=types,
+        leaf_modules=leaf_modules,
     )
     report = result.report
     report.model = loaded.source

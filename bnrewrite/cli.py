@@ -58,6 +58,13 @@ TypeOpt = Annotated[
     list[str] | None,
     typer.Option("--type", help="Only layers of this kind, e.g. BatchNorm2d, F.batch_norm (repeatable)."),
 ]
+LeafOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--leaf",
+        help="Keep this module as one call when tracing: class name or dotted-path glob (repeatable).",
+    ),
+]
 FormatOpt = Annotated[
     str | None, typer.Option("--format", help="Output format: pt2, onnx, py, json, graphml, dot, svg.")
 ]
@@ -141,6 +148,7 @@ def analyze(
     trust_pickle: TrustOpt = False,
     select: SelectOpt = None,
     type_: TypeOpt = None,
+    leaf: LeafOpt = None,
 ) -> None:
     """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls."""
     try:
@@ -150,7 +158,9 @@ def analyze(
     from .analyze import analyze as run
 
     loaded, inputs = _load(model, weights, trust_pickle, input_shape)
-    report = run(loaded.model, inputs, name=loaded.source, select=select, types=type_)
+    report = run(
+        loaded.model, inputs, name=loaded.source, select=select, types=type_, leaf_modules=leaf or ()
+    )
     _emit(report, as_json)
     if report.has_at_least(threshold):
         raise typer.Exit(1)
@@ -181,6 +191,7 @@ def fold(
     trust_pickle: TrustOpt = False,
     select: SelectOpt = None,
     type_: TypeOpt = None,
+    leaf: LeafOpt = None,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from .api import fold_to_file
@@ -198,6 +209,7 @@ def fold(
         force=force,
         select=select,
         types=type_,
+        leaf_modules=leaf or (),
     )
     _emit(report, as_json)
 
@@ -267,8 +279,15 @@ def export(
 @handles_errors
 def explain(
     code: Annotated[str | None, typer.Argument(help="A code such as BN001; omit to list all.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Explain a diagnostic code (what it means, why it matters, how to fix it)."""
+    if as_json:
+        from .render import to_json
+
+        chosen = [codes.get(code)] if code else list(codes.CODES.values())
+        print(to_json([{**c.__dict__, "severity": c.severity.value} for c in chosen]))
+        return
     if code is None:
         for c in codes.CODES.values():
             out.print(f"{c.id}  {c.severity.value:8} {c.name:24} {c.summary}", highlight=False)

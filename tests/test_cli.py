@@ -140,3 +140,53 @@ def test_trusted_pickle_round_trip(tmp_path):
     torch.save(model, path)
     res = run("analyze", str(path), "--trust-pickle", "--input-shape", "4,32")
     assert res.exit_code == 0, res.output
+
+
+def test_explain_json_lists_every_code():
+    data = json.loads(run("explain", "--json").stdout)
+    assert {"BN001", "FD101", "SW001"} <= {c["id"] for c in data}
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "py"])
+def test_done_when_every_input_kind_folds_to_a_verified_artifact(tmp_path, fmt, monkeypatch):
+    """A .pt2, a state_dict plus model code, and a trusted pickled module all fold and verify."""
+    model, inputs = load_sample("mobilenet")
+    pt2 = tmp_path / "in.pt2"
+    torch.export.save(torch.export.export(model, inputs), pt2)
+    weights = tmp_path / "w.pt"
+    torch.save({"model": model.state_dict()}, weights)
+    pickled = tmp_path / "whole.pt"
+    torch.save(model, pickled)
+    monkeypatch.chdir(tmp_path)  # .py outputs import from here; samples come from the repo root
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cases = [
+        [str(pt2)],
+        ["samples.mobilenet:build", "--weights", str(weights)],
+        [str(pickled), "--trust-pickle", "--input-shape", "2,3,32,32"],
+    ]
+    for i, case in enumerate(cases):
+        out = tmp_path / f"out{i}.{fmt}"
+        res = run("fold", *case, "-o", str(out), "--verify", "--json")
+        assert res.exit_code == 0, (case, res.output)
+        data = json.loads(res.stdout)
+        assert data["verification"]["passed"] and len(data["actions"]) == 14
+        assert out.exists()
+        if fmt == "onnx":
+            assert data["extra"]["onnxruntime_check"]["passed"] in (True, None)
+
+
+def test_bad_inputs_leave_no_output_files(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"\x00" * 64)
+    for args in (
+        ["fold", str(bad), "-o", str(out_dir / "a.pt2")],
+        ["fold", "samples.mlp:build", "--input-shape", "4,7", "-o", str(out_dir / "b.pt2")],
+        ["fold", "samples.mlp:build", "--weights", str(bad), "-o", str(out_dir / "c.pt2")],
+        ["export", "samples.untraceable:build", "-o", str(out_dir / "d.pt2")],
+    ):
+        res = run(*args)
+        assert res.exit_code == 1, (args, res.output)
+        assert "Traceback" not in res.output
+    assert list(out_dir.iterdir()) == []

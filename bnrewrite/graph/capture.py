@@ -8,6 +8,7 @@ containers, and shape propagation restores every buffer it may have touched.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -104,7 +105,12 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if module_qualified_name in self.leaf_paths or is_norm_module(m):
+        if is_norm_module(m):
+            return True
+        if self.leaf_paths and (
+            type(m).__name__ in self.leaf_paths
+            or any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_paths)
+        ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -166,6 +172,8 @@ def capture(
     check_trace: bool = False,
 ) -> Capture:
     """Capture ``model`` (nn.Module, GraphModule or ExportedProgram) as one or more fx graphs.
+
+    ``leaf_modules`` are kept as single calls: module classes, class names, or dotted-path globs.
 
     With ``check_trace`` and example inputs, every traced graph is run against the eager module
     it came from; a graph that disagrees (tracing can silently drop a branch, e.g. around

@@ -296,3 +296,49 @@ def test_norm_chain_folds_to_a_fixed_point():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)))
     folded, report = check(model, torch.randn(2, 3, 6, 6))
     assert kinds(report) == ["fold-into-preceding", "fold-into-preceding"] and n_bn(folded) == 0
+
+
+def test_computed_statistics_are_refused_with_reason():
+    class Computed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("m", torch.randn(4))
+            self.register_buffer("v", torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return F.batch_norm(y, y.mean((0, 2, 3)), self.v, training=False)  # mean from the data
+
+    model = Computed().eval()
+    _folded, report = fold(model, (torch.randn(2, 3, 6, 6),))
+    assert kinds(report) == [] and report.codes() == ["FD204"]
+
+
+def test_shared_conv_in_the_aten_dialect_gets_its_own_weights():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x * 2)
+
+    model = randomize_bn(Shared())
+    folded, report = check(model, torch.randn(2, 4, 6, 6), aten=True)
+    assert kinds(report) == ["fold-into-preceding"]
+    weights = [
+        n.args[1].target for n in folded.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target)
+    ]
+    assert len(set(weights)) == 2
+
+
+def test_leaf_modules_by_class_name_and_glob():
+    from tests.conftest import load_sample
+
+    model, inputs = load_sample("resnet")
+    _, report = fold(model, inputs, leaf_modules=["BasicBlock"])
+    assert len(report.actions) == 1  # only the stem BN is outside the leaf blocks
+    _, report = fold(model, inputs, leaf_modules=["layers.[0-4]"])
+    assert len(report.actions) == 3
