@@ -31,12 +31,14 @@ def test_swap_writes_state_dict_and_pt2(tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["verification"]["passed"]
 
 
-def test_swap_bad_target_and_groups():
-    assert run("swap", "samples.resnet:build", "--to", "xx", "-o", "x.pt").exit_code == 2
+def test_swap_bad_target_and_groups(tmp_path):
+    assert run("swap", "samples.resnet:build", "--to", "xx", "-o", str(tmp_path / "x.pt")).exit_code == 2
+    assert not (tmp_path / "x.pt").exists()
     res = run(
-        "swap", "samples.mlp:build", "--to", "gn", "--groups", "64", "-o", "/tmp/never_written.pt", "--json"
+        "swap", "samples.mlp:build", "--to", "gn", "--groups", "64", "-o", str(tmp_path / "y.pt"), "--json"
     )
-    assert res.exit_code == 0 and {d["code"] for d in json.loads(res.stdout)["diagnostics"]} == {"SW001"}
+    assert res.exit_code == 0, res.stderr
+    assert {d["code"] for d in json.loads(res.stdout)["diagnostics"]} == {"SW001"}
 
 
 def test_insert_remove_fix(tmp_path):
