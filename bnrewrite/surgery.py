@@ -23,7 +23,7 @@ from .errors import BnrewriteError, UsageError, VerificationError
 from .fold import RewriteResult
 from .graph.capture import Capture, Region, buffers_restored, capture, node_shape, source_line
 from .graph.edit import Editor, shallow_copy
-from .graph.norms import bn_site, is_batchnorm_module, layer_site, other_norm_site
+from .graph.norms import BNSite, OtherNormSite, bn_site, layer_site, module_bn_site, other_norm_site
 from .passes.norm_factory import TARGETS, SwapRefused, default_groups, from_batchnorm, to_batchnorm
 from .select import Selector
 from .verify import verify
@@ -149,6 +149,29 @@ def _insert_module_node(
     return new
 
 
+def norm_nodes(cap: Capture) -> list[tuple[Region, fx.Node, BNSite | OtherNormSite]]:
+    """Every norm application in the captured graphs, in graph order (collected up front, so
+    the graphs may be edited while iterating)."""
+    from .analyze import find_norms
+
+    bns, others = find_norms(cap)
+    sites: list[tuple[Region, fx.Node, BNSite | OtherNormSite]] = [(s.region, s.call, s) for s in bns]  # type: ignore[misc]
+    sites += [(o.region, o.node, o) for o in others]
+    order = {id(n): i for r in cap.regions for i, n in enumerate(r.gm.graph.nodes)}
+    regions = {r.path: k for k, r in enumerate(cap.regions)}
+    return sorted(sites, key=lambda t: (regions[t[0].path], order[id(t[1])]))
+
+
+def _erase_bn(region: Region, site: BNSite, replacement: fx.Node) -> None:
+    """Route the BatchNorm's users to ``replacement`` and drop the BatchNorm call."""
+    assert site.node is not None and site.call is not None
+    site.node.replace_all_uses_with(replacement)
+    graph = region.gm.graph
+    if site.node is not site.call:
+        graph.erase_node(site.node)
+    graph.erase_node(site.call)
+
+
 # -- swap ----------------------------------------------------------------------------------------
 
 
@@ -178,11 +201,8 @@ def swap(
     rw = Rewriter(cap)
     report = Report("swap", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     done: set[str] = set()
-    for region in cap.regions:
-        for node in list(region.gm.graph.nodes):
-            if node.op not in ("call_module", "call_function"):
-                continue
-            _swap_node(rw, report, region, node, to, selector, groups, ln_dims, done)
+    for region, node, _site in norm_nodes(cap):
+        _swap_node(rw, report, region, node, to, selector, groups, ln_dims, done)
     for path, module in _opaque_modules(cap):
         if path in done:
             continue
@@ -245,11 +265,7 @@ def _swap_node(
         assert site is not None
         name = rw.editor(region).free_name(f"{node.name}_{to}")
         new = _insert_module_node(rw, region, site.input, name, built.module)  # type: ignore[arg-type]
-        site.node.replace_all_uses_with(new)
-        graph = region.gm.graph
-        if site.node is not site.call:
-            graph.erase_node(site.node)
-        graph.erase_node(site.call)
+        _erase_bn(region, site, new)
     report.actions.append(
         Action(
             "swap",
@@ -265,22 +281,14 @@ def _swap_module_without_graph(
     rw: Rewriter, report: Report, path: str, module: nn.Module, to: str, groups: int | None, ln_dims: str
 ) -> None:
     """A norm called from untraceable code: swap the module itself (input shape unknown)."""
-    from .graph.norms import BNSite
-
     try:
         if to == "bn":
             built = to_batchnorm(module, shape=None)
-        elif is_batchnorm_module(module):
-            region = Region(path, fx.GraphModule(nn.Module(), fx.Graph()), "module")
-            site = BNSite(
-                region, None, None, None, type(module).__name__, module,  # type: ignore[arg-type]
-                module.weight if module.affine else None, module.bias if module.affine else None,
-                module.running_mean, module.running_var, float(module.eps), module.training,
-                module.running_mean is not None, True, num_batches_tracked=module.num_batches_tracked,
-            )  # fmt: skip
-            built = from_batchnorm(site, to, shape=None, groups=groups, ln_dims=ln_dims)
         else:
-            return
+            site = module_bn_site(module)
+            if site is None:
+                return
+            built = from_batchnorm(site, to, shape=None, groups=groups, ln_dims=ln_dims)
     except SwapRefused as exc:
         _refused(report, path, None, f"{exc} (called from untraceable code)")
         return

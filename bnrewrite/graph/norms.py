@@ -82,9 +82,9 @@ def _tensor_arg(gm: fx.GraphModule, arg: Any) -> tuple[torch.Tensor | None, bool
 class BNSite:
     """One BatchNorm-like application in a graph."""
 
-    region: Region
-    node: fx.Node  # the node whose value is the normalized tensor
-    call: fx.Node  # the call itself (differs from node for tuple-returning ATen ops)
+    region: Region | None  # None for a module called only from untraceable code
+    node: fx.Node | None  # the node whose value is the normalized tensor
+    call: fx.Node | None  # the call itself (differs from node for tuple-returning ATen ops)
     input: fx.Node | None
     kind: str
     module: nn.Module | None
@@ -101,11 +101,11 @@ class BNSite:
 
     @property
     def module_path(self) -> str | None:
-        return self.region.module_path(self.call)
+        return self.region.module_path(self.call) if self.region and self.call else None
 
     @property
     def name(self) -> str:
-        return self.region.qualify(self.node.name)
+        return self.region.qualify(self.node.name) if self.region and self.node else "?"
 
     @property
     def num_features(self) -> int | None:
@@ -144,49 +144,30 @@ class OtherNormSite:
         return self.region.qualify(self.node.name)
 
 
+def module_bn_site(m: nn.Module, region: Region | None = None, node: fx.Node | None = None) -> BNSite | None:
+    """The BatchNorm a BatchNorm-like module applies (with its graph position when known)."""
+    inp = _first_input(node) if node is not None else None
+    if is_batchnorm_module(m):
+        tracks = m.track_running_stats and m.running_mean is not None
+        return BNSite(
+            region, node, node, inp, type(m).__name__, m,
+            m.weight if m.affine else None, m.bias if m.affine else None,
+            m.running_mean, m.running_var, float(m.eps), bool(m.training), bool(tracks), True,
+            num_batches_tracked=m.num_batches_tracked,
+        )  # fmt: skip
+    if is_frozen_bn_module(m):
+        return BNSite(
+            region, node, node, inp, type(m).__name__, m, m.weight, m.bias, m.running_mean,
+            m.running_var, float(getattr(m, "eps", 1e-5)), False, True, True, frozen=True,
+        )  # fmt: skip
+    return None
+
+
 def bn_site(region: Region, node: fx.Node) -> BNSite | None:
     """The BatchNorm applied by ``node``, if it applies one."""
     gm = region.gm
     if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
-        if is_batchnorm_module(m):
-            tracks = m.track_running_stats and m.running_mean is not None
-            return BNSite(
-                region,
-                node,
-                node,
-                _first_input(node),
-                type(m).__name__,
-                m,
-                m.weight if m.affine else None,
-                m.bias if m.affine else None,
-                m.running_mean,
-                m.running_var,
-                float(m.eps),
-                bool(m.training),
-                bool(tracks),
-                True,
-                num_batches_tracked=m.num_batches_tracked,
-            )
-        if is_frozen_bn_module(m):
-            return BNSite(
-                region,
-                node,
-                node,
-                _first_input(node),
-                type(m).__name__,
-                m,
-                m.weight,
-                m.bias,
-                m.running_mean,
-                m.running_var,
-                float(getattr(m, "eps", 1e-5)),
-                False,
-                True,
-                True,
-                frozen=True,
-            )
-        return None
+        return module_bn_site(gm.get_submodule(str(node.target)), region, node)
     if node.op != "call_function" or node.target not in ops.BN_TARGETS:
         return None
     kind, names, tuple_out = ops.BN_TARGETS[node.target]

@@ -28,6 +28,14 @@ def _bias64(bias: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tens
     return bias.detach().to(torch.float64)
 
 
+def _prepare(
+    weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Detached weight, scale/shift on its device, and the trailing 1s for kernel dims."""
+    w = weight.detach()
+    return w, scale.to(device=w.device), shift.to(device=w.device), (1,) * (w.dim() - 2)
+
+
 def into_preceding(
     kind: str,
     weight: torch.Tensor,
@@ -40,10 +48,7 @@ def into_preceding(
 
     The weight comes back in the layer's dtype (computed in float64), the bias in float64.
     """
-    w = weight.detach()
-    s = scale.to(device=w.device)
-    t = shift.to(device=w.device)
-    extra = (1,) * (w.dim() - 2)
+    w, s, t, extra = _prepare(weight, scale, shift)
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     if kind == "conv_transpose":
         cin, cout_g = w.shape[0], w.shape[1]
@@ -66,10 +71,7 @@ def into_following(
     shift: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Folded (weight, bias) of ``x * scale + shift`` followed by a conv/conv_transpose/linear."""
-    w = weight.detach().to(torch.float64)
-    s = scale.to(device=w.device)
-    t = shift.to(device=w.device)
-    extra = (1,) * (w.dim() - 2)
+    w, s, t, extra = _prepare(weight.to(torch.float64), scale, shift)
     if kind == "linear":
         return w * s.reshape(1, -1), _bias64(bias, w.shape[0], w) + w @ t
     if kind == "conv_transpose":
