@@ -99,8 +99,9 @@ def _fold_and_write(
         report.extra["onnxruntime_check"] = info["onnxruntime_check"]
     if graph is not None:
         before, after = graph_view(loaded.model), graph_view(result.model)
-        union, status = diff_view(before, after)
-        report.extra["graph"] = write_dot_and_svg(to_dot(union, status=status), graph, force=force)
+        union, status, edges = diff_view(before, after)
+        dot = to_dot(union, status=status, edge_status=edges, title="fold: before and after")
+        report.extra["graph"] = write_dot_and_svg(dot, graph, force=force)
     return report
 
 

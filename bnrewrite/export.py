@@ -326,8 +326,14 @@ def _plain(view: nx.DiGraph) -> nx.DiGraph:
     return g
 
 
-def to_dot(view: nx.DiGraph, *, status: dict[str, str] | None = None, title: str = "bnrewrite") -> str:
-    """DOT text; ``status`` maps node ids to removed/changed/added for highlighting."""
+def to_dot(
+    view: nx.DiGraph,
+    *,
+    status: dict[str, str] | None = None,
+    edge_status: dict[tuple[str, str], str] | None = None,
+    title: str = "bnrewrite",
+) -> str:
+    """DOT text; ``status``/``edge_status`` mark nodes and edges removed/changed/added."""
     colors = {
         "removed": ("#f4cccc", "#cc0000", "dashed"),
         "changed": ("#fff2cc", "#b45f06", "bold"),
@@ -356,16 +362,27 @@ def to_dot(view: nx.DiGraph, *, status: dict[str, str] | None = None, title: str
             fill, color, style = colors[st]
             attrs += f', fillcolor="{fill}", color="{color}", style="rounded,filled,{style}"'
         out.append(f"  {q(n)} [{attrs}];")
+    edge_style = {"removed": ' [color="#cc0000", style=dashed]', "added": ' [color="#38761d", penwidth=2]'}
     for u, v in view.edges():
         if view.nodes[u].get("op") == "get_attr" or view.nodes[v].get("op") == "get_attr":
             continue
-        out.append(f"  {q(u)} -> {q(v)};")
+        out.append(f"  {q(u)} -> {q(v)}{edge_style.get((edge_status or {}).get((u, v), ''), '')};")
+    if status:
+        out.append('  subgraph cluster_legend { label="legend"; fontsize=10; style=dashed;')
+        for name in ("removed", "changed", "added"):
+            fill, color, style = colors[name]
+            out.append(
+                f'    "legend_{name}" [label="{name}", fillcolor="{fill}", color="{color}", style="rounded,filled,{style}"];'
+            )
+        out.append("  }")
     out.append("}")
     return "\n".join(out) + "\n"
 
 
-def diff_view(before: nx.DiGraph, after: nx.DiGraph) -> tuple[nx.DiGraph, dict[str, str]]:
-    """The union of two views with each node marked removed, changed or added."""
+def diff_view(
+    before: nx.DiGraph, after: nx.DiGraph
+) -> tuple[nx.DiGraph, dict[str, str], dict[tuple[str, str], str]]:
+    """The union of two views with each node and edge marked removed, changed or added."""
     union = nx.DiGraph()
     status: dict[str, str] = {}
     for n, a in before.nodes(data=True):
@@ -380,7 +397,9 @@ def diff_view(before: nx.DiGraph, after: nx.DiGraph) -> tuple[nx.DiGraph, dict[s
         union.add_node(n, **a)
     union.add_edges_from(before.edges())
     union.add_edges_from(after.edges())
-    return union, status
+    edges = {e: "removed" for e in before.edges() if not after.has_edge(*e)}
+    edges.update({e: "added" for e in after.edges() if not before.has_edge(*e)})
+    return union, status, edges
 
 
 def render_svg(dot_text: str) -> bytes | None:

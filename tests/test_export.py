@@ -77,11 +77,13 @@ def test_graph_formats(tmp_path):
 def test_before_after_picture_marks_removed_bn():
     model, inputs = load_sample("resnet")
     folded, _ = fold(model, inputs)
-    union, status = diff_view(graph_view(model), graph_view(folded))
+    union, status, edges = diff_view(graph_view(model), graph_view(folded))
     removed = {n for n, s in status.items() if s == "removed"}
     assert "layers_0_bn1" in removed and len(removed) == 15
     assert status["layers_0_conv1"] == "changed"
-    assert "#cc0000" in to_dot(union, status=status)
+    assert edges[("layers_0_conv1", "layers_0_bn1")] == "removed"
+    assert edges[("layers_0_conv1", "layers_0_relu")] == "added"
+    assert "#cc0000" in to_dot(union, status=status, edge_status=edges)
 
 
 def test_existing_output_needs_force_and_failure_leaves_nothing(tmp_path):
