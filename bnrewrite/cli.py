@@ -114,6 +114,10 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library warnings.")] = False,
 ) -> None:
     _state["debug"] = debug
+    if debug:
+        import os
+
+        os.environ["BNREWRITE_DEBUG"] = "1"
 
 
 def _load(model: str, weights: Path | None, trust_pickle: bool, shapes: list[str] | None) -> tuple[Any, Any]:

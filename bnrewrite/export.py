@@ -9,6 +9,7 @@ only replaced with ``force=True``.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -103,10 +104,27 @@ def export_program(
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in example_inputs)
     try:
-        with buffers_restored(module):
+        with buffers_restored(module), torch_output_silenced():
             return torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     except Exception as exc:
-        raise BnrewriteError(f"torch.export failed: {_reason(exc)}") from exc
+        hint = ""
+        if "DataDependent" in type(exc).__name__ or "data-dependent" in str(exc):
+            hint = (
+                " (the model branches on tensor values, which torch.export cannot capture; use the "
+                "Python API result, or write the weights with -o OUT.safetensors)"
+            )
+        raise BnrewriteError(f"torch.export failed: {_reason(exc)}{hint}") from exc
+
+
+@contextlib.contextmanager
+def torch_output_silenced() -> Iterator[None]:
+    """Keep torch.export/ONNX diagnostics (graph dumps) off the terminal unless BNREWRITE_DEBUG."""
+    if os.environ.get("BNREWRITE_DEBUG"):
+        yield
+        return
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def export(
@@ -176,7 +194,7 @@ def _export_onnx(
     info: dict[str, Any] = {}
     with atomic_path(path, force=force) as tmp:
         try:
-            with contextlib.redirect_stdout(open(os.devnull, "w")):
+            with torch_output_silenced():
                 prog = torch.onnx.export(ep, dynamo=True, verbose=False)
             prog.save(str(tmp))
         except Exception as exc:

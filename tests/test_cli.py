@@ -189,4 +189,5 @@ def test_bad_inputs_leave_no_output_files(tmp_path):
         res = run(*args)
         assert res.exit_code == 1, (args, res.output)
         assert "Traceback" not in res.output
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr[:2000]
     assert list(out_dir.iterdir()) == []
