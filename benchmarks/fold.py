@@ -5,7 +5,8 @@ Prints ratios, not absolute timings: BN layers removed (bnrewrite vs fuse), rewr
 time-per-layer scaling (1000 blocks / 10 blocks) and folded-model latency against the same model
 with every BatchNorm deleted.
 
-Peak memory is the process's resident-set high-water mark (``/proc/self/status`` VmHWM, reset
+Peak memory (measured in a fresh subprocess per rewrite, so no freed memory is reused) is the
+process's resident-set high-water mark (``/proc/self/status`` VmHWM, reset
 through ``/proc/self/clear_refs``), with glibc's mmap threshold pinned so freed tensors go back
 to the OS (the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` set). Linux only.
 
@@ -111,6 +112,34 @@ def extra_peak_bytes(fn) -> tuple[int, object]:
     return peak - base, result
 
 
+def memory_in_fresh_process(mode: str, blocks: int) -> int:
+    """Extra peak RSS of one rewrite, measured in a new process (no memory reused from earlier runs)."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-worker", mode, str(blocks)],
+        capture_output=True, text=True, check=True, env=os.environ,
+    )  # fmt: skip
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def memory_worker(mode: str, blocks: int) -> None:
+    x = (torch.randn(1, 3, 8, 8),)
+
+    def rewrite(model: nn.Module):
+        return {
+            "trace": lambda: torch.fx.symbolic_trace(model),
+            "ours": lambda: bnrewrite.fold(model, x, check_trace=False),
+            "inplace": lambda: bnrewrite.fold(model, x, inplace=True, check_trace=False),
+            "fuse": lambda: fuse(model),
+        }[mode]()
+
+    rewrite(synthetic_resnet(2))  # warm-up: one-time initialization is not the rewrite's cost
+    model = synthetic_resnet(blocks)
+    extra, _result = extra_peak_bytes(lambda: rewrite(model))
+    print(extra)
+
+
 def best_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -153,7 +182,11 @@ def main() -> None:
     ap.add_argument("--blocks", default="10,30,100,300,1000")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (for smoke runs)")
     ap.add_argument("--sections", default="samples,scaling,latency")
+    ap.add_argument("--memory-worker", nargs=2, metavar=("MODE", "BLOCKS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_worker:
+        memory_worker(args.memory_worker[0], int(args.memory_worker[1]))
+        return
     sizes = [int(b) for b in args.blocks.split(",")]
     x_small = (torch.randn(1, 3, 8, 8),)
 
@@ -193,7 +226,7 @@ def scaling_section(sizes: list[int], quick: bool, x_small: tuple[torch.Tensor, 
     print("\n## Synthetic ResNets (width 64): ratios against torch.fx fuse")
     header = (
         f"{'blocks':>6} {'BN removed (ours/fuse)':>22} {'time ours/fuse':>15} {'w/ trace check':>15} "
-        f"{'mem ours':>9} {'mem inplace':>12} {'mem fuse':>9}"
+        f"{'mem ours':>9} {'mem inplace':>12} {'mem fuse':>9} {'mem trace':>11}"
     )
     print(header)
     per_layer = {}
@@ -205,20 +238,12 @@ def scaling_section(sizes: list[int], quick: bool, x_small: tuple[torch.Tensor, 
         t_ours = best_time(lambda model=model: bnrewrite.fold(model, x_small, check_trace=False), repeats)
         t_check = best_time(lambda model=model: bnrewrite.fold(model, x_small), repeats)
         per_layer[n] = t_ours / (2 * n + 1)
-        m_fuse, fused = extra_peak_bytes(lambda model=model: fuse(model))
-        removed_fuse = count_bn(model) - count_bn(fused)
-        del fused
-        m_ours, res = extra_peak_bytes(lambda model=model: bnrewrite.fold(model, x_small, check_trace=False))
-        removed_ours = count_bn(model) - count_bn(res.model)
-        del res
-        victim = copy.deepcopy(model)
-        m_inplace, res = extra_peak_bytes(
-            lambda victim=victim: bnrewrite.fold(victim, x_small, inplace=True, check_trace=False)
-        )
-        del res, victim
+        removed_fuse = count_bn(model) - count_bn(fuse(model))
+        removed_ours = count_bn(model) - count_bn(bnrewrite.fold(model, x_small, check_trace=False).model)
+        mem = {mode: memory_in_fresh_process(mode, n) / size for mode in ("trace", "ours", "inplace", "fuse")}
         print(
             f"{n:6d} {removed_ours:10d}/{removed_fuse:<11d} {t_ours / t_fuse:15.2f} {t_check / t_fuse:15.2f} "
-            f"{m_ours / size:9.2f} {m_inplace / size:12.2f} {m_fuse / size:9.2f}"
+            f"{mem['ours']:9.2f} {mem['inplace']:12.2f} {mem['fuse']:9.2f} {mem['trace']:11.2f}"
         )
         assert removed_ours >= removed_fuse
     if 10 in per_layer and 1000 in per_layer:

@@ -19,9 +19,9 @@ from torch import fx, nn
 
 from . import codes
 from .diagnostics import Action, Diagnostic, Report
-from .errors import BnrewriteError, UsageError, VerificationError
+from .errors import UsageError, VerificationError
 from .fold import RewriteResult
-from .graph.capture import Capture, Region, buffers_restored, capture, node_shape, source_line
+from .graph.capture import Capture, Region, buffers_restored, capture, compile_now, node_shape, source_line
 from .graph.edit import Editor, shallow_copy
 from .graph.norms import BNSite, OtherNormSite, bn_site, layer_site, module_bn_site, other_norm_site
 from .passes.norm_factory import TARGETS, SwapRefused, default_groups, from_batchnorm, to_batchnorm
@@ -53,7 +53,7 @@ class Rewriter:
             ed = self.editor(region)
             for path, new in self.modules.items():
                 ed.set_module(path, new)
-            region.gm.recompile()
+            compile_now(region.gm)
             return region.gm
         root = shallow_copy(cap.model)
         ed = Editor(root)
@@ -62,7 +62,7 @@ class Rewriter:
             prefix = rpath + "."
             for path in [p for p in pending if p.startswith(prefix)]:
                 reditor.set_module(path[len(prefix) :], pending.pop(path))
-            self.cap_region(rpath).gm.recompile()
+            compile_now(self.cap_region(rpath).gm)
             ed.set_module(rpath, self.cap_region(rpath).gm)
         for path, new in pending.items():
             ed.set_module(path, new)
@@ -445,11 +445,7 @@ def _insert_after(rw: Rewriter, report: Report, region: Region, layer: Any, norm
         module = nn.GroupNorm(g, channels).to(device=weight.device, dtype=weight.dtype)
         exact, note = False, f"GroupNorm({g}, {channels}) normalizes per sample"
     module.train(layer.module.training if layer.module is not None else region.gm.training)
-    ed = rw.editor(region)
-    base = str(node.target) if node.op == "call_module" else node.name
-    name = base + "_norm"
-    if hasattr(region.gm, name.split(".")[0]) and not name.count("."):
-        name = ed.free_name(name)
+    name = (str(node.target) if node.op == "call_module" else node.name) + "_norm"
     while _exists(region.gm, name):
         name += "_"
     _insert_module_node(rw, region, anchor, name, module)
@@ -619,8 +615,3 @@ def _absorb_bias(
             code="BN001",
         )
     )
-
-
-def require_inputs(inputs: Any, what: str) -> None:
-    if inputs is None:
-        raise BnrewriteError(f"{what} needs example inputs: pass --input-shape")

@@ -121,7 +121,7 @@ def _trace(
     concrete_args: dict[str, Any] | None,
 ) -> fx.GraphModule:
     graph = tracer.trace(module, concrete_args=concrete_args)
-    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm = make_graph_module(tracer.root, graph, type(module).__name__)
     gm.training = module.training  # the root's own flag; submodules are shared as they are
     return gm
 
@@ -136,13 +136,37 @@ def _is_aten(gm: fx.GraphModule) -> bool:
     return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
 
 
+def make_graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """A GraphModule that generates and compiles its Python code on first use, not now.
+
+    A rewrite edits the graph right after capture, so compiling here would be thrown away: the
+    lazy module compiles once, after the rewrite (torch's own _LazyGraphModule; plain
+    GraphModule where it is unavailable).
+    """
+    try:
+        from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
+    except ImportError:  # pragma: no cover - older torch
+        return fx.GraphModule(root, graph, name)
+    with _use_lazy_graph_module(True):
+        return _make_graph_module(root, graph, name)
+
+
+def compile_now(gm: fx.GraphModule) -> None:
+    """Regenerate and compile gm's code now (a lazy GraphModule would wait for its first call,
+    and until then its ``forward`` signature is a generic stub that confuses torch.export)."""
+    gm.recompile()  # a plain GraphModule compiles here; a lazy one only marks itself stale
+    real = getattr(gm, "real_recompile", None)
+    if real is not None:
+        real()
+
+
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with its own graph and containers, sharing gm's tensors (no deepcopy)."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     graph._codegen = gm.graph._codegen
-    new = fx.GraphModule(gm, graph, type(gm).__name__)
+    new = make_graph_module(gm, graph, type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     new.training = gm.training
     return new

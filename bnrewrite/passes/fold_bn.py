@@ -14,6 +14,7 @@ Layers shared between call sites get a folded copy per site, so other sites are 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,9 +23,9 @@ from torch import fx, nn
 from .. import codes
 from ..diagnostics import Action, Diagnostic
 from ..graph import ops
-from ..graph.capture import Region, source_line
+from ..graph.capture import Region, compile_now, source_line
 from ..graph.edit import Editor, shallow_copy
-from ..graph.norms import BNSite, LayerSite, bn_site
+from ..graph.norms import BNSite, LayerSite, bn_site, fetch_attr
 from ..nn import ChannelAffine
 from ..select import Selector
 from . import fold_math
@@ -55,6 +56,7 @@ class _RegionFolder:
         self.attrs = Counter(str(n.target) for n in self.graph.nodes if n.op == "get_attr")
         self.actions: list[Action] = []
         self.diagnostics: list[Diagnostic] = []
+        self.pending: list[tuple[_Slot, Compute]] = []
 
     # -- driving -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -79,7 +81,12 @@ class _RegionFolder:
             if decision.verdict in (SCALE_SHIFT, NOT_FOLDABLE):
                 self._diagnose(decision)
         self.graph.lint()
-        self.region.gm.recompile()
+        # Generate and compile the final code first, then allocate the folded weights, so the
+        # transient memory of code generation never stacks on top of the new tensors.
+        compile_now(self.region.gm)
+        for slot, compute in self.pending:
+            slot.fill(compute)
+        self.pending.clear()
 
     def _site(self, node: fx.Node) -> BNSite | None:
         if getattr(node, "_erased", False) or node.op not in ("call_module", "call_function"):
@@ -101,8 +108,8 @@ class _RegionFolder:
         if d.verdict == PRECEDING:
             layer = d.producer
             assert layer is not None and layer.weight is not None
-            w, b = fold_math.into_preceding(layer.kind, layer.weight, layer.bias, layer.groups, scale, shift)
-            self._write_layer(layer, w, b)
+            kind, groups = layer.kind, layer.groups
+            self._write_layer(layer, lambda w, b: fold_math.into_preceding(kind, w, b, groups, scale, shift))
             site.node.replace_all_uses_with(layer.node)
             layer.node.meta[EQUIV] = equiv
             self._tag(layer.node, d)
@@ -111,10 +118,12 @@ class _RegionFolder:
             assert site.input is not None
             for layer, entry in zip(d.consumers, d.entries):
                 assert layer.weight is not None
-                w, b = fold_math.into_following(
-                    layer.kind, layer.weight, layer.bias, layer.groups, scale, shift
+                self._write_layer(
+                    layer,
+                    lambda w, b, k=layer.kind, g=layer.groups: fold_math.into_following(
+                        k, w, b, g, scale, shift
+                    ),
                 )
-                self._write_layer(layer, w, b)
                 entry.args = (site.input, *entry.args[1:])
                 self._tag(layer.node, d)
             targets = d.consumers
@@ -182,59 +191,46 @@ class _RegionFolder:
                 self.graph.erase_node(n)
 
     # -- writing weights ---------------------------------------------------------------------
-    def _write_layer(self, layer: LayerSite, w64: torch.Tensor, b64: torch.Tensor) -> None:
-        assert layer.weight is not None
-        ref = layer.weight
-        w = w64.to(dtype=ref.dtype, device=ref.device)
-        b = b64.to(dtype=(layer.bias if layer.bias is not None else ref).dtype, device=ref.device)
+    def _write_layer(self, layer: LayerSite, compute: Compute) -> None:
+        """Point the layer at weights it owns now; fill them with ``compute`` after compiling."""
         if layer.module is not None:
             target = str(layer.node.target)
-            if self.calls[target] > 1:
+            if self.calls[target] > 1:  # shared module: this call site gets its own copy
                 module = shallow_copy(layer.module)
                 new_target = self._free_sibling(target)
                 self.editor.set_module(new_target, module)
                 self.calls[target] -= 1
                 self.calls[new_target] = 1
                 layer.node.target = new_target
-                self._assign(module, "weight", w, copy=False)
-                self._assign(module, "bias", b, copy=False)
+                slot = _Slot(module, None, None, in_place=False)
             else:
-                module = self.editor.own(target)
-                self._assign(module, "weight", w, copy=self.inplace)
-                self._assign(module, "bias", b, copy=self.inplace)
-            return
-        self._write_arg(layer, "weight", w)
-        self._write_arg(layer, "bias", b)
+                slot = _Slot(self.editor.own(target), None, None, in_place=self.inplace)
+        else:
+            weight = self._attr_for(layer, "weight")
+            bias = self._attr_for(layer, "bias")
+            slot = _Slot(self.region.gm, weight, bias, in_place=self.inplace, editor=self.editor)
+        self.pending.append((slot, compute))
 
-    def _assign(self, module: nn.Module, name: str, value: torch.Tensor, *, copy: bool) -> None:
-        old = module._parameters.get(name)
-        if copy and old is not None and old.shape == value.shape and old.dtype == value.dtype:
-            with torch.no_grad():
-                old.copy_(value)
-            return
-        weight = module._parameters.get("weight")
-        requires_grad = (
-            (old if old is not None else weight).requires_grad
-            if (old is not None or weight is not None)
-            else True
-        )
-        module._parameters[name] = nn.Parameter(value, requires_grad=requires_grad)
-
-    def _write_arg(self, layer: LayerSite, name: str, value: torch.Tensor) -> None:
+    def _attr_for(self, layer: LayerSite, name: str) -> str:
+        """The attribute a functional layer's ``name`` argument will read, created if needed."""
         node = layer.node
         arg: Any = ops.bind(node, layer.arg_names).get(name)
         is_attr = isinstance(arg, fx.Node) and arg.op == "get_attr"
         if is_attr and len(arg.users) == 1 and self.attrs[str(arg.target)] == 1:
-            old = self.editor.own(str(arg.target).rpartition(".")[0])
-            old_t = getattr(old, str(arg.target).rpartition(".")[2])
-            if self.inplace and old_t.shape == value.shape and old_t.dtype == value.dtype:
-                with torch.no_grad():
-                    old_t.copy_(value)
-            else:
-                self.editor.set_tensor(str(arg.target), value)
-            return
+            return str(arg.target)  # only this call reads it: rewrite it where it is
         attr = self.editor.free_name(f"{node.name}_{name}")
-        self.region.gm.register_parameter(attr, nn.Parameter(value, requires_grad=value.is_floating_point()))
+        current = fetch_attr(self.region.gm, str(arg.target)) if is_attr else None
+        if current is None:  # no bias yet: a placeholder of the right size, filled later
+            assert layer.weight is not None
+            n = (
+                layer.weight.shape[1] * layer.groups
+                if layer.kind == "conv_transpose"
+                else layer.weight.shape[0]
+            )
+            current = torch.zeros(n, dtype=layer.weight.dtype, device=layer.weight.device)
+        self.region.gm.register_parameter(
+            attr, nn.Parameter(current.detach(), requires_grad=current.is_floating_point())
+        )
         self.attrs[attr] = 1
         with self.graph.inserting_before(node):
             new = self.graph.get_attr(attr)
@@ -242,6 +238,7 @@ class _RegionFolder:
         if is_attr and not arg.users:
             self.attrs[str(arg.target)] -= 1
             self.graph.erase_node(arg)
+        return attr
 
     def _free_sibling(self, target: str) -> str:
         parent, _, name = target.rpartition(".")
@@ -250,6 +247,56 @@ class _RegionFolder:
         while hasattr(owner, f"{name}_folded{k}"):
             k += 1
         return f"{parent + '.' if parent else ''}{name}_folded{k}"
+
+
+Compute = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Slot:
+    """Where a layer's weight and bias live: a module's parameters, or two graph attributes."""
+
+    def __init__(
+        self,
+        owner: nn.Module,
+        weight_attr: str | None,
+        bias_attr: str | None,
+        *,
+        in_place: bool,
+        editor: Editor | None = None,
+    ) -> None:
+        self.owner = owner
+        self.names = (weight_attr, bias_attr)
+        self.in_place = in_place
+        self.editor = editor
+
+    def _get(self, i: int) -> torch.Tensor | None:
+        attr = self.names[i]
+        if attr is None:
+            return self.owner._parameters.get(("weight", "bias")[i])
+        return fetch_attr(self.owner, attr)
+
+    def fill(self, compute: Compute) -> None:
+        weight, bias = self._get(0), self._get(1)
+        assert weight is not None
+        w, b = compute(weight, bias)
+        w = w.to(dtype=weight.dtype, device=weight.device)
+        b = b.to(dtype=(bias if bias is not None else weight).dtype, device=weight.device)
+        for i, (old, new) in enumerate(((weight, w), (bias, b))):
+            self._set(i, old, new, requires_grad=weight.requires_grad)
+
+    def _set(self, i: int, old: torch.Tensor | None, new: torch.Tensor, *, requires_grad: bool) -> None:
+        if self.in_place and old is not None and old.shape == new.shape and old.dtype == new.dtype:
+            with torch.no_grad():
+                old.copy_(new)  # inplace=True: reuse the existing storage
+            return
+        attr = self.names[i]
+        if attr is None:
+            name = ("weight", "bias")[i]
+            grad = old.requires_grad if isinstance(old, nn.Parameter) else requires_grad
+            self.owner._parameters[name] = nn.Parameter(new, requires_grad=grad)
+        else:
+            assert self.editor is not None
+            self.editor.set_tensor(attr, new)
 
 
 def fold_region(
