@@ -5,34 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch import fx, nn
+from torch import fx
 
 from .diagnostics import Action, NormEntry, Report
 from .fold import fold
 from .graph.capture import Capture, Region, capture, source_line
-from .graph.norms import BNSite, OtherNormSite, bn_site, is_norm_module, other_norm_family, other_norm_site
+from .graph.norms import BNSite, OtherNormSite, find_norms, opaque_norms, other_norm_family
 from .graph.ops import target_name
 from .graph.view import to_networkx
 from .passes.fold_plan import NOT_FOLDABLE, decide, rank_lookup
 from .rules import RULES, RuleContext
 from .select import Selector
-
-
-def find_norms(cap: Capture) -> tuple[list[BNSite], list[OtherNormSite]]:
-    bns: list[BNSite] = []
-    others: list[OtherNormSite] = []
-    for region in cap.regions:
-        for node in region.gm.graph.nodes:
-            if node.op not in ("call_module", "call_function"):
-                continue
-            site = bn_site(region, node)
-            if site is not None:
-                bns.append(site)
-                continue
-            other = other_norm_site(region, node)
-            if other is not None:
-                others.append(other)
-    return bns, others
 
 
 def _describe(region: Region, node: fx.Node | None) -> str | None:
@@ -51,39 +34,22 @@ def _after(region: Region, node: fx.Node) -> list[str]:
 
 
 def opaque_norm_entries(cap: Capture) -> list[NormEntry]:
-    """Norm modules that sit in code no region covers, with the reason their code is opaque."""
-    if cap.whole or not isinstance(cap.model, nn.Module) or isinstance(cap.model, fx.GraphModule):
-        return []
-    covered = [r.path for r in cap.regions]
-    entries = []
-    for path, m in cap.model.named_modules():
-        if not path or not is_norm_module(m):
-            continue
-        if any(path == p or path.startswith(p + ".") for p in covered):
-            continue
-        owner = max(
-            (o for o in cap.opaque if o.module_path == "" or path.startswith(o.module_path + ".")),
-            key=lambda o: len(o.module_path),
-            default=None,
+    """Inventory entries for the norm modules that only untraceable code calls."""
+    return [
+        NormEntry(
+            None,
+            o.module_path,
+            type(o.module).__name__,
+            other_norm_family(o.module) or "batch",
+            None,
+            [],
+            NOT_FOLDABLE,
+            None,
+            "FD203",
+            f"called from untraceable code in {o.where}: {o.reason}",
         )
-        where = (owner.module_path or "<root>") if owner else "<root>"
-        why = owner.reason if owner else "not traced"
-        family = other_norm_family(m) or "batch"
-        entries.append(
-            NormEntry(
-                None,
-                path,
-                type(m).__name__,
-                family,
-                None,
-                [],
-                NOT_FOLDABLE,
-                None,
-                "FD203",
-                f"called from untraceable code in {where}: {why}",
-            )
-        )
-    return entries
+        for o in opaque_norms(cap)
+    ]
 
 
 def inventory(

@@ -11,6 +11,7 @@ from . import codes
 from .diagnostics import Diagnostic, Report
 from .graph.capture import Capture, capture
 from .graph.edit import Editor, shallow_copy
+from .graph.norms import opaque_norms, other_norm_family
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import rank_lookup
 from .select import Selector
@@ -35,20 +36,18 @@ def assemble(cap: Capture, *, inplace: bool = False) -> nn.Module:
 
 
 def opaque_diagnostics(cap: Capture) -> list[Diagnostic]:
-    from .analyze import opaque_norm_entries
-
-    out = []
-    for entry in opaque_norm_entries(cap):
-        out.append(
-            Diagnostic(
-                "FD203",
-                codes.get("FD203").severity,
-                f"{entry.module_path}: not folded: {entry.reason}",
-                None,
-                entry.module_path,
-            )
+    """FD203 for every BatchNorm-like module that only untraceable code calls."""
+    return [
+        Diagnostic(
+            "FD203",
+            codes.get("FD203").severity,
+            f"{o.module_path}: not folded: called from untraceable code in {o.where}: {o.reason}",
+            None,
+            o.module_path,
         )
-    return out
+        for o in opaque_norms(cap)
+        if other_norm_family(o.module) is None
+    ]
 
 
 def fold(

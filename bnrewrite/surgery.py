@@ -23,7 +23,16 @@ from .errors import UsageError, VerificationError
 from .fold import RewriteResult
 from .graph.capture import Capture, Region, buffers_restored, capture, compile_now, node_shape, source_line
 from .graph.edit import Editor, shallow_copy
-from .graph.norms import BNSite, OtherNormSite, bn_site, layer_site, module_bn_site, other_norm_site
+from .graph.norms import (
+    BNSite,
+    OtherNormSite,
+    bn_site,
+    find_norms,
+    layer_site,
+    module_bn_site,
+    opaque_norms,
+    other_norm_site,
+)
 from .passes.norm_factory import TARGETS, SwapRefused, default_groups, from_batchnorm, to_batchnorm
 from .select import Selector
 from .verify import verify
@@ -130,12 +139,7 @@ def _capture(model: Any, example_inputs: Any, leaf_modules: Iterable[type | str]
 
 def _opaque_modules(cap: Capture) -> list[tuple[str, nn.Module]]:
     """Norm modules called only from code no region covers (swapped/removed without a graph)."""
-    from .analyze import opaque_norm_entries
-
-    if not isinstance(cap.model, nn.Module) or isinstance(cap.model, fx.GraphModule):
-        return []
-    modules = dict(cap.model.named_modules())
-    return [(e.module_path, modules[e.module_path]) for e in opaque_norm_entries(cap) if e.module_path]
+    return [(o.module_path, o.module) for o in opaque_norms(cap)]
 
 
 def _insert_module_node(
@@ -152,8 +156,6 @@ def _insert_module_node(
 def norm_nodes(cap: Capture) -> list[tuple[Region, fx.Node, BNSite | OtherNormSite]]:
     """Every norm application in the captured graphs, in graph order (collected up front, so
     the graphs may be edited while iterating)."""
-    from .analyze import find_norms
-
     bns, others = find_norms(cap)
     sites: list[tuple[Region, fx.Node, BNSite | OtherNormSite]] = [(s.region, s.call, s) for s in bns]  # type: ignore[misc]
     sites += [(o.region, o.node, o) for o in others]

@@ -20,7 +20,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from . import ops
 
 if TYPE_CHECKING:
-    from .capture import Region
+    from .capture import Capture, Region
 
 _STAT_NAMES = ("weight", "bias", "running_mean", "running_var")
 
@@ -336,3 +336,52 @@ def is_dropout(region: Region, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(region.gm.get_submodule(str(node.target)), nn.modules.dropout._DropoutNd)
     return node.op == "call_function" and node.target in ops.DROPOUT_TARGETS
+
+
+def find_norms(cap: Capture) -> tuple[list[BNSite], list[OtherNormSite]]:
+    """Every BatchNorm and every per-sample norm applied in the captured graphs, in order."""
+    bns: list[BNSite] = []
+    others: list[OtherNormSite] = []
+    for region in cap.regions:
+        for node in region.gm.graph.nodes:
+            if node.op not in ("call_module", "call_function"):
+                continue
+            site = bn_site(region, node)
+            if site is not None:
+                bns.append(site)
+                continue
+            other = other_norm_site(region, node)
+            if other is not None:
+                others.append(other)
+    return bns, others
+
+
+@dataclass
+class OpaqueNorm:
+    """A norm module that only untraceable code calls, and why that code is opaque."""
+
+    module_path: str
+    module: nn.Module
+    where: str
+    reason: str
+
+
+def opaque_norms(cap: Capture) -> list[OpaqueNorm]:
+    """Norm modules that sit in code no captured region covers."""
+    if cap.whole or not isinstance(cap.model, nn.Module) or isinstance(cap.model, fx.GraphModule):
+        return []
+    covered = [r.path for r in cap.regions]
+    found = []
+    for path, m in cap.model.named_modules():
+        if not path or not is_norm_module(m):
+            continue
+        if any(path == p or path.startswith(p + ".") for p in covered):
+            continue
+        owner = max(
+            (o for o in cap.opaque if o.module_path == "" or path.startswith(o.module_path + ".")),
+            key=lambda o: len(o.module_path),
+            default=None,
+        )
+        where = (owner.module_path or "<root>") if owner else "<root>"
+        found.append(OpaqueNorm(path, m, where, owner.reason if owner else "not traced"))
+    return found
