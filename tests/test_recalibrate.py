@@ -71,7 +71,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(120) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_two_processes_equal_one(tmp_path):
     out = str(tmp_path / "dist.pt")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
