@@ -7,10 +7,13 @@ the traceback instead.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
+import typing
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -308,30 +311,71 @@ OutputOpt = Annotated[
 ]
 
 
-def _rewrite(
-    model: str,
-    output: Path,
-    weights: Path | None,
-    input_shape: list[str] | None,
-    trust_pickle: bool,
-    fmt: str | None,
-    force: bool,
-    as_json: bool,
-    rewrite: Callable[[Any, Any], Any],
-) -> None:
+@dataclass
+class RewriteOptions:
+    """The options every rewrite command (swap, insert, remove, fix) shares."""
+
+    output: Path
+    select: list[str] | None
+    type_: list[str] | None
+    weights: Path | None
+    input_shape: list[str] | None
+    fmt: str | None
+    as_json: bool
+    force: bool
+    trust_pickle: bool
+
+
+_KW = inspect.Parameter.KEYWORD_ONLY
+_REWRITE_PARAMS = [
+    inspect.Parameter("output", _KW, annotation=OutputOpt),
+    inspect.Parameter("select", _KW, default=None, annotation=SelectOpt),
+    inspect.Parameter("type_", _KW, default=None, annotation=TypeOpt),
+    inspect.Parameter("weights", _KW, default=None, annotation=WeightsOpt),
+    inspect.Parameter("input_shape", _KW, default=None, annotation=ShapeOpt),
+    inspect.Parameter("fmt", _KW, default=None, annotation=FormatOpt),
+    inspect.Parameter("as_json", _KW, default=False, annotation=JsonOpt),
+    inspect.Parameter("force", _KW, default=False, annotation=ForceOpt),
+    inspect.Parameter("trust_pickle", _KW, default=False, annotation=TrustOpt),
+]
+
+
+def rewrite_command(fn: Callable[..., None]) -> Callable[..., None]:
+    """Declare the shared rewrite options once: typer sees them in the signature, and ``fn``
+    receives them bundled as ``opts``."""
+    hints = typing.get_type_hints(fn, include_extras=True)  # this module's annotations are strings
+    own = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in inspect.signature(fn).parameters.values()
+        if p.name != "opts"
+    ]
+    names = [p.name for p in _REWRITE_PARAMS]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> None:
+        opts = RewriteOptions(**{n: kwargs.pop(n) for n in names})
+        fn(**kwargs, opts=opts)
+
+    wrapper.__signature__ = inspect.Signature(own + _REWRITE_PARAMS)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[[Any, Any], Any]) -> None:
     from .api import rewrite_to_file
 
-    loaded, inputs = _load(model, weights, trust_pickle, input_shape)
-    report = rewrite_to_file(loaded, output, inputs, lambda m: rewrite(m, inputs), fmt=fmt, force=force)
-    _emit(report, as_json)
+    loaded, inputs = _load(model, opts.weights, opts.trust_pickle, opts.input_shape)
+    report = rewrite_to_file(
+        loaded, opts.output, inputs, lambda m: rewrite(m, inputs), fmt=opts.fmt, force=opts.force
+    )
+    _emit(report, opts.as_json)
 
 
 @app.command()
 @handles_errors
+@rewrite_command
 def swap(
     model: ModelArg,
     to: Annotated[str, typer.Option("--to", help="gn | ln | in | bn | frozen | sync")],
-    output: OutputOpt,
     groups: Annotated[
         int | None, typer.Option("--groups", help="GroupNorm groups (default: largest divisor of C <= 32).")
     ] = None,
@@ -342,29 +386,26 @@ def swap(
             help="LayerNorm over chw (channels+spatial, GroupNorm(1,C)) or c (channels per position).",
         ),
     ] = "chw",
-    select: SelectOpt = None,
-    type_: TypeOpt = None,
-    weights: WeightsOpt = None,
-    input_shape: ShapeOpt = None,
-    fmt: FormatOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    trust_pickle: TrustOpt = False,
+    *,
+    opts: RewriteOptions,
 ) -> None:
     """Swap norm layers (BN <-> GroupNorm/LayerNorm/InstanceNorm, frozen BN, SyncBatchNorm)."""
     from .surgery import swap as run
 
     _rewrite(
-        model, output, weights, input_shape, trust_pickle, fmt, force, as_json,
-        lambda m, x: run(m, to, select=select, types=type_, groups=groups, ln_dims=ln_dims, example_inputs=x),
-    )  # fmt: skip
+        model,
+        opts,
+        lambda m, x: run(
+            m, to, select=opts.select, types=opts.type_, groups=groups, ln_dims=ln_dims, example_inputs=x
+        ),
+    )
 
 
 @app.command()
 @handles_errors
+@rewrite_command
 def insert(
     model: ModelArg,
-    output: OutputOpt,
     after: Annotated[
         str, typer.Option("--after", help="Comma list of conv, conv_transpose, linear.")
     ] = "conv,linear",
@@ -372,72 +413,51 @@ def insert(
     position: Annotated[
         str, typer.Option("--position", help="pre-act (right after the layer) or post-act.")
     ] = "pre-act",
-    select: SelectOpt = None,
-    type_: TypeOpt = None,
-    weights: WeightsOpt = None,
-    input_shape: ShapeOpt = None,
-    fmt: FormatOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    trust_pickle: TrustOpt = False,
+    *,
+    opts: RewriteOptions,
 ) -> None:
     """Add a norm after every matching conv/linear that lacks one (identity in eval for bn)."""
     from .surgery import insert as run
 
     _rewrite(
-        model, output, weights, input_shape, trust_pickle, fmt, force, as_json,
-        lambda m, x: run(m, after, norm=norm, position=position, select=select, types=type_, example_inputs=x),
-    )  # fmt: skip
+        model,
+        opts,
+        lambda m, x: run(
+            m, after, norm=norm, position=position, select=opts.select, types=opts.type_, example_inputs=x
+        ),
+    )
 
 
 @app.command()
 @handles_errors
-def remove(
-    model: ModelArg,
-    output: OutputOpt,
-    select: SelectOpt = None,
-    type_: TypeOpt = None,
-    weights: WeightsOpt = None,
-    input_shape: ShapeOpt = None,
-    fmt: FormatOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    trust_pickle: TrustOpt = False,
-) -> None:
+@rewrite_command
+def remove(model: ModelArg, *, opts: RewriteOptions) -> None:
     """Strip the selected norm layers and report how much the output changes."""
     from .surgery import remove as run
 
-    _rewrite(
-        model, output, weights, input_shape, trust_pickle, fmt, force, as_json,
-        lambda m, x: run(m, select=select, types=type_, example_inputs=x),
-    )  # fmt: skip
+    _rewrite(model, opts, lambda m, x: run(m, select=opts.select, types=opts.type_, example_inputs=x))
 
 
 @app.command("fix")
 @handles_errors
+@rewrite_command
 def fix_cmd(
     model: ModelArg,
-    output: OutputOpt,
     code: Annotated[
         list[str] | None, typer.Option("--code", help="Codes to fix (default: all fixable: BN001).")
     ] = None,
-    select: SelectOpt = None,
-    type_: TypeOpt = None,
-    weights: WeightsOpt = None,
-    input_shape: ShapeOpt = None,
-    fmt: FormatOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    trust_pickle: TrustOpt = False,
+    *,
+    opts: RewriteOptions,
 ) -> None:
     """Apply the fixes analysis offers (BN001: absorb a redundant bias into the BatchNorm)."""
     from .surgery import FIXABLE
     from .surgery import fix as run
 
     _rewrite(
-        model, output, weights, input_shape, trust_pickle, fmt, force, as_json,
-        lambda m, x: run(m, code or FIXABLE, select=select, types=type_, example_inputs=x),
-    )  # fmt: skip
+        model,
+        opts,
+        lambda m, x: run(m, code or FIXABLE, select=opts.select, types=opts.type_, example_inputs=x),
+    )
 
 
 @app.command("recalibrate")
