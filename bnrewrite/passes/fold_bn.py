@@ -206,18 +206,20 @@ class _RegionFolder:
             else:
                 slot = _Slot(self.editor.own(target), None, None, in_place=self.inplace)
         else:
-            weight = self._attr_for(layer, "weight")
-            bias = self._attr_for(layer, "bias")
-            slot = _Slot(self.region.gm, weight, bias, in_place=self.inplace, editor=self.editor)
+            weight, fresh_w = self._attr_for(layer, "weight")
+            bias, fresh_b = self._attr_for(layer, "bias")
+            # a fresh attribute starts as the shared tensor: never write into that one
+            in_place = self.inplace and not (fresh_w or fresh_b)
+            slot = _Slot(self.region.gm, weight, bias, in_place=in_place, editor=self.editor)
         self.pending.append((slot, compute))
 
-    def _attr_for(self, layer: LayerSite, name: str) -> str:
-        """The attribute a functional layer's ``name`` argument will read, created if needed."""
+    def _attr_for(self, layer: LayerSite, name: str) -> tuple[str, bool]:
+        """The attribute a functional layer's ``name`` argument will read, and whether it is new."""
         node = layer.node
         arg: Any = ops.bind(node, layer.arg_names).get(name)
         is_attr = isinstance(arg, fx.Node) and arg.op == "get_attr"
         if is_attr and len(arg.users) == 1 and self.attrs[str(arg.target)] == 1:
-            return str(arg.target)  # only this call reads it: rewrite it where it is
+            return str(arg.target), False  # only this call reads it: rewrite it where it is
         attr = self.editor.free_name(f"{node.name}_{name}")
         current = fetch_attr(self.region.gm, str(arg.target)) if is_attr else None
         if current is None:  # no bias yet: a placeholder of the right size, filled later
@@ -238,7 +240,7 @@ class _RegionFolder:
         if is_attr and not arg.users:
             self.attrs[str(arg.target)] -= 1
             self.graph.erase_node(arg)
-        return attr
+        return attr, True
 
     def _free_sibling(self, target: str) -> str:
         parent, _, name = target.rpartition(".")

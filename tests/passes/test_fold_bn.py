@@ -332,3 +332,22 @@ def test_leaf_modules_by_class_name_and_glob():
     assert len(report.actions) == 1  # only the stem BN is outside the leaf blocks
     _, report = fold(model, inputs, leaf_modules=["layers.[0-4]"])
     assert len(report.actions) == 3
+
+
+@pytest.mark.parametrize("aten", [False, True], ids=["module", "aten"])
+def test_inplace_never_corrupts_another_call_site(aten):
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x * 2)
+
+    model = randomize_bn(Shared())
+    x = torch.randn(2, 4, 6, 6)
+    want = model(x)
+    src = torch.export.export(model, (x,)) if aten else model
+    folded, _ = fold(src, (x,), inplace=True)
+    torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-5)
