@@ -8,10 +8,11 @@ containers, and shape propagation restores every buffer it may have touched.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,13 +267,21 @@ def _check(module: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> st
     """None when the traced graph computes what the eager module computes on ``inputs``."""
     from torch.utils import _pytree as pytree
 
+    mode = contextlib.nullcontext()
     try:
         with torch.no_grad(), buffers_restored(module):
             want = pytree.tree_leaves(module(*inputs))
     except Exception as exc:
-        raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
+        if not any(m.training for m in module.modules()):
+            raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
+        mode = eval_modes(module)  # fails only in training mode: compare both in eval mode
+        try:
+            with torch.no_grad(), buffers_restored(module), eval_modes(module):
+                want = pytree.tree_leaves(module(*inputs))
+        except Exception as exc2:
+            raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc2)}") from exc2
     try:
-        with torch.no_grad(), buffers_restored(gm):
+        with torch.no_grad(), buffers_restored(gm), mode:
             got = pytree.tree_leaves(gm(*inputs))
     except Exception as exc:
         return f"traced graph fails where eager execution works ({_reason(exc)})"
@@ -312,6 +321,33 @@ class buffers_restored:
                 b.copy_(copy)
 
 
+@contextlib.contextmanager
+def eval_modes(module: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule in eval mode; every flag is restored on exit."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def run_quietly(module: nn.Module, fn: Any) -> Any:
+    """Run ``fn()`` (which runs ``module``) without side effects on buffers. A model that only
+    fails in training mode (BatchNorm on one value per channel) is run in eval mode instead:
+    shapes, and the comparison of a trace with its eager module, do not depend on the mode."""
+    try:
+        with torch.no_grad(), buffers_restored(module):
+            return fn()
+    except Exception:
+        if not any(m.training for m in module.modules()):
+            raise
+    with torch.no_grad(), buffers_restored(module), eval_modes(module):
+        return fn()
+
+
 def _record_module_inputs(model: nn.Module, inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
     """Run the model once and keep the arguments each submodule first receives."""
     seen: dict[str, tuple[Any, ...]] = {}
@@ -325,8 +361,7 @@ def _record_module_inputs(model: nn.Module, inputs: Sequence[Any]) -> dict[str, 
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad(), buffers_restored(model):
-            model(*inputs)
+        run_quietly(model, lambda: model(*inputs))
     except Exception as exc:
         raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
     finally:
@@ -338,8 +373,7 @@ def _record_module_inputs(model: nn.Module, inputs: Sequence[Any]) -> dict[str, 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Record shape and dtype of every node (``meta['tensor_meta']``) by running gm once."""
     try:
-        with torch.no_grad(), buffers_restored(gm):
-            _ShapeRecorder(gm).run(*inputs)
+        run_quietly(gm, lambda: _ShapeRecorder(gm).run(*inputs))
     except Exception as exc:
         raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
 
