@@ -75,7 +75,7 @@ def render_report(report: Report, console: Console) -> None:
         console.print("[green]No findings.[/]")
     if report.verification is not None:
         v = report.verification
-        status = "[green]PASS[/]" if v.get("passed") else "[bold red]FAIL[/]"
-        console.print(f"Verification: {status} {v.get('summary', '')}")
+        style = "green" if v.get("passed") else "bold red"
+        console.print(f"Verification: [{style}]{v.get('summary', '')}[/]", highlight=False)
     for key, value in report.extra.items():
         console.print(f"{key}: {value}")
