@@ -169,18 +169,21 @@ def test_preactivation_bn_becomes_scale_shift():
     assert kinds(report) == ["scale-shift"] and report.codes() == ["FD206"]
 
 
+class SharedConv(nn.Module):
+    """One conv called twice; only the first call feeds a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x * 2)
+
+
 @pytest.mark.parametrize("aten", [False, True], ids=["module", "aten"])
 def test_shared_conv_is_folded_per_call_site(aten):
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return self.bn(self.conv(x)) + self.conv(x * 2)
-
-    model = randomize_bn(Shared())
+    model = randomize_bn(SharedConv())
     folded, report = check(model, torch.randn(2, 4, 6, 6), aten=aten)
     assert kinds(report) == ["fold-into-preceding"]
     if aten:  # each call site reads its own weight tensor
@@ -336,16 +339,7 @@ def test_leaf_modules_by_class_name_and_glob():
 
 @pytest.mark.parametrize("aten", [False, True], ids=["module", "aten"])
 def test_inplace_never_corrupts_another_call_site(aten):
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return self.bn(self.conv(x)) + self.conv(x * 2)
-
-    model = randomize_bn(Shared())
+    model = randomize_bn(SharedConv())
     x = torch.randn(2, 4, 6, 6)
     want = model(x)
     src = torch.export.export(model, (x,)) if aten else model
