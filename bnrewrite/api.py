@@ -99,7 +99,8 @@ def _fold_and_write(
         report.extra["onnxruntime_check"] = info["onnxruntime_check"]
     if graph is not None:
         before, after = graph_view(loaded.model), graph_view(result.model)
-        union, status, edges = diff_view(before, after)
+        targets = [t.strip() for a in report.actions if a.target for t in a.target.split(",")]
+        union, status, edges = diff_view(before, after, targets)
         dot = to_dot(union, status=status, edge_status=edges, title="fold: before and after")
         report.extra["graph"] = write_dot_and_svg(dot, graph, force=force)
     return report

@@ -149,6 +149,20 @@ _ALL = [
         "Exact in eval mode; reported as a replacement, not as a fold.",
     ),
     Code(
+        "FD104",
+        "module-replaced-by-graph",
+        _I,
+        "a module was replaced by its folded graph",
+        "What: a fold that no edit of the module tree can express - a functional `F.batch_norm`\n"
+        "or ATen batch_norm, a conv/linear shared between a folded and an unfolded call site, a\n"
+        "module called several times - is carried by replacing the smallest module that encloses\n"
+        "it with its own folded graph (a GraphModule). Everything outside stays your own modules.\n"
+        "Why it matters: that module is no longer your class inside the result (its methods and\n"
+        "attributes are gone); a state_dict cannot rebuild it from your code.\n"
+        "Fix: use BatchNorm modules instead of functional calls, give each call site its own\n"
+        "conv, or keep the result as .pt2/.py.",
+    ),
+    Code(
         "FD201",
         "zero-padding-after",
         _I,
@@ -202,6 +216,21 @@ _ALL = [
 ]
 
 _ALL += [
+    Code(
+        "FD207",
+        "fold-undone",
+        _W,
+        "a fold was undone because the result drifted on the example inputs",
+        "What: after folding, the result is run on the example inputs and compared with the\n"
+        "original's outputs (dtype tolerances, as `verify` uses). When they differ, the applied\n"
+        "folds are bisected and each one that makes the result drift is undone; this BatchNorm\n"
+        "stays as it was.\n"
+        "Why: the graph the fold was planned on did not match what the model really computes\n"
+        "(e.g. tracing silently took another branch), or the folded weights lose too much\n"
+        "precision (extreme running_var, low-precision dtypes).\n"
+        "Fix: check the layer's statistics (BN004), or the code around it; `--verify` shows the\n"
+        "float64 comparison.",
+    ),
     Code(
         "SW001",
         "rewrite-refused",

@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -398,9 +398,13 @@ def to_dot(
 
 
 def diff_view(
-    before: nx.DiGraph, after: nx.DiGraph
+    before: nx.DiGraph, after: nx.DiGraph, changed: Iterable[str] = ()
 ) -> tuple[nx.DiGraph, dict[str, str], dict[tuple[str, str], str]]:
-    """The union of two views with each node and edge marked removed, changed or added."""
+    """The union of two views with each node and edge marked removed, changed or added.
+
+    A node is changed when its graph says a rewrite made it, or when it calls a module whose
+    path is in ``changed`` (a fold's targets: the result is a module tree, traced afresh)."""
+    changed = set(changed)
     union = nx.DiGraph()
     status: dict[str, str] = {}
     for n, a in before.nodes(data=True):
@@ -410,7 +414,7 @@ def diff_view(
     for n, a in after.nodes(data=True):
         if n not in before:
             status[n] = "added"
-        elif a.get("rewrite"):
+        elif a.get("rewrite") or (a.get("op") == "call_module" and a.get("module_path") in changed):
             status[n] = "changed"
         union.add_node(n, **a)
     union.add_edges_from(before.edges())

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 from . import codes
 from .diagnostics import Diagnostic, Report
@@ -14,6 +15,8 @@ from .graph.edit import Editor, shallow_copy
 from .graph.norms import opaque_norms, other_norm_family
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import rank_lookup
+from .passes.fold_tree import fold_into_tree
+from .proof import prove as prove_units
 from .select import Selector
 
 
@@ -58,21 +61,27 @@ def fold(
     eval_mode: bool = False,
     leaf_modules: Iterable[type | str] = (),
     record_sources: bool = False,
-    check_trace: bool = True,
+    check_trace: bool = False,
+    prove: bool = True,
     select: str | Iterable[str] | None = None,
     types: Iterable[str | type] | None = None,
     cap: Capture | None = None,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
 
-    Returns the rewritten model (a ``GraphModule``, or the original module tree with its
-    traceable parts replaced) and a report of every fold and every skip with its reason. The
-    input model is not modified unless ``inplace=True``. ``eval_mode=True`` folds the eval-mode
-    behaviour of BatchNorms that are in training mode. With example inputs, ``check_trace`` (on
-    by default) runs each traced graph against the eager model first and falls back to the
-    traceable parts when tracing silently changed the computation. ``select`` (dotted-path
-    globs) and ``types`` (kinds such as ``BatchNorm2d``, ``F.batch_norm``) limit which
-    BatchNorms are folded.
+    Returns the rewritten model and a report of every fold and every skip with its reason. For
+    an ``nn.Module`` the result is (a copy of) the user's own module tree: folded conv/linear
+    modules carry new weights, absorbed BatchNorm modules are ``nn.Identity``; only where a fold
+    cannot be expressed as a module edit is the smallest enclosing module replaced by its
+    folded graph (FD104 says which and why). A ``GraphModule``/``ExportedProgram`` comes back
+    as a GraphModule. The input is not modified unless ``inplace=True``.
+
+    With example inputs, ``prove`` (on by default) runs the result once and compares it with
+    the original's outputs from the capture's eager pass; folds that drift are found by
+    bisection and undone (FD207). ``check_trace`` also compares each traced graph with eager
+    execution before planning (one more forward pass). ``eval_mode=True`` folds BatchNorms in
+    training mode as if in eval mode. ``select`` (dotted-path globs) and ``types`` (kinds such as
+    ``BatchNorm2d``, ``F.batch_norm``) limit which BatchNorms are folded.
     """
     selector = Selector.of(select, types) if (select or types) else None
     if cap is None:
@@ -84,12 +93,41 @@ def fold(
             check_trace=check_trace,
         )
     report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
+    report.extra["capture"] = cap.how
     rank_of = rank_lookup(cap)
-    for region in cap.regions:
-        actions, diagnostics = fold_region(
-            region, rank_of, eval_mode=eval_mode, inplace=inplace, selector=selector
-        )
-        report.actions.extend(actions)
-        report.diagnostics.extend(diagnostics)
+    options = {"eval_mode": eval_mode, "selector": selector}
+    if isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule)):
+        for region in cap.regions:
+            rf = fold_region(region, rank_of, inplace=inplace, **options)
+            report.actions.extend(rf.actions)
+            report.diagnostics.extend(rf.diagnostics)
+        report.diagnostics.extend(opaque_diagnostics(cap))
+        return RewriteResult(assemble(cap, inplace=inplace), report)
+    proving = prove and cap.recording is not None and cap.example_inputs is not None
+    result = fold_into_tree(cap, rank_of, report, inplace=inplace, keep_old=proving, **options)
+    if proving:
+        assert cap.recording is not None and cap.example_inputs is not None
+        outcome = prove_units(result.current, cap.example_inputs, cap.recording.outputs, result.units)
+        result.drop([u for u, _ in outcome.undone])
+        report.extra["proof"] = outcome.to_dict()
+        for unit, why in outcome.undone:
+            for a in unit.actions:
+                report.diagnostics.append(
+                    Diagnostic(
+                        "FD207",
+                        codes.get("FD207").severity,
+                        f"{a.module_path or a.node}: fold undone: the result drifted on the example "
+                        f"inputs ({why.problem})",
+                        a.node,
+                        a.module_path,
+                    )
+                )
+        if not outcome.deterministic:
+            report.extra["proof"]["note"] = "the model's outputs vary between runs: folds not proven"
+    elif prove:
+        report.extra["proof"] = {"passed": None, "note": "no example inputs: the result was not run"}
+    if inplace and proving:
+        result.commit_inplace()
+    report.actions.extend(a for u in result.units for a in u.actions)
     report.diagnostics.extend(opaque_diagnostics(cap))
-    return RewriteResult(assemble(cap, inplace=inplace), report)
+    return RewriteResult(result.current(), report)

@@ -320,6 +320,28 @@ def _as_graph(model: nn.Module) -> fx.GraphModule | None:
     return cap.regions[0].gm if cap.whole else None
 
 
+def _absorbed_into(g_orig: fx.GraphModule, new: nn.Module) -> dict[str, str]:
+    """Original node -> the original node whose value it has in ``new``: a layer whose
+    BatchNorm became ``nn.Identity`` in the folded tree now computes the BatchNorm's output."""
+    alias: dict[str, str] = {}
+    for node in g_orig.graph.nodes:
+        cur = node
+        while len(cur.users) == 1:
+            user = next(iter(cur.users))
+            if user.op != "call_module":
+                break
+            try:
+                absorbed = type(new.get_submodule(str(user.target))) is nn.Identity
+            except AttributeError:
+                absorbed = False
+            if not absorbed:
+                break
+            cur = user
+        if cur is not node:
+            alias[node.name] = cur.name
+    return alias
+
+
 def localize(
     orig: nn.Module, new: nn.Module, inputs: tuple[Any, ...], rtol: float | None, atol: float | None
 ) -> tuple[dict[str, Any] | None, str | None]:
@@ -343,17 +365,19 @@ def localize(
             return None, f"divergence not localized: {_reason(exc)}"
         recs.append(rec.values)
     ref_v, orig_v, new_v = recs
+    alias = _absorbed_into(g_orig, new)
     for node in g_new.graph.nodes:
         key = node.meta.get(EQUIV, node.name)
-        if key not in new_v or key not in ref_v or key not in orig_v:
+        ref_key = alias.get(key, key)
+        if key not in new_v or ref_key not in ref_v or ref_key not in orig_v:
             continue
-        if new_v[key].shape != ref_v[key].shape:
+        if new_v[key].shape != ref_v[ref_key].shape:
             continue
-        check = _compare(0, 0, key, ref_v[key], orig_v[key], new_v[key], rtol, atol)
+        check = _compare(0, 0, key, ref_v[ref_key], orig_v[ref_key], new_v[key], rtol, atol)
         if not check.passed:
             return {
                 "node": node.name,
-                "original_node": key,
+                "original_node": ref_key,
                 "max_abs_error": check.max_abs_error,
                 "tolerance": check.tolerance,
             }, None

@@ -76,8 +76,9 @@ def test_graph_formats(tmp_path):
 
 def test_before_after_picture_marks_removed_bn():
     model, inputs = load_sample("resnet")
-    folded, _ = fold(model, inputs)
-    union, status, edges = diff_view(graph_view(model), graph_view(folded))
+    folded, report = fold(model, inputs)
+    targets = [a.target for a in report.actions]
+    union, status, edges = diff_view(graph_view(model), graph_view(folded), targets)
     removed = {n for n, s in status.items() if s == "removed"}
     assert "layers_0_bn1" in removed and len(removed) == 15
     assert status["layers_0_conv1"] == "changed"

@@ -1,9 +1,14 @@
-"""Capture a model as fx graphs: whole, in its traceable parts, or from ``torch.export``.
+"""Capture a model as fx graphs, on a ladder that reaches every model that runs.
 
-A model that ``symbolic_trace`` rejects is not given up on: its largest traceable submodules
-become separate regions and every part that stayed opaque is recorded with the tracer's reason.
-Capturing never changes the input model: traced graphs share its tensors but own their module
-containers, and shape propagation restores every buffer it may have touched.
+1. ``symbolic_trace`` of the whole model (fast, needs no inputs; module-call dialect);
+2. otherwise ``torch.export`` (non-strict) with the example inputs (ATen dialect: every op maps
+   back to its module through ``nn_module_stack`` and the parameter names);
+3. otherwise the largest parts either can capture, descending through every module (including
+   ``ModuleList``/``ModuleDict``); each part's inputs (args and kwargs) come from forward hooks
+   in one eager pass, which also records every module's call count and output shape and the
+   model's outputs (:class:`Recording`), so later steps need no further run to know them.
+Every part that stayed opaque is recorded with the reason. Capturing never changes the input
+model: graphs share its tensors but own their module containers, and every run restores buffers.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import fnmatch
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +66,17 @@ class Region:
 
 
 @dataclass
+class Recording:
+    """What one eager pass over the model saw: per module path, how often it was called, the
+    first call's inputs (only for the paths asked for) and output shape; and the outputs."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    outputs: Any = None  # in eval mode
+
+
+@dataclass
 class Capture:
     """The graphs of a model plus the parts that could not be captured."""
 
@@ -67,6 +84,9 @@ class Capture:
     regions: list[Region]
     opaque: list[OpaquePart] = field(default_factory=list)
     example_inputs: tuple[Any, ...] | None = None
+    recording: Recording | None = None
+    how: str = "symbolic_trace"  # symbolic_trace | torch.export | parts | program | graph
+    leaf_modules: tuple[type | str, ...] = ()
 
     @property
     def dialect(self) -> str:
@@ -104,6 +124,8 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = sources
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) is nn.Identity:  # an absorbed BatchNorm: no node at all
+            return False
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         if is_norm_module(m):
@@ -222,64 +244,188 @@ def capture(
     leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
     leaf_paths = {x for x in leaf_modules if isinstance(x, str)}
     tracer = _Tracer(leaf_types, leaf_paths, record_sources)
+    cap = _capture_module(model, inputs, tracer, concrete_args, check_trace)
+    cap.leaf_modules = tuple(leaf_modules)
+    return cap
+
+
+def _capture_module(
+    model: nn.Module,
+    inputs: tuple[Any, ...] | None,
+    tracer: _Tracer,
+    concrete_args: dict[str, Any] | None,
+    check_trace: bool,
+) -> Capture:
+    opaque: list[OpaquePart] = []
     try:
         gm = _trace(model, tracer, concrete_args)
-        problem = _check(model, gm, inputs) if (check_trace and inputs is not None) else None
+    except Exception as exc:  # not fx-traceable: torch.export, then parts
+        opaque.append(OpaquePart("", type(model).__name__, _reason(exc)))
+    else:
+        rec = record_run(model, inputs) if inputs is not None else None
+        problem = _check(model, gm, inputs, rec) if (check_trace and inputs is not None) else None
         if problem is None:
-            return Capture(model, [Region("", gm, "module", inputs)], [], inputs)
-        opaque = [OpaquePart("", type(model).__name__, problem)]
-    except Exception as exc:  # any tracer failure means: descend into children
-        opaque = [OpaquePart("", type(model).__name__, _reason(exc))]
+            return Capture(model, [Region("", gm, "module", inputs)], [], inputs, rec)
+        opaque.append(OpaquePart("", type(model).__name__, problem))
+        gm = None
+    if inputs is not None:
+        exported = export_region(model, "", inputs, {})
+        if isinstance(exported, Region):
+            rec = record_run(model, inputs)
+            return Capture(model, [exported], [], inputs, rec, how="torch.export")
+        opaque[0] = OpaquePart("", type(model).__name__, f"{opaque[0].reason}; torch.export: {exported}")
 
-    seen = _record_module_inputs(model, inputs) if inputs is not None else {}
-    regions: list[Region] = []
+    # Parts: find the frontier without running, then one eager pass records its inputs.
+    plan: list[tuple[str, nn.Module, fx.GraphModule | str]] = []
     for name, child in model.named_children():
-        _capture_parts(child, name, tracer, regions, opaque, seen, check_trace)
-    return Capture(model, regions, opaque, inputs)
+        _plan_parts(child, name, tracer, plan)
+    keep = {path for path, _m, _g in plan}
+    rec = record_run(model, inputs, keep=keep) if inputs is not None else None
+    regions: list[Region] = []
+    for path, module, traced in plan:
+        _capture_part(module, path, traced, tracer, regions, opaque, rec, check_trace)
+    return Capture(model, regions, opaque, inputs, rec, how="parts")
 
 
-def _capture_parts(
+def capture_submodule(cap: Capture, path: str) -> Region | None:
+    """A fresh graph of the module at ``path`` alone (fx, else torch.export on its inputs from
+    another eager pass), for replacing just that module; None when neither captures it."""
+    module = cap.model.get_submodule(path) if path else cap.model
+    leaf_types = tuple(x for x in cap.leaf_modules if isinstance(x, type))
+    leaf_paths = {x for x in cap.leaf_modules if isinstance(x, str)}
+    tracer = _Tracer(leaf_types, leaf_paths, True)
+    rec = None
+    if cap.example_inputs is not None:
+        rec = record_run(cap.model, cap.example_inputs, keep={path}) if path else None
+    args, kwargs = rec.inputs.get(path, (None, {})) if rec is not None else (cap.example_inputs, {})
+    try:
+        gm = _trace(module, tracer, None)
+    except Exception:
+        gm = None
+    if gm is not None:
+        if kwargs and args is not None:
+            args = _bind_positional(gm, args, kwargs)
+        return Region(path, gm, "module", args)
+    if args is None:
+        return None
+    exported = export_region(module, path, args, kwargs)
+    return exported if isinstance(exported, Region) else None
+
+
+def _is_container(m: nn.Module) -> bool:
+    """A module that only holds others (ModuleList, ModuleDict, or any without a forward)."""
+    return isinstance(m, (nn.ModuleList, nn.ModuleDict)) or type(m).forward is nn.Module.forward
+
+
+def _plan_parts(
+    module: nn.Module, path: str, tracer: _Tracer, plan: list[tuple[str, nn.Module, fx.GraphModule | str]]
+) -> None:
+    """The frontier: the largest fx-traceable parts, and the untraceable modules above them
+    (each with the tracer's reason), in an order where a module comes before its children."""
+    if _is_container(module):
+        for name, child in module.named_children():
+            _plan_parts(child, f"{path}.{name}", tracer, plan)
+        return
+    if tracer.is_leaf_module(module, path):
+        return  # a single layer: nothing to trace inside
+    try:
+        plan.append((path, module, _trace(module, tracer, None)))
+        return
+    except Exception as exc:
+        plan.append((path, module, _reason(exc)))
+    for name, child in module.named_children():
+        _plan_parts(child, f"{path}.{name}", tracer, plan)
+
+
+def _capture_part(
     module: nn.Module,
     path: str,
+    traced: fx.GraphModule | str,
     tracer: _Tracer,
     regions: list[Region],
     opaque: list[OpaquePart],
-    seen: dict[str, tuple[Any, ...]],
+    rec: Recording | None,
     check_trace: bool,
 ) -> None:
-    if tracer.is_leaf_module(module, path):
-        return  # a single layer called from opaque code: nothing to trace inside
-    inputs = seen.get(path)
-    try:
-        gm = _trace(module, tracer, None)
-        problem = _check(module, gm, inputs) if (check_trace and inputs is not None) else None
+    if any(path.startswith(r.path + ".") for r in regions):
+        return  # inside a part already captured whole (by torch.export)
+    recorded = rec.inputs.get(path) if rec is not None else None
+    args, kwargs = recorded if recorded is not None else (None, {})
+    if isinstance(traced, fx.GraphModule):
+        if kwargs:  # fx graphs take positional inputs: bind the keywords by name
+            args = _bind_positional(traced, args, kwargs)
+        problem = _check(module, traced, args, None) if (check_trace and args is not None) else None
         if problem is None:
-            regions.append(Region(path, gm, "module", inputs))
+            regions.append(Region(path, traced, "module", args))
             return
-        opaque.append(OpaquePart(path, type(module).__name__, problem))
+        reason = problem
+    else:
+        reason = traced
+    if args is not None:
+        exported = export_region(module, path, args, kwargs)
+        if isinstance(exported, Region):
+            regions.append(exported)
+            opaque[:] = [o for o in opaque if not o.module_path.startswith(path + ".")]
+            return
+        reason = f"{reason}; torch.export: {exported}"
+    elif rec is not None and rec.calls.get(path, 0) == 0:
+        reason = f"{reason} (not called on the example inputs)"
+    opaque.append(OpaquePart(path, type(module).__name__, reason))
+
+
+def _bind_positional(
+    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, ...] | None:
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(args)
+    for name in names[len(values) :]:
+        key = str(name).lstrip("*")
+        if key not in kwargs:
+            return None
+        values.append(kwargs[key])
+    return tuple(values)
+
+
+def export_region(
+    module: nn.Module, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Region | str:
+    """``torch.export`` (non-strict) of one module on recorded inputs: a Region, or why not."""
+    from ..export import torch_output_silenced
+
+    try:
+        with torch_output_silenced(), buffers_restored(module):
+            ep = torch.export.export(module, tuple(args), dict(kwargs), strict=False)
+        gm = ep.module()
     except Exception as exc:
-        opaque.append(OpaquePart(path, type(module).__name__, _reason(exc)))
-    for name, child in module.named_children():
-        _capture_parts(child, f"{path}.{name}", tracer, regions, opaque, seen, check_trace)
+        return _reason(exc)
+    inputs = tuple(args) if not kwargs else None
+    return Region(path, gm, "aten", inputs, shapes_known=True)
 
 
-def _check(module: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
-    """None when the traced graph computes what the eager module computes on ``inputs``."""
+def _check(
+    module: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...], rec: Recording | None
+) -> str | None:
+    """None when the traced graph computes what the eager module computes on ``inputs``
+    (the eager outputs come from the recording when there is one)."""
     from torch.utils import _pytree as pytree
 
-    mode = contextlib.nullcontext()
-    try:
-        with torch.no_grad(), buffers_restored(module):
-            want = pytree.tree_leaves(module(*inputs))
-    except Exception as exc:
-        if not any(m.training for m in module.modules()):
-            raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
-        mode = eval_modes(module)  # fails only in training mode: compare both in eval mode
+    mode: Any = contextlib.nullcontext()
+    if rec is not None:
+        want = pytree.tree_leaves(rec.outputs)
+        mode = eval_modes(module)
+    else:
         try:
-            with torch.no_grad(), buffers_restored(module), eval_modes(module):
+            with torch.no_grad(), buffers_restored(module):
                 want = pytree.tree_leaves(module(*inputs))
-        except Exception as exc2:
-            raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc2)}") from exc2
+        except Exception as exc:
+            if not any(m.training for m in module.modules()):
+                raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
+            mode = eval_modes(module)  # fails only in training mode: compare both in eval mode
+            try:
+                with torch.no_grad(), buffers_restored(module), eval_modes(module):
+                    want = pytree.tree_leaves(module(*inputs))
+            except Exception as exc2:
+                raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc2)}") from exc2
     try:
         with torch.no_grad(), buffers_restored(gm), mode:
             got = pytree.tree_leaves(gm(*inputs))
@@ -348,26 +494,42 @@ def run_quietly(module: nn.Module, fn: Any) -> Any:
         return fn()
 
 
-def _record_module_inputs(model: nn.Module, inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
-    """Run the model once and keep the arguments each submodule first receives."""
-    seen: dict[str, tuple[Any, ...]] = {}
+def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None = None) -> Recording:
+    """One eager pass in eval mode: every module's call count and first output shape, the first
+    inputs (args and kwargs) of the modules in ``keep``, and the model's outputs. Modules
+    registered under several paths count every call under each of them."""
+    rec = Recording()
     handles = []
-    for path, module in model.named_modules():
+    keep = keep or set()
+    for path, module in model.named_modules(remove_duplicate=False):
         if not path:
             continue
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], path: str = path) -> None:
-            seen.setdefault(path, tuple(args))
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path) -> None:
+            rec.calls[path] += 1
+            if path in keep and path not in rec.inputs:
+                rec.inputs[path] = (tuple(args), dict(kwargs))
 
-        handles.append(module.register_forward_pre_hook(hook))
+        def post(_m: nn.Module, _args: Any, out: Any, path: str = path) -> None:
+            if isinstance(out, torch.Tensor) and path not in rec.out_shapes:
+                rec.out_shapes[path] = tuple(out.shape)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post))
     try:
-        run_quietly(model, lambda: model(*inputs))
+        rec.outputs = _run_recording(model, inputs, rec)
     except Exception as exc:
         raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return rec
+
+
+def _run_recording(model: nn.Module, inputs: Sequence[Any], rec: Recording) -> Any:
+    # Eval mode: the outputs are what a fold must reproduce, and shapes do not depend on it.
+    with torch.no_grad(), buffers_restored(model), eval_modes(model):
+        return model(*inputs)
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +36,19 @@ RULE = "fold-bn"
 EQUIV = "bnrewrite_equiv"  # node.meta key: name of the original node whose value this node now has
 
 
+@dataclass
+class Applied:
+    """One rewrite the pass applied to the region's graph, with what a module-tree edit needs:
+    the BatchNorm's call, each changed layer (node and where its final tensors live), and for a
+    scale-and-shift the module that replaced the BatchNorm."""
+
+    decision: Decision
+    action: Action
+    bn_call: fx.Node  # erased from the graph for a fold; kept for its meta and arguments
+    layers: list[tuple[fx.Node, _Slot, str | None]] = field(default_factory=list)  # node, slot, copied from
+    affine: nn.Module | None = None
+
+
 class _RegionFolder:
     def __init__(
         self,
@@ -44,8 +58,10 @@ class _RegionFolder:
         eval_mode: bool,
         inplace: bool,
         selector: Selector | None = None,
+        compile: bool = True,
     ) -> None:
         self.region = region
+        self.compile = compile
         self.selector = selector
         self.graph = region.gm.graph
         self.rank_of = rank_of
@@ -57,6 +73,7 @@ class _RegionFolder:
         self.actions: list[Action] = []
         self.diagnostics: list[Diagnostic] = []
         self.pending: list[tuple[_Slot, Compute]] = []
+        self.applied: list[Applied] = []
 
     # -- driving -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -82,8 +99,10 @@ class _RegionFolder:
                 self._diagnose(decision)
         self.graph.lint()
         # Generate and compile the final code first, then allocate the folded weights, so the
-        # transient memory of code generation never stacks on top of the new tensors.
-        compile_now(self.region.gm)
+        # transient memory of code generation never stacks on top of the new tensors. A region
+        # that only plans module-tree edits is never compiled.
+        if self.compile:
+            compile_now(self.region.gm)
         for slot, compute in self.pending:
             slot.fill(compute)
         self.pending.clear()
@@ -105,11 +124,16 @@ class _RegionFolder:
         site = d.site
         scale, shift = site.eval_affine()
         equiv = site.node.meta.get(EQUIV, site.node.name)
+        layers: list[tuple[fx.Node, _Slot, str | None]] = []
         if d.verdict == PRECEDING:
             layer = d.producer
             assert layer is not None and layer.weight is not None
             kind, groups = layer.kind, layer.groups
-            self._write_layer(layer, lambda w, b: fold_math.into_preceding(kind, w, b, groups, scale, shift))
+            layers.append(
+                self._write_layer(
+                    layer, lambda w, b: fold_math.into_preceding(kind, w, b, groups, scale, shift)
+                )
+            )
             site.node.replace_all_uses_with(layer.node)
             layer.node.meta[EQUIV] = equiv
             self._tag(layer.node, d)
@@ -118,26 +142,30 @@ class _RegionFolder:
             assert site.input is not None
             for layer, entry in zip(d.consumers, d.entries):
                 assert layer.weight is not None
-                self._write_layer(
-                    layer,
-                    lambda w, b, k=layer.kind, g=layer.groups: fold_math.into_following(
-                        k, w, b, g, scale, shift
-                    ),
+                layers.append(
+                    self._write_layer(
+                        layer,
+                        lambda w, b, k=layer.kind, g=layer.groups: fold_math.into_following(
+                            k, w, b, g, scale, shift
+                        ),
+                    )
                 )
                 entry.args = (site.input, *entry.args[1:])
                 self._tag(layer.node, d)
             targets = d.consumers
+        assert site.call is not None
+        bn_call = site.call
         self._erase_bn(site)
-        self.actions.append(
-            Action(
-                d.verdict,
-                site.name,
-                site.module_path,
-                d.reason,
-                target=", ".join(t.region.module_path(t.node) or t.name for t in targets),
-                code=d.code,
-            )
+        action = Action(
+            d.verdict,
+            site.name,
+            site.module_path,
+            d.reason,
+            target=", ".join(t.region.module_path(t.node) or t.name for t in targets),
+            code=d.code,
         )
+        self.actions.append(action)
+        self.applied.append(Applied(d, action, bn_call, layers))
 
     def _apply_scale_shift(self, d: Decision) -> None:
         site = d.site
@@ -160,7 +188,10 @@ class _RegionFolder:
             self._erase_bn(site)
         new.meta[EQUIV] = equiv
         self._tag(new, d)
-        self.actions.append(Action(SCALE_SHIFT, site.name, site.module_path, d.reason, code=d.code))
+        action = Action(SCALE_SHIFT, site.name, site.module_path, d.reason, code=d.code)
+        self.actions.append(action)
+        assert site.call is not None
+        self.applied.append(Applied(d, action, site.call if site.module is not None else new, affine=module))
 
     def _diagnose(self, d: Decision) -> None:
         site = d.site
@@ -191,8 +222,12 @@ class _RegionFolder:
                 self.graph.erase_node(n)
 
     # -- writing weights ---------------------------------------------------------------------
-    def _write_layer(self, layer: LayerSite, compute: Compute) -> None:
-        """Point the layer at weights it owns now; fill them with ``compute`` after compiling."""
+    def _write_layer(self, layer: LayerSite, compute: Compute) -> tuple[fx.Node, _Slot, str | None]:
+        """Point the layer at weights it owns now; fill them with ``compute`` after compiling.
+
+        Returns the node, where its tensors live, and the shared module/attribute it was copied
+        from when this call site got its own copy."""
+        copied: str | None = None
         if layer.module is not None:
             target = str(layer.node.target)
             if self.calls[target] > 1:  # shared module: this call site gets its own copy
@@ -203,6 +238,7 @@ class _RegionFolder:
                 self.calls[new_target] = 1
                 layer.node.target = new_target
                 slot = _Slot(module, None, None, in_place=False)
+                copied = target
             else:
                 slot = _Slot(self.editor.own(target), None, None, in_place=self.inplace)
         else:
@@ -211,7 +247,9 @@ class _RegionFolder:
             # a fresh attribute starts as the shared tensor: never write into that one
             in_place = self.inplace and not (fresh_w or fresh_b)
             slot = _Slot(self.region.gm, weight, bias, in_place=in_place, editor=self.editor)
+            copied = weight if fresh_w else None
         self.pending.append((slot, compute))
+        return layer.node, slot, copied
 
     def _attr_for(self, layer: LayerSite, name: str) -> tuple[str, bool]:
         """The attribute a functional layer's ``name`` argument will read, and whether it is new."""
@@ -271,6 +309,12 @@ class _Slot:
         self.in_place = in_place
         self.editor = editor
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's (weight, bias) as they are now (after ``fill``: the folded ones)."""
+        weight = self._get(0)
+        assert weight is not None
+        return weight, self._get(1)
+
     def _get(self, i: int) -> torch.Tensor | None:
         attr = self.names[i]
         if attr is None:
@@ -301,6 +345,15 @@ class _Slot:
             self.editor.set_tensor(attr, new)
 
 
+@dataclass
+class RegionFold:
+    """What folding one region did: report entries and the applied rewrites."""
+
+    actions: list[Action]
+    diagnostics: list[Diagnostic]
+    applied: list[Applied]
+
+
 def fold_region(
     region: Region,
     rank_of: RankOf,
@@ -308,8 +361,13 @@ def fold_region(
     eval_mode: bool = False,
     inplace: bool = False,
     selector: Selector | None = None,
-) -> tuple[list[Action], list[Diagnostic]]:
-    """Fold every (selected) BatchNorm of one region in place (the region's graph module is ours)."""
-    folder = _RegionFolder(region, rank_of, eval_mode=eval_mode, inplace=inplace, selector=selector)
+    compile: bool = True,
+) -> RegionFold:
+    """Fold every (selected) BatchNorm of one region in place (the region's graph module is ours).
+
+    ``compile=False`` when the graph only plans module-tree edits and is never run."""
+    folder = _RegionFolder(
+        region, rank_of, eval_mode=eval_mode, inplace=inplace, selector=selector, compile=compile
+    )
     folder.run()
-    return folder.actions, folder.diagnostics
+    return RegionFold(folder.actions, folder.diagnostics, folder.applied)

@@ -1,0 +1,170 @@
+"""Fold a captured ``nn.Module`` so that the result is the user's own module tree.
+
+The graphs are the analysis: every region is folded as a graph (without compiling it), and
+:mod:`~bnrewrite.passes.tree_edit` turns each applied fold into module-tree edits. Folds that no
+module edit can express make the smallest module enclosing them a graph of its own: that module
+is captured alone, folded and swapped in (FD104 names it and the reason). Every change is a
+:class:`~bnrewrite.passes.tree_edit.Unit`, so the proof can undo any of them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import nn
+
+from .. import codes
+from ..diagnostics import Diagnostic, Report
+from ..errors import BnrewriteError
+from ..graph.capture import Capture, Region, capture_submodule, compile_now
+from ..graph.edit import Editor, shallow_copy
+from ..select import Selector
+from .fold_bn import Applied, fold_region
+from .fold_plan import RankOf, rank_lookup
+from .tree_edit import TreePlanner, Unit, _ModuleEdit, bind, common_prefix, covers
+
+
+class TreeResult:
+    """The result tree, the units applied to it, and the model as they make it now."""
+
+    def __init__(self, root: nn.Module, units: list[Unit], root_graph: Unit | None) -> None:
+        self.root = root
+        self.units = units
+        self.root_graph = root_graph
+
+    def current(self) -> nn.Module:
+        if self.root_graph is not None and self.root_graph.active:
+            assert self.root_graph.graph is not None
+            return self.root_graph.graph
+        return self.root
+
+    def drop(self, undone: list[Unit]) -> None:
+        self.units = [u for u in self.units if all(u is not d for d in undone)]
+
+    def commit_inplace(self) -> None:
+        """``inplace=True`` after the proof: new values go into the model's existing
+        parameters (same objects, same storage) wherever shape and dtype allow."""
+        for unit in self.units:
+            for e in unit.edits:
+                old, new = e.old, e.new
+                same = isinstance(old, nn.Parameter) and (old.shape, old.dtype, old.device) == (
+                    new.shape,
+                    new.dtype,
+                    new.device,
+                )
+                if e.kind == "param" and same:
+                    old.data.copy_(new.data)
+                    e.owner._parameters[e.name] = old
+
+
+def _graph_calls(cap: Capture) -> Counter[str]:
+    calls: Counter[str] = Counter()
+    for region in cap.regions:
+        for n in region.gm.graph.nodes:
+            if n.op == "call_module":
+                calls[f"{region.path}.{n.target}" if region.path else str(n.target)] += 1
+    return calls
+
+
+def fold_into_tree(
+    cap: Capture,
+    rank_of: RankOf,
+    report: Report,
+    *,
+    inplace: bool,
+    keep_old: bool,
+    eval_mode: bool,
+    selector: Selector | None,
+) -> TreeResult:
+    """Fold every region, express the folds as tree edits, apply them; see the module doc."""
+    calls = _graph_calls(cap)
+    units: list[Unit] = []
+    needs: list[tuple[str, str, Applied, Region]] = []
+    diagnostics: list[Diagnostic] = []
+    for region in cap.regions:
+        rf = fold_region(
+            region,
+            rank_of,
+            eval_mode=eval_mode,
+            inplace=inplace and not keep_old,
+            selector=selector,
+            compile=False,
+        )
+        diagnostics.extend(rf.diagnostics)
+        region_units, region_needs = TreePlanner(cap, region, calls).plan(rf.applied)
+        units.extend(region_units)
+        needs.extend((path, why, a, region) for path, why, a in region_needs)
+
+    graphs = _graph_scopes(needs, units)
+    units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
+    diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
+    root_graph = None
+    for path, reasons in graphs.items():
+        unit = _graph_unit(cap, path, reasons, eval_mode, selector, diagnostics)
+        if path == "":
+            root_graph = unit
+        units.append(unit)
+
+    root = cap.model if inplace else shallow_copy(cap.model)
+    bind(units, Editor(root, inplace=inplace))
+    for u in units:
+        u.apply()
+    report.diagnostics.extend(diagnostics)
+    return TreeResult(root, units, root_graph)
+
+
+def _graph_scopes(needs: list[tuple[str, str, Applied, Region]], units: list[Unit]) -> dict[str, list[str]]:
+    """Module paths to replace by graphs (none inside another), each with its reasons; a scope
+    grows until no tree unit straddles its boundary."""
+    scopes: dict[str, list[str]] = {}
+    for path, why, a, _region in needs:
+        scopes.setdefault(path, []).append(f"{a.action.module_path or a.action.node}: {why}")
+    changed = True
+    while changed:
+        changed = False
+        for outer in list(scopes):
+            for inner in list(scopes):
+                if inner != outer and inner in scopes and outer in scopes and covers(outer, inner):
+                    scopes[outer].extend(scopes.pop(inner))
+                    changed = True
+        for u in units:
+            for g in list(scopes):
+                inside = [covers(g, p) for p in u.paths]
+                if any(inside) and not all(inside):
+                    wider = common_prefix([g, *u.paths])
+                    scopes.setdefault(wider, []).extend(scopes.pop(g))
+                    changed = True
+    return scopes
+
+
+def _graph_unit(
+    cap: Capture,
+    path: str,
+    reasons: list[str],
+    eval_mode: bool,
+    selector: Selector | None,
+    diagnostics: list[Diagnostic],
+) -> Unit:
+    """Capture the module at ``path`` alone, fold it as a graph, and make swapping it in a unit."""
+    region = capture_submodule(cap, path)
+    if region is None:
+        raise BnrewriteError(f"{path or '<root>'}: cannot be captured alone to carry a graph-only fold")
+    sub = Capture(region.gm, [region], example_inputs=region.inputs)
+    rf = fold_region(region, rank_lookup(sub), eval_mode=eval_mode, selector=selector, compile=True)
+    compile_now(region.gm)
+    region.gm.training = (cap.model.get_submodule(path) if path else cap.model).training
+    why = "; ".join(reasons)
+    diagnostics.extend(rf.diagnostics)
+    diagnostics.append(
+        Diagnostic(
+            "FD104",
+            codes.get("FD104").severity,
+            f"{path or '<root>'}: replaced by its folded graph (a module edit cannot express: {why})",
+            None,
+            path or None,
+        )
+    )
+    unit = Unit(actions=rf.actions, graph_path=path, reason=why, graph=region.gm)
+    if path:
+        unit.edits.append(_ModuleEdit(path, region.gm))
+    return unit

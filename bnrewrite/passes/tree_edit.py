@@ -1,0 +1,283 @@
+"""Pass: carry the folds planned on a graph over into the user's own module tree.
+
+Matches: every rewrite the graph pass applied (:class:`~bnrewrite.passes.fold_bn.Applied`).
+
+Guarantees: where a rewrite can be expressed as a module edit, the returned model is the user's
+own module tree (their class, ``forward``, output types and signature): a folded conv/linear
+module gets its new ``weight`` and ``bias`` (created when it had none), an absorbed BatchNorm
+module becomes ``nn.Identity``, a BatchNorm kept as scale-and-shift becomes ``ChannelAffine``.
+A module edit expresses a rewrite when the BatchNorm and every changed layer are modules in
+the tree (``nn.BatchNorm*``/frozen BN, ``nn.Conv*``/``nn.Linear``), each called exactly once
+(counted in the eager pass, or in the graph without example inputs), and the graph op maps to
+that module (module call, or ``nn_module_stack`` plus parameter name in an ATen graph).
+Everything else (a functional ``F.batch_norm``, a conv shared between call sites, a module
+called several times) is carried by replacing the smallest enclosing module with its own folded
+graph, reported with FD104 and the reason. Every change is an :class:`Edit` that can be undone,
+grouped in :class:`Unit` s (all edits touching one layer together) for the proof's rollback.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
+
+from ..diagnostics import Action
+from ..graph.capture import Capture, Region
+from ..graph.edit import Editor
+from ..graph.norms import is_batchnorm_module, is_frozen_bn_module, is_norm_module
+from .fold_bn import Applied
+
+_PARAM, _MODULE = "param", "module"
+
+
+@dataclass
+class Edit:
+    """One change to one module of the result tree: a parameter or a child module."""
+
+    owner: nn.Module
+    kind: str
+    name: str
+    old: Any
+    new: Any
+
+    def apply(self) -> None:
+        (self.owner._parameters if self.kind == _PARAM else self.owner._modules)[self.name] = self.new
+
+    def undo(self) -> None:
+        (self.owner._parameters if self.kind == _PARAM else self.owner._modules)[self.name] = self.old
+
+
+@dataclass
+class Unit:
+    """Edits that stand or fall together (every fold into one layer), with what they report."""
+
+    edits: list[Edit] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    paths: set[str] = field(default_factory=set)  # tree paths of the modules involved
+    graph_path: str | None = None  # set when the unit replaces a module by its folded graph
+    reason: str | None = None  # why a graph was needed
+    graph: fx.GraphModule | None = None
+    active: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.graph_path is not None:
+            return f"{self.graph_path or '<root>'} (graph)"
+        return ", ".join(sorted(a.module_path or a.node or "?" for a in self.actions))
+
+    def apply(self) -> None:
+        for e in self.edits:
+            e.apply()
+        self.active = True
+
+    def undo(self) -> None:
+        for e in reversed(self.edits):
+            e.undo()
+        self.active = False
+
+
+def _join(prefix: str, local: str) -> str:
+    return f"{prefix}.{local}" if prefix and local else (prefix or local)
+
+
+def _stack_paths(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [str(v[0]) for v in stack.values()]
+
+
+def _tree_module(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        return None
+
+
+class TreePlanner:
+    """Turns one region's applied rewrites into units of module-tree edits, or graph needs."""
+
+    def __init__(self, cap: Capture, region: Region, graph_calls: Counter[str]) -> None:
+        self.cap = cap
+        self.region = region
+        self.root: nn.Module = cap.model
+        self.graph_calls = graph_calls
+
+    def calls(self, path: str) -> int:
+        rec = self.cap.recording
+        if rec is not None:
+            return rec.calls.get(path, 0)
+        return self.graph_calls.get(path, 0)
+
+    # -- where a graph op lives in the tree ----------------------------------------------------
+    def _owner_of_attr(self, node: fx.Node | None, suffix: str) -> str | None:
+        if not isinstance(node, fx.Node) or node.op != "get_attr":
+            return None
+        target = str(node.target)
+        if not target.endswith("." + suffix):
+            return None
+        return _join(self.region.path, target[: -len(suffix) - 1])
+
+    def _innermost(self, node: fx.Node) -> str | None:
+        paths = _stack_paths(node)
+        return _join(self.region.path, paths[-1]) if paths else None
+
+    def bn_path(self, a: Applied) -> tuple[str | None, str]:
+        """The tree path of the BatchNorm module ``a`` rewrote, or why there is none."""
+        call = a.bn_call
+        site = a.decision.site
+        if call.op == "call_module" and site.module is not None:
+            path = _join(self.region.path, str(call.target))
+        elif call.op == "call_function" and site.module is None:
+            args = [n for n in call.all_input_nodes if n.op == "get_attr"]
+            owners = {self._owner_of_attr(n, str(n.target).rpartition(".")[2]) for n in args}
+            path = owners.pop() if len(owners) == 1 else None
+            module = _tree_module(self.root, path) if path is not None else None
+            if module is None or not is_batchnorm_module(module) or self._innermost(call) != path:
+                return None, "a functional batch_norm (no BatchNorm module to replace)"
+        else:
+            return None, "a functional batch_norm (no BatchNorm module to replace)"
+        module = _tree_module(self.root, path)
+        if module is None or not (is_batchnorm_module(module) or is_frozen_bn_module(module)):
+            return None, f"{path} is not a BatchNorm module of the model"
+        n = self.calls(path)
+        if n != 1:
+            return None, f"BatchNorm module {path} is called {n} times"
+        return path, ""
+
+    def layer_path(self, node: fx.Node, copied: str | None) -> tuple[str | None, str]:
+        """The tree path of the conv/linear module a fold changed, or why there is none."""
+        if copied is not None:
+            return None, "the layer is shared between call sites (a folded copy per call site)"
+        if node.op == "call_module":
+            path = _join(self.region.path, str(node.target))
+        else:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            path = self._owner_of_attr(weight, "weight")
+            if path is None or self._innermost(node) != path:
+                return None, f"{node.name} is a functional conv/linear on computed or foreign weights"
+        module = _tree_module(self.root, path)
+        if not isinstance(module, (_ConvNd, nn.Linear)):
+            return None, f"{path} is not a conv/linear module"
+        n = self.calls(path)
+        if n != 1:
+            return None, f"layer {path} is called {n} times"
+        return path, ""
+
+    def scope(self, node: fx.Node) -> str:
+        """The module whose own code runs ``node``: innermost stack entry that is not a layer."""
+        for local in reversed(_stack_paths(node)):
+            module = _tree_module(self.root, _join(self.region.path, local))
+            if module is not None and not (
+                is_norm_module(module) or isinstance(module, (_ConvNd, nn.Linear))
+            ):
+                return _join(self.region.path, local)
+        return self.region.path
+
+    # -- planning ------------------------------------------------------------------------------
+    def plan(self, applied: list[Applied]) -> tuple[list[Unit], list[tuple[str, str, Applied]]]:
+        """Units of tree edits, and (enclosing module, reason, rewrite) for the rest."""
+        units: list[Unit] = []
+        needs: list[tuple[str, str, Applied]] = []
+        for a in applied:
+            unit, reason = self._unit(a)
+            if unit is not None:
+                units.append(unit)
+                continue
+            nodes = [a.bn_call] + [n for n, _s, _c in a.layers]
+            for n, _s, copied in a.layers:
+                if copied is not None and n.op == "call_module":  # every call site of the shared module
+                    nodes += [
+                        m for m in self.region.gm.graph.nodes if m.op == "call_module" and m.target == copied
+                    ]
+            scopes = [self.scope(n) for n in nodes]
+            needs.append((common_prefix(scopes), reason, a))
+        return merge_units(units), needs
+
+    def _unit(self, a: Applied) -> tuple[Unit | None, str]:
+        bn, why = self.bn_path(a)
+        if bn is None:
+            return None, why
+        layers = []
+        for node, slot, copied in a.layers:
+            path, why = self.layer_path(node, copied)
+            if path is None:
+                return None, why
+            layers.append((path, slot))
+        unit = Unit(actions=[a.action], paths={bn, *(p for p, _ in layers)})
+        unit.edits.append(_ModuleEdit(bn, a.affine if a.affine is not None else nn.Identity()))
+        for path, slot in layers:
+            unit.edits.append(_ParamEdit(path, slot.tensors))
+        return unit, ""
+
+
+class _ModuleEdit(Edit):
+    """Deferred: resolved against the result tree by :func:`bind`."""
+
+    def __init__(self, path: str, new: nn.Module) -> None:
+        super().__init__(None, _MODULE, path, None, new)  # type: ignore[arg-type]
+
+
+class _ParamEdit(Edit):
+    def __init__(self, path: str, tensors: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        super().__init__(None, _PARAM, path, None, tensors)  # type: ignore[arg-type]
+
+
+def bind(units: list[Unit], editor: Editor) -> None:
+    """Resolve deferred edits against the result tree (copy-on-write through ``editor``) and
+    record what each replaces, so every unit can be applied and undone."""
+    for unit in units:
+        bound: list[Edit] = []
+        for e in unit.edits:
+            if isinstance(e, _ModuleEdit):
+                parent, _, name = e.name.rpartition(".")
+                owner = editor.own(parent)
+                bound.append(Edit(owner, _MODULE, name, owner._modules[name], e.new))
+            elif isinstance(e, _ParamEdit):
+                owner = editor.own(e.name)
+                weight, bias = e.new()
+                for pname, value in (("weight", weight), ("bias", bias)):
+                    old = owner._parameters.get(pname)
+                    if value is None or value is old:
+                        continue
+                    grad = old.requires_grad if old is not None else owner._parameters["weight"].requires_grad
+                    new = (
+                        value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=grad)
+                    )
+                    bound.append(Edit(owner, _PARAM, pname, old, new))
+            else:
+                bound.append(e)
+        unit.edits = bound
+
+
+def merge_units(units: list[Unit]) -> list[Unit]:
+    """Units touching a common module become one (a conv that absorbed two BatchNorms)."""
+    merged: list[Unit] = []
+    for unit in units:
+        overlapping = [m for m in merged if m.paths & unit.paths]
+        for m in overlapping:
+            merged.remove(m)
+            unit = Unit(m.edits + unit.edits, m.actions + unit.actions, m.paths | unit.paths)
+        merged.append(unit)
+    return merged
+
+
+def common_prefix(paths: list[str]) -> str:
+    """The deepest dotted module path that contains every path given."""
+    if not paths:
+        return ""
+    parts = [p.split(".") if p else [] for p in paths]
+    out: list[str] = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        out.append(items[0])
+    return ".".join(out)
+
+
+def covers(outer: str, path: str) -> bool:
+    return outer == "" or path == outer or path.startswith(outer + ".")
