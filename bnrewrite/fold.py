@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from . import codes
 from .diagnostics import Diagnostic, Report
-from .graph.capture import Capture, capture
+from .graph.capture import Capture, capture, compile_now
 from .graph.edit import Editor, shallow_copy
 from .graph.norms import opaque_norms, other_norm_family
 from .passes.fold_bn import fold_region
@@ -29,6 +29,9 @@ class RewriteResult(NamedTuple):
 
 def assemble(cap: Capture, *, inplace: bool = False) -> nn.Module:
     """The rewritten model: the single graph, or the original tree with its regions replaced."""
+    for region in cap.regions:
+        region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
+        compile_now(region.gm)
     if cap.whole or not cap.regions:
         return cap.regions[0].gm if cap.regions else cap.model
     root = cap.model if inplace else shallow_copy(cap.model)
@@ -110,6 +113,9 @@ def fold(
         outcome = prove_units(result.current, cap.example_inputs, cap.recording.outputs, result.units)
         result.drop([u for u, _ in outcome.undone])
         report.extra["proof"] = outcome.to_dict()
+        unproven = [u.label for u in result.units if not u.proven]
+        if unproven:  # the example inputs never reached these modules
+            report.extra["proof"]["not_run"] = unproven
         for unit, why in outcome.undone:
             for a in unit.actions:
                 report.diagnostics.append(

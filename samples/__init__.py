@@ -12,4 +12,8 @@ NAMES = [
     "bn_after_act",
     "untraceable",
     "shared_conv",
+    "module_lists",
+    "iterating_parent",
+    "kwargs_dataclass",
+    "same_padding",
 ]

@@ -16,6 +16,10 @@ EXPECTED = {
     "bn_after_act": {"fold-into-following": 2, "scale-shift": 2},
     "untraceable": {"fold-into-preceding": 4, "not-foldable": 1},
     "shared_conv": {"fold-into-preceding": 2},
+    "module_lists": {"fold-into-preceding": 5},
+    "iterating_parent": {"fold-into-preceding": 4},
+    "kwargs_dataclass": {"fold-into-preceding": 3},
+    "same_padding": {"fold-into-preceding": 3},
 }
 
 

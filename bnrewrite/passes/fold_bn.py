@@ -47,6 +47,7 @@ class Applied:
     bn_call: fx.Node  # erased from the graph for a fold; kept for its meta and arguments
     layers: list[tuple[fx.Node, _Slot, str | None]] = field(default_factory=list)  # node, slot, copied from
     affine: nn.Module | None = None
+    bn_attrs: list[str] = field(default_factory=list)  # stored tensors the BatchNorm read (get_attr)
 
 
 class _RegionFolder:
@@ -155,6 +156,7 @@ class _RegionFolder:
             targets = d.consumers
         assert site.call is not None
         bn_call = site.call
+        bn_attrs = [str(n.target) for n in bn_call.all_input_nodes if n.op == "get_attr"]
         self._erase_bn(site)
         action = Action(
             d.verdict,
@@ -165,10 +167,13 @@ class _RegionFolder:
             code=d.code,
         )
         self.actions.append(action)
-        self.applied.append(Applied(d, action, bn_call, layers))
+        self.applied.append(Applied(d, action, bn_call, layers, bn_attrs=bn_attrs))
 
     def _apply_scale_shift(self, d: Decision) -> None:
         site = d.site
+        assert site.call is not None
+        bn_call = site.call
+        bn_attrs = [str(n.target) for n in bn_call.all_input_nodes if n.op == "get_attr"]
         scale, shift = site.eval_affine()
         ref = site.weight if site.weight is not None else site.running_mean
         assert ref is not None
@@ -190,8 +195,7 @@ class _RegionFolder:
         self._tag(new, d)
         action = Action(SCALE_SHIFT, site.name, site.module_path, d.reason, code=d.code)
         self.actions.append(action)
-        assert site.call is not None
-        self.applied.append(Applied(d, action, site.call if site.module is not None else new, affine=module))
+        self.applied.append(Applied(d, action, bn_call, affine=module, bn_attrs=bn_attrs))
 
     def _diagnose(self, d: Decision) -> None:
         site = d.site

@@ -151,6 +151,7 @@ def _graph_unit(
         raise BnrewriteError(f"{path or '<root>'}: cannot be captured alone to carry a graph-only fold")
     sub = Capture(region.gm, [region], example_inputs=region.inputs)
     rf = fold_region(region, rank_lookup(sub), eval_mode=eval_mode, selector=selector, compile=True)
+    region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
     compile_now(region.gm)
     region.gm.training = (cap.model.get_submodule(path) if path else cap.model).training
     why = "; ".join(reasons)

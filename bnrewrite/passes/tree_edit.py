@@ -64,6 +64,7 @@ class Unit:
     reason: str | None = None  # why a graph was needed
     graph: fx.GraphModule | None = None
     active: bool = False
+    proven: bool = True  # False when the example inputs never ran one of its modules
 
     @property
     def label(self) -> str:
@@ -106,11 +107,16 @@ class TreePlanner:
         self.region = region
         self.root: nn.Module = cap.model
         self.graph_calls = graph_calls
+        self.not_run: set[str] = set()
 
     def calls(self, path: str) -> int:
+        """How often the module at ``path`` runs: counted in the eager pass, or in the graphs
+        where there was none or the example inputs never reached it (see ``not_run``)."""
         rec = self.cap.recording
+        if rec is not None and rec.calls.get(path, 0) > 0:
+            return rec.calls[path]
         if rec is not None:
-            return rec.calls.get(path, 0)
+            self.not_run.add(path)
         return self.graph_calls.get(path, 0)
 
     # -- where a graph op lives in the tree ----------------------------------------------------
@@ -133,9 +139,8 @@ class TreePlanner:
         if call.op == "call_module" and site.module is not None:
             path = _join(self.region.path, str(call.target))
         elif call.op == "call_function" and site.module is None:
-            args = [n for n in call.all_input_nodes if n.op == "get_attr"]
-            owners = {self._owner_of_attr(n, str(n.target).rpartition(".")[2]) for n in args}
-            path = owners.pop() if len(owners) == 1 else None
+            owners = {_join(self.region.path, t.rpartition(".")[0]) for t in a.bn_attrs if "." in t}
+            path = owners.pop() if len(owners) == 1 and len(a.bn_attrs) >= 2 else None
             module = _tree_module(self.root, path) if path is not None else None
             if module is None or not is_batchnorm_module(module) or self._innermost(call) != path:
                 return None, "a functional batch_norm (no BatchNorm module to replace)"
@@ -208,7 +213,8 @@ class TreePlanner:
             if path is None:
                 return None, why
             layers.append((path, slot))
-        unit = Unit(actions=[a.action], paths={bn, *(p for p, _ in layers)})
+        paths = {bn, *(p for p, _ in layers)}
+        unit = Unit(actions=[a.action], paths=paths, proven=not (paths & self.not_run))
         unit.edits.append(_ModuleEdit(bn, a.affine if a.affine is not None else nn.Identity()))
         for path, slot in layers:
             unit.edits.append(_ParamEdit(path, slot.tensors))
@@ -261,7 +267,12 @@ def merge_units(units: list[Unit]) -> list[Unit]:
         overlapping = [m for m in merged if m.paths & unit.paths]
         for m in overlapping:
             merged.remove(m)
-            unit = Unit(m.edits + unit.edits, m.actions + unit.actions, m.paths | unit.paths)
+            unit = Unit(
+                m.edits + unit.edits,
+                m.actions + unit.actions,
+                m.paths | unit.paths,
+                proven=m.proven and unit.proven,
+            )
         merged.append(unit)
     return merged
 
