@@ -23,6 +23,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
+from . import structure
 from .errors import BnrewriteError, UsageError
 from .graph.capture import _reason, buffers_restored, capture
 from .graph.view import to_networkx
@@ -174,10 +175,13 @@ def export(
 
 
 def write_state_dict(model: Any, path: str | os.PathLike[str], *, force: bool = False) -> None:
-    """The model's state_dict as ``.pt``/``.pth`` (tensors only: loads with weights_only=True)
-    or ``.safetensors``; for loading into the same architecture (``--weights``)."""
+    """The model's state_dict as ``.pt``/``.pth`` (a checkpoint dict: ``state_dict`` plus the
+    ``bnrewrite_structure`` string; loads with weights_only=True) or ``.safetensors`` (structure
+    in the metadata), for loading into the same architecture (``--weights``), which gets the
+    recorded structure first (absorbed BatchNorms as Identity, added biases)."""
     module = _runnable(model)
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    layout = structure.encode(structure.describe(module))
     with atomic_path(path, force=force) as tmp:
         if Path(path).suffix.lower() == ".safetensors":
             try:
@@ -186,9 +190,9 @@ def write_state_dict(model: Any, path: str | os.PathLike[str], *, force: bool = 
                 raise BnrewriteError(
                     "writing .safetensors needs: pip install 'bnrewrite[safetensors]'"
                 ) from exc
-            save_file({k: v.clone() for k, v in state.items()}, str(tmp))
+            save_file({k: v.clone() for k, v in state.items()}, str(tmp), metadata={structure.KEY: layout})
         else:
-            torch.save(state, tmp)
+            torch.save({"state_dict": state, structure.KEY: layout}, tmp)
 
 
 # -- ONNX ----------------------------------------------------------------------------------------

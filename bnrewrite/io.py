@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import structure
 from .errors import BnrewriteError, UsageError
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -201,17 +202,27 @@ def load_factory(spec: str, *, weights: str | os.PathLike[str] | None = None) ->
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state_dict from ``.safetensors``, a ``.pt``/``.pth`` state_dict or a checkpoint dict."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state_dict, the module structure bnrewrite recorded beside it, if any)."""
     p = _require_file(path)
     kind = _archive_kind(p)
     if kind == "safetensors" or p.suffix == ".safetensors":
         try:
+            from safetensors import safe_open
             from safetensors.torch import load_file
         except ImportError as exc:
             raise BnrewriteError(
                 "reading .safetensors needs the safetensors package: pip install 'bnrewrite[safetensors]'"
             ) from exc
         try:
-            return dict(load_file(str(p)))
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+            return dict(load_file(str(p))), structure.decode(meta.get(structure.KEY))
+        except BnrewriteError:
+            raise
         except Exception as exc:
             raise BnrewriteError(f"{p}: not a readable .safetensors file: {_short(exc)}") from exc
     if kind == "empty":
@@ -227,7 +238,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         ) from exc
     except Exception as exc:
         raise BnrewriteError(f"{p}: cannot be read: {_short(exc)}") from exc
-    return _extract_state_dict(obj, p)
+    layout = structure.decode(obj.get(structure.KEY)) if isinstance(obj, Mapping) else None
+    return _extract_state_dict(obj, p), layout
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -257,7 +269,9 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load a state_dict into ``model``, failing with the exact missing/unexpected/mismatched keys."""
-    sd = read_state_dict(path)
+    sd, layout = read_checkpoint(path)
+    if layout is not None:  # written by bnrewrite: give the model the folded structure first
+        structure.apply(model, layout, sd)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

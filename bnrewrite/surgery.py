@@ -211,7 +211,8 @@ def swap(
         kind = type(module).__name__
         if not selector.matches(path, kind):
             continue
-        _swap_module_without_graph(rw, report, path, module, to, groups, ln_dims)
+        shape = cap.recording.out_shapes.get(path) if cap.recording is not None else None
+        _swap_module_without_graph(rw, report, path, module, to, groups, ln_dims, shape)
     result = rw.build()
     measure(report, model, result, cap.example_inputs)
     return RewriteResult(result, report)
@@ -280,17 +281,25 @@ def _swap_node(
 
 
 def _swap_module_without_graph(
-    rw: Rewriter, report: Report, path: str, module: nn.Module, to: str, groups: int | None, ln_dims: str
+    rw: Rewriter,
+    report: Report,
+    path: str,
+    module: nn.Module,
+    to: str,
+    groups: int | None,
+    ln_dims: str,
+    shape: tuple[int, ...] | None,
 ) -> None:
-    """A norm called from untraceable code: swap the module itself (input shape unknown)."""
+    """A norm called from untraceable code: swap the module itself; its input shape is the one
+    the capture's eager pass recorded (a norm's output has its input's shape), if it ran."""
     try:
         if to == "bn":
-            built = to_batchnorm(module, shape=None)
+            built = to_batchnorm(module, shape=shape)
         else:
             site = module_bn_site(module)
             if site is None:
                 return
-            built = from_batchnorm(site, to, shape=None, groups=groups, ln_dims=ln_dims)
+            built = from_batchnorm(site, to, shape=shape, groups=groups, ln_dims=ln_dims)
     except SwapRefused as exc:
         _refused(report, path, None, f"{exc} (called from untraceable code)")
         return

@@ -68,3 +68,45 @@ def test_leaf_modules_are_kept_whole():
     model, inputs = load_sample("resnet")
     cap = capture(model, inputs, leaf_modules=["layers.0"])
     assert any(n.op == "call_module" and n.target == "layers.0" for n in cap.regions[0].gm.graph.nodes)
+
+
+def test_ladder_uses_export_where_fx_cannot_read_the_model():
+    model, inputs = load_sample("same_padding")
+    cap = capture(model, inputs)
+    assert cap.how == "torch.export" and cap.whole and cap.dialect == "aten"
+    assert not cap.opaque
+
+
+def test_parts_descend_through_module_lists_and_dicts():
+    model, inputs = load_sample("module_lists")
+    cap = capture(model, inputs)
+    assert cap.how == "parts"
+    assert sorted(r.path for r in cap.regions) == [
+        "heads.edge",
+        "heads.seg",
+        "stages.0",
+        "stages.1",
+        "stages.2",
+    ]
+    assert {o.module_path for o in cap.opaque} == {""}  # containers are not opaque parts
+
+
+def test_one_eager_pass_records_calls_shapes_kwargs_and_outputs():
+    model, inputs = load_sample("kwargs_dataclass")
+    cap = capture(model, inputs)
+    rec = cap.recording
+    assert rec is not None and cap.how == "parts"
+    assert rec.calls["block1.bn"] == 1 and rec.out_shapes["classifier.1"] == (2, 6)
+    _args, kwargs = rec.inputs["block2"]
+    assert kwargs["scale"] == 2.0 and kwargs["shift"] is model.offset
+    block2 = next(r for r in cap.regions if r.path == "block2")
+    assert block2.inputs is not None and len(block2.inputs) == 3  # kwargs bound by name
+    assert type(rec.outputs).__name__ == "Output"
+
+
+def test_swap_knows_shapes_of_layers_no_graph_covers():
+    from bnrewrite import swap
+
+    model, inputs = load_sample("untraceable")
+    swapped, report = swap(model, "gn", example_inputs=inputs, select="post_bn")
+    assert isinstance(swapped.post_bn, nn.GroupNorm), [d.message for d in report.diagnostics]

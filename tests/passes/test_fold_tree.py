@@ -1,0 +1,166 @@
+"""Folds land in the user's own module tree; a graph only where no module edit expresses it."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import samples
+from bnrewrite import fold
+from bnrewrite.graph.norms import is_batchnorm_module
+from bnrewrite.verify import verify
+from tests.conftest import assert_unchanged, load_sample, randomize_bn, state_snapshot
+
+
+def _folded_paths(report) -> set[str]:
+    return {a.module_path for a in report.actions if a.kind.startswith("fold") and a.module_path}
+
+
+def test_sequential_comes_back_as_a_sequential_without_batchnorm():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()))
+    x = torch.randn(2, 3, 8, 8)
+    snap = state_snapshot(model)
+    folded, report = fold(model, (x,))
+    assert type(folded) is nn.Sequential
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert type(folded[1]) is nn.Identity and folded[0].bias is not None
+    assert set(folded.state_dict()) == {"0.weight", "0.bias"}
+    assert folded[2] is model[2]  # untouched modules are shared, not copied
+    assert_unchanged(model, snap)
+    assert isinstance(model[1], nn.BatchNorm2d) and model[0].bias is None
+    assert report.extra["proof"]["passed"] and report.extra["proof"]["forward_passes"] == 1
+
+
+@pytest.mark.parametrize("name", samples.NAMES)
+def test_every_sample_is_the_users_class_with_no_batchnorm_where_folded(name):
+    model, inputs = load_sample(name)
+    folded, report = fold(model, inputs)
+    graphs = [d.module_path or "" for d in report.diagnostics if d.code == "FD104"]
+    if "" not in graphs:
+        assert type(folded) is type(model)
+        assert inspect.signature(folded.forward) == inspect.signature(model.forward)
+    for path in _folded_paths(report):
+        if not any(g == "" or path.startswith(g + ".") for g in graphs):
+            assert type(folded.get_submodule(path)) is nn.Identity, path
+    assert not any(is_batchnorm_module(m) for m in folded.modules() if not isinstance(m, fx.GraphModule)) or (
+        name in ("untraceable",)  # post_bn is called from untraceable code: FD203
+    )
+    assert verify(model, folded, inputs).passed
+
+
+def test_parent_that_iterates_and_type_checks_its_sequential_still_runs():
+    model, inputs = load_sample("iterating_parent")
+    folded, report = fold(model, inputs)
+    assert type(folded.blocks) is nn.Sequential
+    assert all(type(b).__name__ == "Residual" for b in folded.blocks)
+    assert len(report.actions) == 4
+    assert torch.allclose(folded(*inputs), model(*inputs), atol=1e-5)
+
+
+def test_kwargs_and_dataclass_output_are_kept():
+    model, inputs = load_sample("kwargs_dataclass")
+    folded, _ = fold(model, inputs)
+    out = folded(*inputs, return_features=False)
+    assert type(out).__name__ == "Output" and out.features is None
+    assert torch.allclose(out.logits, model(*inputs).logits, atol=1e-5)
+
+
+class Inner(nn.Module):
+    """Applies BatchNorm functionally on its own buffers."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.register_buffer("mean", torch.randn(c))
+        self.register_buffer("var", torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var, training=False)
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.inner = Inner(4)
+
+    def helper(self) -> str:
+        return "still mine"
+
+    def forward(self, x):
+        return self.inner(torch.relu(self.bn(self.stem(x))))
+
+
+def test_functional_batchnorm_replaces_only_its_smallest_enclosing_module():
+    model = randomize_bn(Outer())
+    x = torch.randn(2, 3, 10, 10)
+    folded, report = fold(model, (x,))
+    assert type(folded) is Outer and folded.helper() == "still mine"
+    assert type(folded.bn) is nn.Identity
+    assert isinstance(folded.inner, fx.GraphModule)
+    fd104 = [d for d in report.diagnostics if d.code == "FD104"]
+    assert [d.module_path for d in fd104] == ["inner"] and "functional batch_norm" in fd104[0].message
+    assert len(report.actions) == 2
+    assert verify(model, folded, (x,)).passed
+
+
+def test_shared_conv_is_carried_by_a_graph_and_says_why():
+    model, inputs = load_sample("shared_conv")
+    folded, report = fold(model, inputs)
+    fd104 = next(d for d in report.diagnostics if d.code == "FD104")
+    assert "shared between call sites" in fd104.message
+    assert not any(is_batchnorm_module(m) for m in folded.modules())
+    assert verify(model, folded, inputs).passed
+
+
+def test_inplace_edits_the_model_itself_keeping_parameter_objects():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x).detach()
+    weight = model[0].weight
+    folded, _ = fold(model, (x,), inplace=True)
+    assert folded is model and type(model[1]) is nn.Identity
+    assert model[0].weight is weight  # same Parameter object, folded values in its storage
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+class Mistraced(nn.Module):
+    """``torch.jit.isinstance`` is False on a tracer proxy: the trace drops the skip connection
+    that also reads the conv's output, so the graph says the fold is safe when it is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        out = self.bn(y)
+        if torch.jit.isinstance(y, torch.Tensor):
+            out = out + y
+        return self.bn2(self.conv2(out))
+
+
+def test_proof_undoes_exactly_the_fold_the_trace_got_wrong():
+    model = randomize_bn(Mistraced())
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold(model, (x,))
+    undone = [d for d in report.diagnostics if d.code == "FD207"]
+    assert [d.module_path for d in undone] == ["bn"]
+    assert isinstance(folded.bn, nn.BatchNorm2d) and type(folded.bn2) is nn.Identity
+    assert [a.module_path for a in report.actions] == ["bn2"]
+    assert report.extra["proof"]["passed"] and report.extra["proof"]["undone"] == ["bn"]
+    assert verify(model, folded, (x,)).passed
+
+
+def test_without_inputs_the_tree_is_folded_and_the_report_says_it_was_not_run():
+    model, _ = load_sample("resnet")
+    folded, report = fold(model)
+    assert type(folded) is type(model) and report.extra["proof"]["passed"] is None
