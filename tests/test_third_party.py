@@ -1,11 +1,14 @@
-"""Networks no one here wrote (MONAI, pure PyTorch): analyzed, folded and verified."""
+"""Networks no one here wrote (MONAI, efficientnet_pytorch; pure PyTorch, no weights): analyzed,
+folded into the user's own class with no BatchNorm left where the report says folded, verified."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import fx, nn
 
 from bnrewrite import analyze, fold
+from bnrewrite.graph.norms import is_batchnorm_module
 from bnrewrite.verify import verify
 
 monai = pytest.importorskip("monai.networks.nets")
@@ -42,4 +45,28 @@ def test_monai_network(name):
     assert report.norms, "norm layers found"
     folded, fold_report = fold(model, x)
     assert fold_report.actions
+    _assert_own_class_and_folded(model, folded, fold_report)
+    assert verify(model, folded, x).passed
+
+
+def _assert_own_class_and_folded(model, folded, report):
+    assert type(folded) is type(model) and not isinstance(folded, fx.GraphModule)
+    assert not [d for d in report.diagnostics if d.code in ("FD104", "FD207")]
+    for a in report.actions:
+        if a.kind.startswith("fold"):
+            assert type(folded.get_submodule(a.module_path)) is nn.Identity, a.module_path
+    assert not any(is_batchnorm_module(m) for m in folded.modules())
+
+
+@pytest.mark.parametrize("variant", ["efficientnet-b0", "efficientnet-b3"])
+def test_efficientnet_pytorch(variant):
+    efficientnet = pytest.importorskip("efficientnet_pytorch")
+    torch.manual_seed(0)
+    model = _trained(efficientnet.EfficientNet.from_name(variant))
+    x = (torch.randn(1, 3, 64, 64),)
+    folded, report = fold(model, x)
+    n_bn = sum(is_batchnorm_module(m) for m in model.modules())
+    assert len(report.actions) == n_bn and all(a.kind == "fold-into-preceding" for a in report.actions)
+    _assert_own_class_and_folded(model, folded, report)
+    assert folded.extract_features(x[0]).shape == model.extract_features(x[0]).shape  # its own methods
     assert verify(model, folded, x).passed
