@@ -8,7 +8,12 @@ with every BatchNorm deleted.
 Peak memory (measured in a fresh subprocess per rewrite, so no freed memory is reused) is the
 process's resident-set high-water mark (``/proc/self/status`` VmHWM, reset
 through ``/proc/self/clear_refs``), with glibc's mmap threshold pinned so freed tensors go back
-to the OS (the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` set). Linux only.
+to the OS (each memory worker re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` set; timings
+run with the default allocator, as a user's process does). Linux only.
+
+The "checks" section counts forward passes of a segmentation-sized model (1024x2048 input)
+during ``fold`` with its default checks: a dispatch-mode counter of convolutions executed,
+divided by the convolutions of one forward pass.
 
 Usage: python benchmarks/fold.py [--blocks 10,30,100,300,1000] [--quick]
 """
@@ -25,7 +30,11 @@ import sys
 import time
 import warnings
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+if (
+    "--memory-worker" in sys.argv
+    and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None
+    and sys.platform.startswith("linux")
+):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
@@ -129,8 +138,10 @@ def memory_worker(mode: str, blocks: int) -> None:
     def rewrite(model: nn.Module):
         return {
             "trace": lambda: torch.fx.symbolic_trace(model),
-            "ours": lambda: bnrewrite.fold(model, x, check_trace=False),
-            "inplace": lambda: bnrewrite.fold(model, x, inplace=True, check_trace=False),
+            "ours": lambda: bnrewrite.fold(model, x),
+            "inplace": lambda: bnrewrite.fold(model, x, inplace=True),
+            "ours-noinputs": lambda: bnrewrite.fold(model),
+            "inplace-noinputs": lambda: bnrewrite.fold(model, inplace=True),
             "fuse": lambda: fuse(model),
         }[mode]()
 
@@ -181,7 +192,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", default="10,30,100,300,1000")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (for smoke runs)")
-    ap.add_argument("--sections", default="samples,scaling,latency")
+    ap.add_argument("--sections", default="samples,scaling,checks,latency")
     ap.add_argument("--memory-worker", nargs=2, metavar=("MODE", "BLOCKS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_worker:
@@ -195,6 +206,8 @@ def main() -> None:
         samples_section()
     if "scaling" in sections:
         scaling_section(sizes, args.quick, x_small)
+    if "checks" in sections:
+        checks_section()
     if "latency" in sections:
         latency_section()
 
@@ -224,30 +237,88 @@ def samples_section() -> None:
 
 def scaling_section(sizes: list[int], quick: bool, x_small: tuple[torch.Tensor, ...]) -> None:
     print("\n## Synthetic ResNets (width 64): ratios against torch.fx fuse")
+    print("time: fold / fuse, with example inputs (default checks: eager pass + proof) and without;")
+    print("memory: extra peak RSS / model size, fresh process each")
     header = (
-        f"{'blocks':>6} {'BN removed (ours/fuse)':>22} {'time ours/fuse':>15} {'w/ trace check':>15} "
-        f"{'mem ours':>9} {'mem inplace':>12} {'mem fuse':>9} {'mem trace':>11}"
+        f"{'blocks':>6} {'BN removed (ours/fuse)':>22} {'time':>6} {'time, no inputs':>15} "
+        f"{'mem':>6} {'mem inplace':>11} {'mem, no inputs':>14} {'inplace, no inputs':>18} "
+        f"{'mem fuse':>8} {'mem trace':>9}"
     )
     print(header)
     per_layer = {}
+    modes = ("ours", "inplace", "ours-noinputs", "inplace-noinputs", "fuse", "trace")
     for n in sizes:
         model = synthetic_resnet(n)
         size = model_bytes(model)
         repeats = 1 if quick else (3 if n >= 300 else 7)
         t_fuse = best_time(lambda model=model: fuse(model), repeats)
-        t_ours = best_time(lambda model=model: bnrewrite.fold(model, x_small, check_trace=False), repeats)
-        t_check = best_time(lambda model=model: bnrewrite.fold(model, x_small), repeats)
+        t_ours = best_time(lambda model=model: bnrewrite.fold(model, x_small), repeats)
+        t_bare = best_time(lambda model=model: bnrewrite.fold(model), repeats)
         per_layer[n] = t_ours / (2 * n + 1)
         removed_fuse = count_bn(model) - count_bn(fuse(model))
-        removed_ours = count_bn(model) - count_bn(bnrewrite.fold(model, x_small, check_trace=False).model)
-        mem = {mode: memory_in_fresh_process(mode, n) / size for mode in ("trace", "ours", "inplace", "fuse")}
+        removed_ours = count_bn(model) - count_bn(bnrewrite.fold(model, x_small).model)
+        mem = {mode: memory_in_fresh_process(mode, n) / size for mode in modes}
         print(
-            f"{n:6d} {removed_ours:10d}/{removed_fuse:<11d} {t_ours / t_fuse:15.2f} {t_check / t_fuse:15.2f} "
-            f"{mem['ours']:9.2f} {mem['inplace']:12.2f} {mem['fuse']:9.2f} {mem['trace']:11.2f}"
+            f"{n:6d} {removed_ours:10d}/{removed_fuse:<11d} {t_ours / t_fuse:6.2f} {t_bare / t_fuse:15.2f} "
+            f"{mem['ours']:6.2f} {mem['inplace']:11.2f} {mem['ours-noinputs']:14.2f} "
+            f"{mem['inplace-noinputs']:18.2f} {mem['fuse']:8.2f} {mem['trace']:9.2f}"
         )
         assert removed_ours >= removed_fuse
     if 10 in per_layer and 1000 in per_layer:
-        print(f"\ntime per layer, 1000 blocks / 10 blocks: {per_layer[1000] / per_layer[10]:.2f}")
+        print(
+            f"\ntime per layer (default, with inputs), 1000 blocks / 10 blocks: {per_layer[1000] / per_layer[10]:.2f}"
+        )
+
+
+def segmentation_net(width: int = 16, depth: int = 6) -> nn.Module:
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+    ]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    layers += [nn.Conv2d(width, 19, 1)]
+    model = nn.Sequential(*layers)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+class ConvCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.convs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def checks_section() -> None:
+    print("\n## Checks on a large input: forward passes during fold (default checks)")
+    model = segmentation_net()
+    x = torch.randn(1, 3, 1024, 2048)
+    with ConvCounter() as one, torch.no_grad():
+        model(x)
+    t = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    t_forward = time.perf_counter() - t
+    with ConvCounter() as during:
+        t = time.perf_counter()
+        _folded, report = bnrewrite.fold(model, (x,))
+        t_fold = time.perf_counter() - t
+    print(
+        f"segmentation net 1x3x1024x2048: {during.convs / one.convs:.2f} forward passes "
+        f"(proof reports {report.extra['proof']['forward_passes']} run of the result); "
+        f"fold time / one forward pass: {t_fold / t_forward:.2f}"
+    )
 
 
 def latency_section() -> None:

@@ -87,6 +87,7 @@ def fold(
     ``BatchNorm2d``, ``F.batch_norm``) limit which BatchNorms are folded.
     """
     selector = Selector.of(select, types) if (select or types) else None
+    own_capture = cap is None
     if cap is None:
         cap = capture(
             model,
@@ -107,7 +108,10 @@ def fold(
         report.diagnostics.extend(opaque_diagnostics(cap))
         return RewriteResult(assemble(cap, inplace=inplace), report)
     proving = prove and cap.recording is not None and cap.example_inputs is not None
-    result = fold_into_tree(cap, rank_of, report, inplace=inplace, keep_old=proving, **options)
+    opaque = opaque_diagnostics(cap)
+    result = fold_into_tree(
+        cap, rank_of, report, inplace=inplace, keep_old=proving, release_graphs=own_capture, **options
+    )
     if proving:
         assert cap.recording is not None and cap.example_inputs is not None
         outcome = prove_units(result.current, cap.example_inputs, cap.recording.outputs, result.units)
@@ -135,5 +139,5 @@ def fold(
     if inplace and proving:
         result.commit_inplace()
     report.actions.extend(a for u in result.units for a in u.actions)
-    report.diagnostics.extend(opaque_diagnostics(cap))
+    report.diagnostics.extend(opaque)
     return RewriteResult(result.current(), report)

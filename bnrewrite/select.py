@@ -17,17 +17,29 @@ from dataclasses import dataclass, field
 class Selector:
     paths: tuple[str, ...] = field(default_factory=tuple)
     types: tuple[str, ...] = field(default_factory=tuple)
+    prefix: str = ""  # set for a submodule: its paths are matched as ``prefix.path``
 
     @classmethod
     def of(
-        cls, select: str | Iterable[str] | None = None, types: Iterable[str | type] | None = None
+        cls,
+        select: Selector | str | Iterable[str] | None = None,
+        types: Iterable[str | type] | None = None,
     ) -> Selector:
+        if isinstance(select, Selector):
+            return select
         paths = (select,) if isinstance(select, str) else tuple(select or ())
         names = tuple(t if isinstance(t, str) else t.__name__ for t in (types or ()))
         return cls(tuple(p for p in paths if p), tuple(n.lower() for n in names))
 
+    def under(self, prefix: str) -> Selector:
+        """The same selection, for the submodule at ``prefix`` (paths relative to it)."""
+        full = f"{self.prefix}.{prefix}" if self.prefix and prefix else (prefix or self.prefix)
+        return Selector(self.paths, self.types, full)
+
     def matches(self, module_path: str | None, kind: str) -> bool:
         path = module_path or ""
+        if self.prefix:
+            path = f"{self.prefix}.{path}" if path else self.prefix
         if self.paths and not any(fnmatch.fnmatchcase(path, p) for p in self.paths):
             return False
         return not self.types or kind.lower() in self.types

@@ -11,7 +11,7 @@ measured output deviation.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -21,7 +21,16 @@ from . import codes
 from .diagnostics import Action, Diagnostic, Report
 from .errors import UsageError, VerificationError
 from .fold import RewriteResult
-from .graph.capture import Capture, Region, buffers_restored, capture, compile_now, node_shape, source_line
+from .graph.capture import (
+    Capture,
+    Region,
+    buffers_restored,
+    capture,
+    capture_submodule,
+    compile_now,
+    node_shape,
+    source_line,
+)
 from .graph.edit import Editor, shallow_copy
 from .graph.norms import (
     BNSite,
@@ -34,30 +43,49 @@ from .graph.norms import (
     other_norm_site,
 )
 from .passes.norm_factory import TARGETS, SwapRefused, default_groups, from_batchnorm, to_batchnorm
+from .passes.tree_edit import common_prefix, covers, node_scope
 from .select import Selector
 from .verify import verify
 
+Redo = Callable[[nn.Module, "tuple[Any, ...] | None", str], nn.Module]
+
 
 class Rewriter:
-    """Collects module replacements and graph edits, then builds the rewritten model."""
+    """Collects module replacements and graph edits, then builds the rewritten model.
 
-    def __init__(self, cap: Capture) -> None:
+    Module replacements land in a copy of the user's module tree. Graph edits are carried by
+    the smallest module that encloses every edited node: when that is deeper than the captured
+    region, ``redo`` runs the same surgery on that module alone (its own graph, recorded inputs)
+    and only it is replaced; every replacement by a graph is reported (FD104)."""
+
+    def __init__(self, cap: Capture, report: Report, redo: Redo | None = None) -> None:
         self.cap = cap
+        self.report = report
+        self.redo = redo
         self.modules: dict[str, nn.Module] = {}
         self.edited: dict[str, Editor] = {}
+        self.scopes: dict[str, set[str]] = {}
+        self._lookup: dict[str, nn.Module] | None = None
 
     def replace_module(self, path: str, new: nn.Module) -> None:
         self.modules[path] = new
 
-    def editor(self, region: Region) -> Editor:
+    def editor(self, region: Region, node: fx.Node | None = None) -> Editor:
         if region.path not in self.edited:
             self.edited[region.path] = Editor(region.gm)
+        scope = region.path if node is None else node_scope(self._module_at, region, node)
+        self.scopes.setdefault(region.path, set()).add(scope)
         return self.edited[region.path]
+
+    def _module_at(self, path: str) -> nn.Module | None:
+        if self._lookup is None:
+            model = self.cap.model
+            self._lookup = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+        return self._lookup.get(path)
 
     def build(self) -> nn.Module:
         cap = self.cap
-        graph_only = isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule))
-        if graph_only or (cap.whole and self.edited):
+        if isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule)):
             region = cap.regions[0]
             ed = self.editor(region)
             for path, new in self.modules.items():
@@ -68,14 +96,38 @@ class Rewriter:
         ed = Editor(root)
         pending = dict(self.modules)
         for rpath, reditor in self.edited.items():
+            scope = common_prefix(sorted(self.scopes.get(rpath, {rpath})))
+            if scope != rpath and self.redo is not None and covers(rpath, scope):
+                part = capture_submodule(cap, scope)
+                new = self.redo(cap.model.get_submodule(scope), part.inputs if part else None, scope)
+                pending = {p: m for p, m in pending.items() if not covers(scope, p)}
+                self._graph_note(scope)
+                ed.set_module(scope, new)
+                continue
             prefix = rpath + "."
-            for path in [p for p in pending if p.startswith(prefix)]:
-                reditor.set_module(path[len(prefix) :], pending.pop(path))
-            compile_now(self.cap_region(rpath).gm)
-            ed.set_module(rpath, self.cap_region(rpath).gm)
+            for path in [p for p in pending if rpath == "" or p.startswith(prefix)]:
+                reditor.set_module(path[len(prefix) :] if rpath else path, pending.pop(path))
+            region = self.cap_region(rpath)
+            compile_now(region.gm)
+            self._graph_note(rpath)
+            if rpath == "":
+                return region.gm
+            ed.set_module(rpath, region.gm)
         for path, new in pending.items():
             ed.set_module(path, new)
         return root
+
+    def _graph_note(self, path: str) -> None:
+        self.report.add(
+            Diagnostic(
+                "FD104",
+                codes.get("FD104").severity,
+                f"{path or '<root>'}: replaced by its rewritten graph (a functional norm or an "
+                "inserted layer is a graph edit that the module tree cannot express)",
+                None,
+                path or None,
+            )
+        )
 
     def cap_region(self, path: str) -> Region:
         return next(r for r in self.cap.regions if r.path == path)
@@ -145,7 +197,7 @@ def _opaque_modules(cap: Capture) -> list[tuple[str, nn.Module]]:
 def _insert_module_node(
     rw: Rewriter, region: Region, anchor: fx.Node, name: str, module: nn.Module
 ) -> fx.Node:
-    rw.editor(region).set_module(name, module)
+    rw.editor(region, anchor).set_module(name, module)
     graph = region.gm.graph
     with graph.inserting_after(anchor):
         new = graph.call_module(name, (anchor,))
@@ -200,8 +252,22 @@ def swap(
         raise UsageError("--groups must be a positive integer")
     selector = Selector.of(select, types)
     cap = _capture(model, example_inputs, leaf_modules)
-    rw = Rewriter(cap)
     report = Report("swap", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
+    rw = Rewriter(
+        cap,
+        report,
+        redo=lambda sub, x, at: (
+            swap(
+                sub,
+                to,
+                select=selector.under(at),
+                groups=groups,
+                ln_dims=ln_dims,
+                example_inputs=x,
+                leaf_modules=leaf_modules,
+            ).model
+        ),
+    )
     done: set[str] = set()
     for region, node, _site in norm_nodes(cap):
         _swap_node(rw, report, region, node, to, selector, groups, ln_dims, done)
@@ -266,7 +332,7 @@ def _swap_node(
         rw.replace_module(path or "", built.module)
     else:
         assert site is not None
-        name = rw.editor(region).free_name(f"{node.name}_{to}")
+        name = rw.editor(region, node).free_name(f"{node.name}_{to}")
         new = _insert_module_node(rw, region, site.input, name, built.module)  # type: ignore[arg-type]
         _erase_bn(region, site, new)
     report.actions.append(
@@ -397,8 +463,22 @@ def insert(
         raise UsageError(f"--position {position!r}: expected pre-act or post-act")
     selector = Selector.of(select, types)
     cap = _capture(model, example_inputs, leaf_modules)
-    rw = Rewriter(cap)
     report = Report("insert", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
+    rw = Rewriter(
+        cap,
+        report,
+        redo=lambda sub, x, at: (
+            insert(
+                sub,
+                after=after,
+                norm=norm,
+                position=position,
+                select=selector.under(at),
+                example_inputs=x,
+                leaf_modules=leaf_modules,
+            ).model
+        ),
+    )
     for region in cap.regions:
         for node in list(region.gm.graph.nodes):
             if node.op not in ("call_module", "call_function"):
@@ -494,8 +574,14 @@ def remove(
     """Strip the selected norm layers (all of them without a selector); report the output change."""
     selector = Selector.of(select, types)
     cap = _capture(model, example_inputs, leaf_modules)
-    rw = Rewriter(cap)
     report = Report("remove", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
+    rw = Rewriter(
+        cap,
+        report,
+        redo=lambda sub, x, at: (
+            remove(sub, select=selector.under(at), example_inputs=x, leaf_modules=leaf_modules).model
+        ),
+    )
     done: set[str] = set()
     for region in cap.regions:
         for node in list(region.gm.graph.nodes):
@@ -518,7 +604,7 @@ def remove(
                     )
                 continue
             assert site is not None and site.input is not None
-            rw.editor(region)
+            rw.editor(region, node)
             site.node.replace_all_uses_with(site.input)
             graph = region.gm.graph
             if site.node is not site.call:
@@ -560,8 +646,14 @@ def fix(
         raise UsageError(f"no automatic fix for {', '.join(sorted(unknown))}; fixable: {', '.join(FIXABLE)}")
     selector = Selector.of(select, types)
     cap = _capture(model, example_inputs, leaf_modules)
-    rw = Rewriter(cap)
     report = Report("fix", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
+    rw = Rewriter(
+        cap,
+        report,
+        redo=lambda sub, x, at: (
+            fix(sub, codes_, select=selector.under(at), example_inputs=x, leaf_modules=leaf_modules).model
+        ),
+    )
     for region in cap.regions:
         calls: dict[str, int] = {}
         for n in region.gm.graph.nodes:

@@ -60,9 +60,12 @@ class _RegionFolder:
         inplace: bool,
         selector: Selector | None = None,
         compile: bool = True,
+        detached: bool = False,
     ) -> None:
         self.region = region
         self.compile = compile
+        self.detached = detached
+        self._slots: dict[str, _Slot] = {}
         self.selector = selector
         self.graph = region.gm.graph
         self.rank_of = rank_of
@@ -78,10 +81,12 @@ class _RegionFolder:
 
     # -- driving -----------------------------------------------------------------------------
     def run(self) -> None:
+        # Folds only remove BatchNorms, so the candidates are found once, in graph order.
+        candidates = [n for n in self.graph.nodes if self._site(n) is not None]
         changed = True
         while changed:
             changed = False
-            for node in list(self.graph.nodes):
+            for node in candidates:
                 site = self._site(node)
                 if site is None:
                     continue
@@ -89,7 +94,7 @@ class _RegionFolder:
                 if decision.verdict in (PRECEDING, FOLLOWING):
                     self._apply_fold(decision)
                     changed = True
-        for node in list(self.graph.nodes):
+        for node in candidates:
             site = self._site(node)
             if site is None:
                 continue
@@ -104,6 +109,10 @@ class _RegionFolder:
         # that only plans module-tree edits is never compiled.
         if self.compile:
             compile_now(self.region.gm)
+            self.fill()
+
+    def fill(self) -> None:
+        """Compute and store the folded weights (after the graph work, so peaks do not stack)."""
         for slot, compute in self.pending:
             slot.fill(compute)
         self.pending.clear()
@@ -182,7 +191,8 @@ class _RegionFolder:
         )
         equiv = site.node.meta.get(EQUIV, site.node.name)
         if site.module is not None:
-            self.editor.set_module(str(site.call.target), module)
+            if not self.detached:
+                self.editor.set_module(str(site.call.target), module)
             new = site.call
         else:
             name = self.editor.free_name(f"{site.node.name}_affine")
@@ -243,6 +253,10 @@ class _RegionFolder:
                 layer.node.target = new_target
                 slot = _Slot(module, None, None, in_place=False)
                 copied = target
+            elif self.detached:  # tree mode: the new tensors wait in the slot, modules untouched
+                slot = self._slots.get(target) or _Slot(layer.module, None, None, in_place=self.inplace)
+                slot.detached = True
+                self._slots[target] = slot
             else:
                 slot = _Slot(self.editor.own(target), None, None, in_place=self.inplace)
         else:
@@ -312,6 +326,8 @@ class _Slot:
         self.names = (weight_attr, bias_attr)
         self.in_place = in_place
         self.editor = editor
+        self.detached = False  # True: new tensors are kept here, the owner is never written
+        self.values: list[torch.Tensor | None] = [None, None]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's (weight, bias) as they are now (after ``fill``: the folded ones)."""
@@ -320,6 +336,8 @@ class _Slot:
         return weight, self._get(1)
 
     def _get(self, i: int) -> torch.Tensor | None:
+        if self.values[i] is not None:
+            return self.values[i]
         attr = self.names[i]
         if attr is None:
             return self.owner._parameters.get(("weight", "bias")[i])
@@ -339,6 +357,9 @@ class _Slot:
             with torch.no_grad():
                 old.copy_(new)  # inplace=True: reuse the existing storage
             return
+        if self.detached:
+            self.values[i] = new
+            return
         attr = self.names[i]
         if attr is None:
             name = ("weight", "bias")[i]
@@ -356,6 +377,7 @@ class RegionFold:
     actions: list[Action]
     diagnostics: list[Diagnostic]
     applied: list[Applied]
+    pending: list[tuple[_Slot, Compute]]  # weights still to compute (``compile=False`` only)
 
 
 def fold_region(
@@ -369,9 +391,18 @@ def fold_region(
 ) -> RegionFold:
     """Fold every (selected) BatchNorm of one region in place (the region's graph module is ours).
 
-    ``compile=False`` when the graph only plans module-tree edits and is never run."""
+    ``compile=False`` when the graph only plans module-tree edits and is never run: then module
+    layers are not written either, and the weights are left to compute (``pending``, each with
+    ``slot.fill(compute)``): the caller does it once the graphs are released, and the new
+    tensors wait in the slots for the tree edits."""
     folder = _RegionFolder(
-        region, rank_of, eval_mode=eval_mode, inplace=inplace, selector=selector, compile=compile
+        region,
+        rank_of,
+        eval_mode=eval_mode,
+        inplace=inplace,
+        selector=selector,
+        compile=compile,
+        detached=not compile,
     )
     folder.run()
-    return RegionFold(folder.actions, folder.diagnostics, folder.applied)
+    return RegionFold(folder.actions, folder.diagnostics, folder.applied, folder.pending)

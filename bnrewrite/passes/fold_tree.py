@@ -9,7 +9,11 @@ is captured alone, folded and swapped in (FD104 names it and the reason). Every 
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
 from collections import Counter
+from typing import Any
 
 from torch import nn
 
@@ -75,26 +79,14 @@ def fold_into_tree(
     keep_old: bool,
     eval_mode: bool,
     selector: Selector | None,
+    release_graphs: bool = False,
 ) -> TreeResult:
-    """Fold every region, express the folds as tree edits, apply them; see the module doc."""
-    calls = _graph_calls(cap)
-    units: list[Unit] = []
-    needs: list[tuple[str, str, Applied, Region]] = []
-    diagnostics: list[Diagnostic] = []
-    for region in cap.regions:
-        rf = fold_region(
-            region,
-            rank_of,
-            eval_mode=eval_mode,
-            inplace=inplace and not keep_old,
-            selector=selector,
-            compile=False,
-        )
-        diagnostics.extend(rf.diagnostics)
-        region_units, region_needs = TreePlanner(cap, region, calls).plan(rf.applied)
-        units.extend(region_units)
-        needs.extend((path, why, a, region) for path, why, a in region_needs)
+    """Fold every region, express the folds as tree edits, apply them; see the module doc.
 
+    ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made."""
+    units, needs, diagnostics, pending = _plan_regions(
+        cap, rank_of, inplace and not keep_old, eval_mode, selector
+    )
     graphs = _graph_scopes(needs, units)
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
@@ -105,12 +97,54 @@ def fold_into_tree(
             root_graph = unit
         units.append(unit)
 
+    # The graphs have done their work: release them before the folded weights are allocated,
+    # so the two never add up in the peak (fx graphs hold reference cycles: collect them).
+    needs.clear()
+    if release_graphs:
+        cap.regions = []
+    release_memory()
+    for slot, compute in pending:
+        slot.fill(compute)
+    pending.clear()
     root = cap.model if inplace else shallow_copy(cap.model)
     bind(units, Editor(root, inplace=inplace))
     for u in units:
         u.apply()
     report.diagnostics.extend(diagnostics)
     return TreeResult(root, units, root_graph)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so memory the graphs
+    used is not counted again under the folded weights."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def _plan_regions(
+    cap: Capture, rank_of: RankOf, inplace: bool, eval_mode: bool, selector: Selector | None
+) -> tuple[list[Unit], list[tuple[str, str, Applied, Region]], list[Diagnostic], list[tuple[Any, Any]]]:
+    """Fold every region as a graph (nothing compiled, no weights computed yet) and plan the
+    tree edits: (units, graph needs, diagnostics, weights to compute)."""
+    calls = _graph_calls(cap)
+    pending: list[tuple[Any, Any]] = []
+    units: list[Unit] = []
+    needs: list[tuple[str, str, Applied, Region]] = []
+    diagnostics: list[Diagnostic] = []
+    for region in cap.regions:
+        rf = fold_region(
+            region, rank_of, eval_mode=eval_mode, inplace=inplace, selector=selector, compile=False
+        )
+        diagnostics.extend(rf.diagnostics)
+        pending.extend(rf.pending)
+        region_units, region_needs = TreePlanner(cap, region, calls).plan(rf.applied)
+        units.extend(region_units)
+        needs.extend((path, why, a, region) for path, why, a in region_needs)
+    return units, needs, diagnostics, pending
 
 
 def _graph_scopes(needs: list[tuple[str, str, Applied, Region]], units: list[Unit]) -> dict[str, list[str]]:

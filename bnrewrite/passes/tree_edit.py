@@ -92,11 +92,15 @@ def _stack_paths(node: fx.Node) -> list[str]:
     return [str(v[0]) for v in stack.values()]
 
 
-def _tree_module(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path) if path else root
-    except AttributeError:
-        return None
+def node_scope(module_at: Callable[[str], nn.Module | None], region: Region, node: fx.Node) -> str:
+    """The module whose own code runs ``node``: the innermost module on its stack that is not a
+    layer (norm, conv, linear) itself; the region's root when the graph recorded no stack."""
+    for local in reversed(_stack_paths(node)):
+        path = _join(region.path, local)
+        module = module_at(path)
+        if module is not None and not (is_norm_module(module) or isinstance(module, (_ConvNd, nn.Linear))):
+            return path
+    return region.path
 
 
 class TreePlanner:
@@ -108,6 +112,13 @@ class TreePlanner:
         self.root: nn.Module = cap.model
         self.graph_calls = graph_calls
         self.not_run: set[str] = set()
+        self._modules: dict[str, nn.Module] | None = None
+
+    def module(self, path: str) -> nn.Module | None:
+        """The user's module at ``path`` (one walk of the tree, then a lookup)."""
+        if self._modules is None:
+            self._modules = dict(self.root.named_modules(remove_duplicate=False))
+        return self._modules.get(path)
 
     def calls(self, path: str) -> int:
         """How often the module at ``path`` runs: counted in the eager pass, or in the graphs
@@ -141,12 +152,12 @@ class TreePlanner:
         elif call.op == "call_function" and site.module is None:
             owners = {_join(self.region.path, t.rpartition(".")[0]) for t in a.bn_attrs if "." in t}
             path = owners.pop() if len(owners) == 1 and len(a.bn_attrs) >= 2 else None
-            module = _tree_module(self.root, path) if path is not None else None
+            module = self.module(path) if path is not None else None
             if module is None or not is_batchnorm_module(module) or self._innermost(call) != path:
                 return None, "a functional batch_norm (no BatchNorm module to replace)"
         else:
             return None, "a functional batch_norm (no BatchNorm module to replace)"
-        module = _tree_module(self.root, path)
+        module = self.module(path)
         if module is None or not (is_batchnorm_module(module) or is_frozen_bn_module(module)):
             return None, f"{path} is not a BatchNorm module of the model"
         n = self.calls(path)
@@ -165,7 +176,7 @@ class TreePlanner:
             path = self._owner_of_attr(weight, "weight")
             if path is None or self._innermost(node) != path:
                 return None, f"{node.name} is a functional conv/linear on computed or foreign weights"
-        module = _tree_module(self.root, path)
+        module = self.module(path)
         if not isinstance(module, (_ConvNd, nn.Linear)):
             return None, f"{path} is not a conv/linear module"
         n = self.calls(path)
@@ -174,14 +185,7 @@ class TreePlanner:
         return path, ""
 
     def scope(self, node: fx.Node) -> str:
-        """The module whose own code runs ``node``: innermost stack entry that is not a layer."""
-        for local in reversed(_stack_paths(node)):
-            module = _tree_module(self.root, _join(self.region.path, local))
-            if module is not None and not (
-                is_norm_module(module) or isinstance(module, (_ConvNd, nn.Linear))
-            ):
-                return _join(self.region.path, local)
-        return self.region.path
+        return node_scope(self.module, self.region, node)
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self, applied: list[Applied]) -> tuple[list[Unit], list[tuple[str, str, Applied]]]:
@@ -262,11 +266,12 @@ def bind(units: list[Unit], editor: Editor) -> None:
 
 def merge_units(units: list[Unit]) -> list[Unit]:
     """Units touching a common module become one (a conv that absorbed two BatchNorms)."""
+    owner: dict[str, Unit] = {}  # module path -> the merged unit that touches it
     merged: list[Unit] = []
     for unit in units:
-        overlapping = [m for m in merged if m.paths & unit.paths]
+        overlapping = list({id(owner[p]): owner[p] for p in unit.paths if p in owner}.values())
         for m in overlapping:
-            merged.remove(m)
+            merged = [u for u in merged if u is not m]
             unit = Unit(
                 m.edits + unit.edits,
                 m.actions + unit.actions,
@@ -274,6 +279,8 @@ def merge_units(units: list[Unit]) -> list[Unit]:
                 proven=m.proven and unit.proven,
             )
         merged.append(unit)
+        for p in unit.paths:
+            owner[p] = unit
     return merged
 
 
