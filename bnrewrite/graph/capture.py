@@ -54,7 +54,7 @@ class Region:
         else:
             stack = node.meta.get("nn_module_stack")
             if stack:
-                local = str(list(stack.values())[-1][0])
+                local = stack_path(list(stack.values())[-1][0])
             else:  # functional call on stored tensors: the module that owns them
                 attrs = [n for n in node.all_input_nodes if n.op == "get_attr"]
                 local = str(attrs[-1].target).rpartition(".")[0] if attrs else None
@@ -63,6 +63,12 @@ class Region:
         if self.path and local:
             return f"{self.path}.{local}"
         return self.path or local
+
+
+def stack_path(entry: Any) -> str:
+    """A module path from an ``nn_module_stack`` entry (torch.export marks repeated calls of a
+    module as ``path@1``; that suffix is no part of the path)."""
+    return re.sub(r"@\d+$", "", str(entry))
 
 
 @dataclass

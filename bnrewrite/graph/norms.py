@@ -98,6 +98,12 @@ class BNSite:
     constant: bool
     frozen: bool = False
     num_batches_tracked: torch.Tensor | None = None
+    extra: tuple[fx.Node, ...] = ()  # the other ops of a BatchNorm computed op by op (ATen frozen BN)
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        """Every node that applies this BatchNorm (the call, plus ``extra``)."""
+        return (self.call, *self.extra) if self.call is not None else self.extra
 
     @property
     def module_path(self) -> str | None:
@@ -168,9 +174,13 @@ def bn_site(region: Region, node: fx.Node) -> BNSite | None:
     gm = region.gm
     if node.op == "call_module":
         return module_bn_site(gm.get_submodule(str(node.target)), region, node)
-    if node.op != "call_function" or node.target not in ops.BN_TARGETS:
+    if node.op != "call_function":
         return None
+    if node.target not in ops.BN_TARGETS:
+        return frozen_groups(region).get(node) if region.dialect == "aten" else None
     kind, names, tuple_out = ops.BN_TARGETS[node.target]
+    if reads_only_stored(ops.bind(node, names).get("input")):
+        return None  # normalizes a parameter (weight standardization), not activations
     out = node
     if tuple_out:
         items = [u for u in node.users if ops.is_getitem0(u)]
@@ -207,6 +217,93 @@ def bn_site(region: Region, node: fx.Node) -> BNSite | None:
         tracks,
         constant,
     )
+
+
+def frozen_groups(region: Region) -> dict[fx.Node, BNSite]:
+    """Frozen-BN modules in an ATen graph, where they are no single op but a few (``x * scale +
+    shift`` from fixed buffers): every group of ops that one frozen-BN module ran (its
+    ``nn_module_stack``), with one activation input and one output, keyed by its output node.
+    Cached on the graph module."""
+    cache = region.gm.meta.get("bnrewrite_frozen")
+    if cache is not None:
+        return cache
+    from .capture import stack_path
+
+    groups: dict[str, list[fx.Node]] = {}
+    kinds: dict[str, str] = {}
+    for n in region.gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack") if n.op == "call_function" else None
+        if not stack:
+            continue
+        path, kind = list(stack.values())[-1]
+        kind_name = str(getattr(kind, "__name__", kind)).rpartition(".")[2]
+        if "frozen" in kind_name.lower():
+            groups.setdefault(stack_path(path), []).append(n)
+            kinds[stack_path(path)] = kind_name
+    found: dict[fx.Node, BNSite] = {}
+    for path, nodes in groups.items():
+        site = _frozen_site(region, path, kinds[path], nodes)
+        if site is not None and site.node is not None:
+            found[site.node] = site
+    region.gm.meta["bnrewrite_frozen"] = found
+    return found
+
+
+def _frozen_site(region: Region, path: str, kind: str, nodes: list[fx.Node]) -> BNSite | None:
+    gm = region.gm
+    stats = {}
+    for name in _STAT_NAMES:
+        value = getattr(gm.get_submodule(path), name, None) if _has_module(gm, path) else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        stats[name] = value
+    group = set(nodes)
+    outputs = [n for n in nodes if any(u not in group for u in n.users)]
+    inputs = {a for n in nodes for a in n.all_input_nodes if a not in group and a.op != "get_attr"}
+    if len(outputs) != 1 or len(inputs) != 1:
+        return None
+    eps = None
+    for n in nodes:  # running_var + eps
+        a = n.args
+        stored = len(a) == 2 and isinstance(a[0], fx.Node) and a[0].op == "get_attr"
+        if stored and isinstance(a[1], float) and str(a[0].target).endswith("running_var"):
+            eps = a[1]
+    if eps is None:
+        return None
+    out = outputs[0]
+    return BNSite(
+        region, out, out, next(iter(inputs)), kind, None, stats["weight"], stats["bias"],
+        stats["running_mean"], stats["running_var"], float(eps), False, True, True, frozen=True,
+        extra=tuple(n for n in nodes if n is not out),
+    )  # fmt: skip
+
+
+def _has_module(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def reads_only_stored(value: Any, limit: int = 64) -> bool:
+    """True when ``value`` is computed from stored tensors alone (parameters, buffers,
+    constants), never from the model's inputs: e.g. ``self.weight.reshape(1, out, -1)``."""
+    if not isinstance(value, fx.Node):
+        return False
+    seen: set[fx.Node] = set()
+    todo = [value]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" or len(seen) > limit:
+            return False
+        if n.op == "call_module":
+            return False  # a module applied to it: treat as activations
+        todo.extend(n.all_input_nodes)
+    return any(n.op == "get_attr" for n in seen)
 
 
 def other_norm_site(region: Region, node: fx.Node) -> OtherNormSite | None:

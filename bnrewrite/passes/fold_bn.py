@@ -230,6 +230,10 @@ class _RegionFolder:
         if site.node is not call:
             self.graph.erase_node(site.node)
         self.graph.erase_node(call)
+        for n in reversed(site.extra):  # the rest of a BatchNorm computed op by op
+            if not n.users and not getattr(n, "_erased", False):
+                inputs.extend(a for a in n.all_input_nodes if a.op == "get_attr")
+                self.graph.erase_node(n)
         for n in inputs:
             if not n.users:
                 self.attrs[str(n.target)] -= 1

@@ -88,8 +88,9 @@ def _check_preceding(site: BNSite, rank_of: RankOf) -> tuple[LayerSite | None, t
         return None, None
     if not layer.constant or layer.weight is None:
         return None, ("FD204", f"{_label(layer)} has weights computed in the graph")
-    if any(u is not site.call for u in src.users):
-        others = ", ".join(u.name for u in src.users if u is not site.call)
+    own = site.nodes
+    if any(u not in own for u in src.users):
+        others = ", ".join(u.name for u in src.users if u not in own)
         return None, ("BN009", f"output of {_label(layer)} is also used by {others}")
     if _out_channels(layer) != site.num_features:
         return None, (

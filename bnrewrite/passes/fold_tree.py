@@ -9,9 +9,6 @@ is captured alone, folded and swapped in (FD104 names it and the reason). Every 
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import sys
 from collections import Counter
 from typing import Any
 
@@ -97,12 +94,10 @@ def fold_into_tree(
             root_graph = unit
         units.append(unit)
 
-    # The graphs have done their work: release them before the folded weights are allocated,
-    # so the two never add up in the peak (fx graphs hold reference cycles: collect them).
+    # The graphs have done their work: drop them before the folded weights are allocated.
     needs.clear()
     if release_graphs:
         cap.regions = []
-    release_memory()
     for slot, compute in pending:
         slot.fill(compute)
     pending.clear()
@@ -112,17 +107,6 @@ def fold_into_tree(
         u.apply()
     report.diagnostics.extend(diagnostics)
     return TreeResult(root, units, root_graph)
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc), so memory the graphs
-    used is not counted again under the folded weights."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def _plan_regions(

@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..diagnostics import Action
-from ..graph.capture import Capture, Region
+from ..graph.capture import Capture, Region, stack_path
 from ..graph.edit import Editor
 from ..graph.norms import is_batchnorm_module, is_frozen_bn_module, is_norm_module
 from .fold_bn import Applied
@@ -89,7 +89,7 @@ def _join(prefix: str, local: str) -> str:
 
 def _stack_paths(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
-    return [str(v[0]) for v in stack.values()]
+    return [stack_path(v[0]) for v in stack.values()]
 
 
 def node_scope(module_at: Callable[[str], nn.Module | None], region: Region, node: fx.Node) -> str:
@@ -149,6 +149,8 @@ class TreePlanner:
         site = a.decision.site
         if call.op == "call_module" and site.module is not None:
             path = _join(self.region.path, str(call.target))
+        elif call.op == "call_function" and site.frozen:  # frozen BN, op by op in an ATen graph
+            path = self._innermost(call) or ""
         elif call.op == "call_function" and site.module is None:
             owners = {_join(self.region.path, t.rpartition(".")[0]) for t in a.bn_attrs if "." in t}
             path = owners.pop() if len(owners) == 1 and len(a.bn_attrs) >= 2 else None

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import networkx as nx
-from torch import fx
+from torch import fx, nn
 
 from .. import codes
 from ..diagnostics import Diagnostic
@@ -23,7 +23,7 @@ class RuleContext:
 
     def diagnostic(self, code: str, message: str, region: Region, node: fx.Node) -> Diagnostic:
         """A diagnostic for ``node``: its code's severity, node name, module path, source line."""
-        path = region.module_path(node)
+        path = existing_path(self.cap.model, region.module_path(node))
         where = path or region.qualify(node.name)
         return Diagnostic(
             code,
@@ -33,6 +33,21 @@ class RuleContext:
             path,
             source_line(node),
         )
+
+
+def existing_path(model: object, path: str | None) -> str | None:
+    """``path`` if the model has a module there, else its longest prefix that exists (a
+    diagnostic must name a module the user can find with ``get_submodule``)."""
+    if path is None or not isinstance(model, nn.Module):
+        return path
+    parts = path.split(".")
+    while parts:
+        try:
+            model.get_submodule(".".join(parts))
+            return ".".join(parts)
+        except AttributeError:
+            parts.pop()
+    return None
 
 
 Rule = Callable[[RuleContext], Iterable[Diagnostic]]
