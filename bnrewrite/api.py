@@ -93,8 +93,12 @@ def _fold_and_write(
         report.verification = {**check.to_dict(), "summary": check.summary()}
         if not check.passed:
             raise VerificationError(f"verification failed, nothing written: {check.summary()}")
-    info = export(result.model, output, inputs, fmt=kind, force=force, dynamic_batch=dynamic_batch)
+    info = export(
+        result.model, output, inputs, fmt=kind, force=force, dynamic_batch=dynamic_batch, roundtrip=do_verify
+    )
     report.extra["output"] = info["path"]
+    if "read_back" in info:
+        report.extra["read_back"] = info["read_back"]
     if "onnxruntime_check" in info:
         report.extra["onnxruntime_check"] = info["onnxruntime_check"]
     if graph is not None:

@@ -31,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "imports": [], "auto_import": True}
 out = Console(soft_wrap=False, width=160)
 err = Console(stderr=True)
 
@@ -115,8 +115,24 @@ def handles_errors(fn: F) -> F:
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library warnings.")] = False,
+    imports: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--import",
+            help="Import this module before loading a .pt2 (it registers a pytree type the program's "
+            "inputs/outputs use, e.g. a ModelOutput dataclass); repeatable.",
+        ),
+    ] = None,
+    no_import: Annotated[
+        bool,
+        typer.Option(
+            "--no-import", help="Never import a module named in a .pt2 file to register its pytree types."
+        ),
+    ] = False,
 ) -> None:
     _state["debug"] = debug
+    _state["imports"] = list(imports or [])
+    _state["auto_import"] = not no_import
     if debug:
         import os
 
@@ -126,7 +142,13 @@ def _main(
 def _load(model: str, weights: Path | None, trust_pickle: bool, shapes: list[str] | None) -> tuple[Any, Any]:
     from .io import inputs_for, load
 
-    loaded = load(model, weights=weights, trust_pickle=trust_pickle)
+    loaded = load(
+        model,
+        weights=weights,
+        trust_pickle=trust_pickle,
+        imports=_state["imports"],
+        auto_import=_state["auto_import"],
+    )
     return loaded, inputs_for(loaded, shapes)
 
 
@@ -237,8 +259,12 @@ def verify_cmd(
     from .render import to_json
     from .verify import verify
 
-    a = load(original, trust_pickle=trust_pickle)
-    b = load(rewritten, trust_pickle=trust_pickle)
+    a = load(
+        original, trust_pickle=trust_pickle, imports=_state["imports"], auto_import=_state["auto_import"]
+    )
+    b = load(
+        rewritten, trust_pickle=trust_pickle, imports=_state["imports"], auto_import=_state["auto_import"]
+    )
     inputs = inputs_for(a, input_shape) or inputs_for(b, input_shape)
     if inputs is None:
         raise UsageError("no example inputs: pass --input-shape")

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch
 from torch import fx, nn
 
 from . import structure
-from .errors import BnrewriteError, UsageError
+from .errors import BnrewriteError, UsageError, VerificationError
 from .graph.capture import _reason, buffers_restored, capture
+from .graph.norms import is_batchnorm_module
 from .graph.view import to_networkx
 
 MODEL_FORMATS = ("pt2", "onnx", "py")
@@ -118,6 +120,24 @@ def export_program(
         raise BnrewriteError(f"torch.export failed: {_reason(exc)}{hint}") from exc
 
 
+def read_back_in_new_process(path: Path) -> None:
+    """Load a written ``.pt2`` in a new interpreter (nothing registered by this process helps
+    there); a one-line error says why it cannot be read."""
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom bnrewrite.errors import BnrewriteError\n"
+        "from bnrewrite.io import load_program\n"
+        "try:\n    load_program(Path(sys.argv[1]))\n"
+        "except BnrewriteError as e:\n    print(e, file=sys.stderr); sys.exit(1)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=os.getcwd(), timeout=600
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise VerificationError(f"the written .pt2 cannot be read back in a new process: {reason}")
+
+
 @contextlib.contextmanager
 def torch_output_silenced() -> Iterator[None]:
     """Keep torch.export/ONNX diagnostics (graph dumps) off the terminal unless BNREWRITE_DEBUG."""
@@ -149,10 +169,13 @@ def export(
     force: bool = False,
     dynamic_batch: bool = False,
     check: bool = True,
+    roundtrip: bool = False,
 ) -> dict[str, Any]:
     """Write ``model`` to ``path`` in the format its extension (or ``fmt``) names.
 
     Returns a small report (format, path, and for ONNX the onnxruntime check result).
+    ``roundtrip``: a ``.pt2`` must load back in a fresh Python process (as a user's pipeline
+    would load it) before it is moved into place; otherwise nothing is written.
     """
     kind = format_of(path, fmt)
     check_output(path, force=force)
@@ -161,6 +184,9 @@ def export(
         ep = export_program(model, example_inputs, dynamic_batch=dynamic_batch)
         with atomic_path(path, force=force) as tmp:
             torch.export.save(ep, tmp)
+            if roundtrip:
+                read_back_in_new_process(tmp)
+                info["read_back"] = "loaded in a new process"
     elif kind in WEIGHT_FORMATS:
         write_state_dict(model, path, force=force)
     elif kind == "onnx":
@@ -218,7 +244,13 @@ def _export_onnx(
         if check:
             info["onnxruntime_check"] = check_onnx(tmp, _runnable(model), inputs)
             if info["onnxruntime_check"].get("passed") is False:
-                raise BnrewriteError(f"ONNX output differs from PyTorch: {info['onnxruntime_check']}")
+                hint = ""
+                if any(is_batchnorm_module(m) and m.training for m in _runnable(model).modules()):
+                    hint = (
+                        " - the model's BatchNorm layers are in training mode (batch statistics, which "
+                        "ONNX export does not reproduce): call model.eval() first, or fold with --eval"
+                    )
+                raise BnrewriteError(f"ONNX output differs from PyTorch: {info['onnxruntime_check']}{hint}")
     return info
 
 

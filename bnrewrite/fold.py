@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -86,6 +88,48 @@ def fold(
     training mode as if in eval mode. ``select`` (dotted-path globs) and ``types`` (kinds such as
     ``BatchNorm2d``, ``F.batch_norm``) limit which BatchNorms are folded.
     """
+    with gc_paused():
+        return _fold(
+            model,
+            example_inputs,
+            inplace,
+            eval_mode,
+            leaf_modules,
+            record_sources,
+            check_trace,
+            prove,
+            select,
+            types,
+            cap,
+        )
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while folding: tracing allocates many long-lived objects,
+    and the collector's full passes over them would make the cost per layer grow with depth."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _fold(
+    model: Any,
+    example_inputs: Any,
+    inplace: bool,
+    eval_mode: bool,
+    leaf_modules: Iterable[type | str],
+    record_sources: bool,
+    check_trace: bool,
+    prove: bool,
+    select: str | Iterable[str] | None,
+    types: Iterable[str | type] | None,
+    cap: Capture | None,
+) -> RewriteResult:
     selector = Selector.of(select, types) if (select or types) else None
     own_capture = cap is None
     if cap is None:

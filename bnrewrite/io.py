@@ -8,13 +8,17 @@ recognized from the archive layout and refused with what to provide instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
+import logging
 import os
 import pickle
 import re
 import sys
+import traceback
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +86,16 @@ def load(
     *,
     weights: str | os.PathLike[str] | None = None,
     trust_pickle: bool = False,
+    imports: Iterable[str] = (),
+    auto_import: bool = True,
 ) -> Loaded:
-    """Load a model from a ``.pt2`` file, a ``package.module:factory`` spec or a pickled module."""
+    """Load a model from a ``.pt2`` file, a ``package.module:factory`` spec or a pickled module.
+
+    A ``.pt2`` whose inputs/outputs use a pytree-registered type (a ``ModelOutput``-style
+    dataclass) needs the module that registers it imported first: ``imports`` are imported up
+    front, and with ``auto_import`` the module named by the type's serialized name is imported
+    when it is importable (like a factory spec's module); otherwise the error names the type
+    and the import that fixes it."""
     text = str(spec)
     if _SPEC.match(text) and not Path(text).exists():
         return load_factory(text, weights=weights)
@@ -92,10 +104,7 @@ def load(
     if weights is not None:
         raise UsageError("--weights goes with a package.module:factory spec, not with a model file")
     if kind == "pt2":
-        try:
-            ep = torch.export.load(path)
-        except Exception as exc:
-            raise BnrewriteError(f"{path}: not a readable .pt2 program: {_short(exc)}") from exc
+        ep = load_program(path, imports=imports, auto_import=auto_import)
         inputs = None
         if ep.example_inputs is not None:
             args, kwargs = ep.example_inputs
@@ -123,6 +132,113 @@ def load(
 def _short(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+_UNREGISTERED = re.compile(r"Deserializing (\S+) in pytree is not registered")
+
+
+def load_program(
+    path: Path, *, imports: Iterable[str] = (), auto_import: bool = True
+) -> torch.export.ExportedProgram:
+    """``torch.export.load`` with the pytree types its signature needs registered first."""
+    for name in imports:
+        _import(name, f"--import {name}")
+    tried: set[str] = set()
+    while True:
+        try:
+            with _torch_export_log() as log:
+                return torch.export.load(path)
+        except Exception as exc:
+            found = _UNREGISTERED.search(str(exc)) or _UNREGISTERED.search(log.text() + _real_error(path))
+            if found is None:
+                raise BnrewriteError(f"{path}: not a readable .pt2 program: {_short(exc)}") from exc
+            type_name = found.group(1)
+            module = _defining_module(type_name)
+            if auto_import and module is not None and module not in tried:
+                tried.add(module)
+                _import(module, f"{path} names {type_name}")
+                continue
+            fix = (
+                f"import {module} first (CLI: --import {module})"
+                if module
+                else "import the module that registers it"
+            )
+            off = "; automatic import is off (--no-import)" if not auto_import and module else ""
+            raise BnrewriteError(
+                f"{path}: the program's inputs/outputs use {type_name}, which torch's pytree must know "
+                f"before loading: {fix}{off}"
+            ) from exc
+
+
+class _Captured(logging.Handler):
+    """Keeps what torch.export logs while loading (it logs the real deserialization error and
+    raises a generic one), instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def text(self) -> str:
+        parts = []
+        for r in self.records:
+            parts.append(r.getMessage())
+            if r.exc_info:
+                parts.append("".join(traceback.format_exception(*r.exc_info)))
+        return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def _torch_export_log() -> Iterator[_Captured]:
+    logger = logging.getLogger("torch.export")
+    handler = _Captured()
+    saved, logger.handlers = logger.handlers, [handler]  # torch's own handler prints to stderr
+    propagate, logger.propagate = logger.propagate, False
+    disabled, logger.disabled = logger.disabled, False
+    try:
+        yield handler
+    finally:
+        logger.handlers = saved
+        logger.propagate = propagate
+        logger.disabled = disabled
+
+
+def _real_error(path: Path) -> str:
+    """The error behind torch.export.load's generic one (it retries an old format and reports
+    that failure instead), from its archive reader; '' when that is unavailable."""
+    try:
+        from torch.export.pt2_archive._package import load_pt2
+    except ImportError:  # pragma: no cover - other torch versions
+        return ""
+    try:
+        load_pt2(str(path))
+    except Exception as exc:
+        return "".join(traceback.format_exception(exc))
+    return ""
+
+
+def _defining_module(type_name: str) -> str | None:
+    """The longest importable module prefix of a serialized type name (``pkg.mod.Class``)."""
+    parts = type_name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:k])
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
+def _import(name: str, why: str) -> None:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as for factory specs: the user's own modules
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        raise BnrewriteError(f"{why}: importing {name} failed: {_short(exc)}") from exc
 
 
 def _load_pickled(path: Path, trust_pickle: bool) -> Loaded:

@@ -80,6 +80,8 @@ class Recording:
     inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     outputs: Any = None  # in eval mode
+    in_ids: dict[str, int] = field(default_factory=dict)  # id() of the first call's first input
+    out_ids: dict[str, int] = field(default_factory=dict)  # id() of the first call's output
 
 
 @dataclass
@@ -128,6 +130,24 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
         self.record_stack_traces = sources
+        self.failed_in: tuple[str, nn.Module] | None = None
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module whose code could not be traced
+                self.failed_in = (self.path_of_module(m), m)
+            raise
+
+    def leaf_hint(self) -> str:
+        """Where a ``--leaf`` would help: tracing failed inside a module without norm layers."""
+        if self.failed_in is None:
+            return ""
+        path, m = self.failed_in
+        if not path or any(is_norm_module(x) for x in m.modules()):
+            return ""
+        return f" (inside {path}: --leaf {type(m).__name__} keeps it as one call and may make this part traceable)"
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) is nn.Identity:  # an absorbed BatchNorm: no node at all
@@ -149,13 +169,23 @@ def _trace(
     tracer: _Tracer,
     concrete_args: dict[str, Any] | None,
 ) -> fx.GraphModule:
-    graph = tracer.trace(module, concrete_args=concrete_args)
+    tracer.failed_in = None
+    try:
+        graph = tracer.trace(module, concrete_args=concrete_args)
+    except Exception as exc:
+        raise TraceFailed(_reason(exc) + tracer.leaf_hint()) from exc
     gm = make_graph_module(tracer.root, graph, type(module).__name__)
     gm.training = module.training  # the root's own flag; submodules are shared as they are
     return gm
 
 
+class TraceFailed(Exception):
+    """symbolic_trace failed; the message is the reason as reported (with a --leaf hint)."""
+
+
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TraceFailed):
+        return str(exc)
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}"[:300]
@@ -515,10 +545,13 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
             rec.calls[path] += 1
             if path in keep and path not in rec.inputs:
                 rec.inputs[path] = (tuple(args), dict(kwargs))
+            if args and path not in rec.in_ids:
+                rec.in_ids[path] = id(args[0])
 
         def post(_m: nn.Module, _args: Any, out: Any, path: str = path) -> None:
             if isinstance(out, torch.Tensor) and path not in rec.out_shapes:
                 rec.out_shapes[path] = tuple(out.shape)
+                rec.out_ids[path] = id(out)
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))

@@ -125,8 +125,19 @@ def _plan_regions(
         )
         diagnostics.extend(rf.diagnostics)
         pending.extend(rf.pending)
-        region_units, region_needs = TreePlanner(cap, region, calls).plan(rf.applied)
+        planner = TreePlanner(cap, region, calls)
+        region_units, region_needs = planner.plan(rf.applied)
         units.extend(region_units)
+        for a, why in planner.contradicted:
+            diagnostics.append(
+                Diagnostic(
+                    "FD207",
+                    codes.get("FD207").severity,
+                    f"{a.action.module_path or a.action.node}: fold not applied: {why}",
+                    a.action.node,
+                    a.action.module_path,
+                )
+            )
         needs.extend((path, why, a, region) for path, why, a in region_needs)
     return units, needs, diagnostics, pending
 

@@ -32,8 +32,10 @@ from ..graph.capture import Capture, Region, stack_path
 from ..graph.edit import Editor
 from ..graph.norms import is_batchnorm_module, is_frozen_bn_module, is_norm_module
 from .fold_bn import Applied
+from .fold_plan import PRECEDING
 
 _PARAM, _MODULE = "param", "module"
+CONTRADICTED = "the eager run contradicts the graph"
 
 
 @dataclass
@@ -112,6 +114,8 @@ class TreePlanner:
         self.root: nn.Module = cap.model
         self.graph_calls = graph_calls
         self.not_run: set[str] = set()
+        self.contradicted: list[tuple[Applied, str]] = []  # folds the eager run disproves
+        self._outputs: dict[str, set[int]] = {}  # layer -> ids of the values it now computes
         self._modules: dict[str, nn.Module] | None = None
 
     def module(self, path: str) -> nn.Module | None:
@@ -199,6 +203,8 @@ class TreePlanner:
             if unit is not None:
                 units.append(unit)
                 continue
+            if reason is CONTRADICTED:
+                continue  # the graph is wrong here: neither a tree edit nor a graph may apply it
             nodes = [a.bn_call] + [n for n, _s, _c in a.layers]
             for n, _s, copied in a.layers:
                 if copied is not None and n.op == "call_module":  # every call site of the shared module
@@ -219,6 +225,17 @@ class TreePlanner:
             if path is None:
                 return None, why
             layers.append((path, slot))
+        rec = self.cap.recording
+        if rec is not None and a.decision.verdict == PRECEDING and bn in rec.in_ids:
+            # The BatchNorm must read the layer's output, or that of a BatchNorm already folded
+            # into the layer (a chain folded to a fixed point).
+            layer = layers[0][0]
+            seen = self._outputs.setdefault(layer, {rec.out_ids[layer]} if layer in rec.out_ids else set())
+            if seen and rec.in_ids[bn] not in seen:
+                self.contradicted.append((a, f"in the eager run, {bn} does not read {layer}'s output"))
+                return None, CONTRADICTED
+            if bn in rec.out_ids:
+                seen.add(rec.out_ids[bn])
         paths = {bn, *(p for p, _ in layers)}
         unit = Unit(actions=[a.action], paths=paths, proven=not (paths & self.not_run))
         unit.edits.append(_ModuleEdit(bn, a.affine if a.affine is not None else nn.Identity()))
