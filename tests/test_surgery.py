@@ -215,3 +215,19 @@ def test_fix_refuses_unknown_codes_and_shared_convs():
     model, inputs = load_sample("shared_conv")
     _, report = fix(model, example_inputs=inputs)
     assert report.actions == [] and set(report.codes()) == {"SW001"}
+
+
+def test_surgery_replaces_only_the_smallest_module_around_a_graph_edit():
+    from torch import fx
+
+    from tests.passes.test_fold_tree import Outer
+
+    model = randomize_bn(Outer())
+    x = torch.randn(2, 3, 10, 10)
+    swapped, report = swap(model, "frozen", example_inputs=x)
+    assert type(swapped) is Outer and swapped.helper() == "still mine"
+    assert isinstance(swapped.inner, fx.GraphModule) and not isinstance(swapped.bn, fx.GraphModule)
+    assert [d.module_path for d in report.diagnostics if d.code == "FD104"] == ["inner"]
+    removed, report = remove(model, example_inputs=x)
+    assert type(removed) is Outer and isinstance(removed.inner, fx.GraphModule)
+    assert type(removed.bn) is nn.Identity
