@@ -36,6 +36,7 @@ def fold_to_file(
     select: Any = None,
     types: Any = None,
     leaf_modules: Any = (),
+    bn_to_affine: bool = False,
 ) -> Report:
     """Fold, optionally verify, and write; nothing is written unless every step succeeded."""
     kind = format_of(output, fmt)
@@ -44,20 +45,14 @@ def fold_to_file(
         check_output(graph, force=force)
     if kind in MODEL_FORMATS and inputs is None and kind != "pt":
         raise UsageError(f"writing .{kind} needs example inputs: pass --input-shape (e.g. 1,3,224,224)")
-    return _fold_and_write(
-        loaded,
-        output,
-        inputs,
-        verify,
-        eval_mode,
-        kind,
-        dynamic_batch,
-        graph,
-        force,
-        select,
-        types,
-        leaf_modules,
-    )
+    options = {
+        "eval_mode": eval_mode,
+        "select": select,
+        "types": types,
+        "leaf_modules": leaf_modules,
+        "bn_to_affine": bn_to_affine,
+    }
+    return _fold_and_write(loaded, output, inputs, verify, kind, dynamic_batch, graph, force, options)
 
 
 def _fold_and_write(
@@ -65,25 +60,14 @@ def _fold_and_write(
     output: str | os.PathLike[str],
     inputs: tuple[Any, ...] | None,
     do_verify: bool,
-    eval_mode: bool,
     kind: str,
     dynamic_batch: bool,
     graph: str | os.PathLike[str] | None,
     force: bool,
-    select: Any = None,
-    types: Any = None,
-    leaf_modules: Any = (),
+    options: dict[str, Any],
 ) -> Report:
-    result = fold(
-        loaded.model,
-        inputs,
-        eval_mode=eval_mode,
-        record_sources=True,
-        check_trace=True,
-        select=select,
-        types=types,
-        leaf_modules=leaf_modules,
-    )
+    result = fold(loaded.model, inputs, record_sources=True, **options)
+    eval_mode = options["eval_mode"]
     report = result.report
     report.model = loaded.source
     if do_verify:

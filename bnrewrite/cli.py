@@ -221,6 +221,14 @@ def fold(
     select: SelectOpt = None,
     type_: TypeOpt = None,
     leaf: LeafOpt = None,
+    bn_to_affine: Annotated[
+        bool,
+        typer.Option(
+            "--bn-to-affine",
+            help="Turn BatchNorms no neighbour can absorb into a per-channel scale-and-shift "
+            "(for backends without BatchNorm); by default they stay BatchNorm.",
+        ),
+    ] = False,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from .api import fold_to_file
@@ -239,6 +247,7 @@ def fold(
         select=select,
         types=type_,
         leaf_modules=leaf or (),
+        bn_to_affine=bn_to_affine,
     )
     _emit(report, as_json)
 

@@ -149,6 +149,37 @@ _ALL = [
         "Exact in eval mode; reported as a replacement, not as a fold.",
     ),
     Code(
+        "FD105",
+        "fold-into-concat",
+        _I,
+        "folded into the layers of a channel concatenation",
+        "What: the BatchNorm normalizes torch.cat([a(x), b(y), ...], dim=1) where every piece is a\n"
+        "conv / conv-transpose / linear output read by nothing else (eval-mode Dropout and\n"
+        "Identity are looked through). Each layer absorbs its own slice of the per-channel scale\n"
+        "and shift, so the BatchNorm disappears (mixed-kernel, inception-style blocks).\n"
+        "Exact in eval mode.",
+    ),
+    Code(
+        "FD106",
+        "fold-into-sum",
+        _I,
+        "folded into the terms of a sum",
+        "What: the BatchNorm normalizes a(x) + b(y) (+ ...) of conv / linear outputs read by\n"
+        "nothing else: the scale goes into every term, the shift into one term's bias\n"
+        "(dual-path and shake-shake style blocks). Exact in eval mode.",
+    ),
+    Code(
+        "FD107",
+        "fold-through-reshape",
+        _I,
+        "folded into a Linear through reshapes",
+        "What: Linear -> flatten/reshape/view/transpose/permute -> BatchNorm1d (token models:\n"
+        "`bn(x.flatten(0, 1)).reshape_as(x)`, `bn(linear(x).transpose(1, 2))`), or BatchNorm ->\n"
+        "reshapes -> Linear. Folded only when the recorded shapes prove that the BatchNorm's\n"
+        "channel axis is the Linear's feature axis after those ops; otherwise FD202 says why.\n"
+        "Exact in eval mode.",
+    ),
+    Code(
         "FD104",
         "module-replaced-by-graph",
         _I,

@@ -71,6 +71,7 @@ def fold(
     select: str | Iterable[str] | None = None,
     types: Iterable[str | type] | None = None,
     cap: Capture | None = None,
+    bn_to_affine: bool = False,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
 
@@ -86,7 +87,9 @@ def fold(
     bisection and undone (FD207). ``check_trace`` also compares each traced graph with eager
     execution before planning (one more forward pass). ``eval_mode=True`` folds BatchNorms in
     training mode as if in eval mode. ``select`` (dotted-path globs) and ``types`` (kinds such as
-    ``BatchNorm2d``, ``F.batch_norm``) limit which BatchNorms are folded.
+    ``BatchNorm2d``, ``F.batch_norm``) limit which BatchNorms are folded. A BatchNorm that no
+    neighbour can absorb stays a BatchNorm (one fused op: a fold never adds work) unless
+    ``bn_to_affine=True`` asks for a per-channel scale-and-shift (for backends without BN).
     """
     with gc_paused():
         return _fold(
@@ -101,6 +104,7 @@ def fold(
             select,
             types,
             cap,
+            bn_to_affine,
         )
 
 
@@ -129,6 +133,7 @@ def _fold(
     select: str | Iterable[str] | None,
     types: Iterable[str | type] | None,
     cap: Capture | None,
+    bn_to_affine: bool,
 ) -> RewriteResult:
     selector = Selector.of(select, types) if (select or types) else None
     own_capture = cap is None
@@ -143,7 +148,7 @@ def _fold(
     report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     report.extra["capture"] = cap.how
     rank_of = rank_lookup(cap)
-    options = {"eval_mode": eval_mode, "selector": selector}
+    options = {"eval_mode": eval_mode, "selector": selector, "bn_to_affine": bn_to_affine}
     if isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule)):
         for region in cap.regions:
             rf = fold_region(region, rank_of, inplace=inplace, **options)

@@ -20,7 +20,7 @@ class ChannelAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.scale.view(shape) + self.shift.view(shape)
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))  # one fused op
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}"

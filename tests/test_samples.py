@@ -13,7 +13,7 @@ EXPECTED = {
     "unet3d": {"fold-into-preceding": 12},
     "mlp": {"fold-into-preceding": 2},
     "functional_bn": {"fold-into-preceding": 2},
-    "bn_after_act": {"fold-into-following": 2, "scale-shift": 2},
+    "bn_after_act": {"fold-into-following": 2, "not-foldable": 2},
     "untraceable": {"fold-into-preceding": 4, "not-foldable": 1},
     "shared_conv": {"fold-into-preceding": 2},
     "module_lists": {"fold-into-preceding": 5},
@@ -50,7 +50,7 @@ def test_bn_after_activation_reasons():
     by_path = {n.module_path: n for n in analyze(model, inputs).norms}
     assert by_path["post_unpadded.bn"].target == "post_unpadded.conv2"
     assert by_path["post_zero_pad.bn"].reason_code == "FD201"
-    assert by_path["preact.bn"].verdict == "scale-shift"
+    assert by_path["preact.bn"].verdict == "not-foldable" and by_path["preact.bn"].reason_code == "BN009"
 
 
 def test_untraceable_reports_the_opaque_part_with_reason():

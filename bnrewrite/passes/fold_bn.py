@@ -5,9 +5,11 @@ modules, frozen-BN modules, ``F.batch_norm`` and ATen ``batch_norm`` - whose sta
 affine parameters are stored tensors.
 
 Guarantees: in eval mode the rewritten region computes the same function (up to rounding of
-float64-computed weights cast back to the layer dtype). BatchNorms are folded into the preceding
-layer, else into every following layer, repeated to a fixed point; what is left but usable
-becomes a :class:`~bnrewrite.nn.ChannelAffine`; everything else stays and gets a diagnostic.
+float64-computed weights cast back to the layer dtype), and never with more ops. BatchNorms are
+folded into the preceding layer (or every layer of a channel concatenation or a sum before it,
+or a Linear through reshapes), else into every following layer, repeated to a fixed point; what
+is left stays a BatchNorm (one fused op in eval mode) with a diagnostic, or becomes a
+:class:`~bnrewrite.nn.ChannelAffine` when ``bn_to_affine`` asks for it.
 Layers shared between call sites get a folded copy per site, so other sites are unaffected.
 """
 
@@ -61,8 +63,10 @@ class _RegionFolder:
         selector: Selector | None = None,
         compile: bool = True,
         detached: bool = False,
+        bn_to_affine: bool = False,
     ) -> None:
         self.region = region
+        self.bn_to_affine = bn_to_affine
         self.compile = compile
         self.detached = detached
         self._slots: dict[str, _Slot] = {}
@@ -90,7 +94,9 @@ class _RegionFolder:
                 site = self._site(node)
                 if site is None:
                     continue
-                decision = decide(site, self.rank_of, eval_mode=self.eval_mode)
+                decision = decide(
+                    site, self.rank_of, eval_mode=self.eval_mode, bn_to_affine=self.bn_to_affine
+                )
                 if decision.verdict in (PRECEDING, FOLLOWING):
                     self._apply_fold(decision)
                     changed = True
@@ -98,7 +104,7 @@ class _RegionFolder:
             site = self._site(node)
             if site is None:
                 continue
-            decision = decide(site, self.rank_of, eval_mode=self.eval_mode)
+            decision = decide(site, self.rank_of, eval_mode=self.eval_mode, bn_to_affine=self.bn_to_affine)
             if decision.verdict == SCALE_SHIFT:
                 self._apply_scale_shift(decision)
             if decision.verdict in (SCALE_SHIFT, NOT_FOLDABLE):
@@ -136,18 +142,28 @@ class _RegionFolder:
         equiv = site.node.meta.get(EQUIV, site.node.name)
         layers: list[tuple[fx.Node, _Slot, str | None]] = []
         if d.verdict == PRECEDING:
-            layer = d.producer
-            assert layer is not None and layer.weight is not None
-            kind, groups = layer.kind, layer.groups
-            layers.append(
-                self._write_layer(
-                    layer, lambda w, b: fold_math.into_preceding(kind, w, b, groups, scale, shift)
+            producers = d.producers or [d.producer]
+            for i, layer in enumerate(producers):
+                assert layer is not None and layer.weight is not None
+                s_i, t_i = scale, shift
+                if d.combine == "cat":  # each piece absorbs its channels
+                    lo, hi = d.slices[i]
+                    s_i, t_i = scale[lo:hi], shift[lo:hi]
+                elif d.combine == "sum" and i > 0:  # the scale goes into every term, the shift once
+                    t_i = torch.zeros_like(shift)
+                layers.append(
+                    self._write_layer(
+                        layer,
+                        lambda w, b, k=layer.kind, g=layer.groups, s=s_i, t=t_i: fold_math.into_preceding(
+                            k, w, b, g, s, t
+                        ),
+                    )
                 )
-            )
-            site.node.replace_all_uses_with(layer.node)
-            layer.node.meta[EQUIV] = equiv
-            self._tag(layer.node, d)
-            targets = [layer]
+                self._tag(layer.node, d)
+            assert site.input is not None
+            site.node.replace_all_uses_with(site.input)  # the layer, or the cat/sum/reshape over it
+            site.input.meta[EQUIV] = equiv
+            targets = [p for p in producers if p is not None]
         else:
             assert site.input is not None
             for layer, entry in zip(d.consumers, d.entries):
@@ -209,12 +225,14 @@ class _RegionFolder:
 
     def _diagnose(self, d: Decision) -> None:
         site = d.site
+        kept = d.verdict == NOT_FOLDABLE and bool(d.notes)  # usable, but no neighbour absorbs it
+        what = "not folded, stays a BatchNorm (one fused op)" if kept else "not folded"
         for code, message in d.notes or [(d.code, d.reason)]:
             self.diagnostics.append(
                 Diagnostic(
                     code,
                     codes.get(code).severity,
-                    f"{site.module_path or site.name}: not folded: {message}",
+                    f"{site.module_path or site.name}: {what}: {message}",
                     site.name,
                     site.module_path,
                     source_line(site.call),
@@ -392,6 +410,7 @@ def fold_region(
     inplace: bool = False,
     selector: Selector | None = None,
     compile: bool = True,
+    bn_to_affine: bool = False,
 ) -> RegionFold:
     """Fold every (selected) BatchNorm of one region in place (the region's graph module is ours).
 
@@ -407,6 +426,7 @@ def fold_region(
         selector=selector,
         compile=compile,
         detached=not compile,
+        bn_to_affine=bn_to_affine,
     )
     folder.run()
     return RegionFold(folder.actions, folder.diagnostics, folder.applied, folder.pending)

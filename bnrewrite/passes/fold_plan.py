@@ -7,15 +7,22 @@ layer, else a per-channel scale-and-shift, else (statistics unusable) left alone
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..graph import ops
-from ..graph.capture import node_rank
+from ..graph.capture import node_shape
 from ..graph.norms import BNSite, LayerSite, layer_site
+from ..graph.reshapes import chain_back, chain_forward, reshape_kind, track
+
+aten = torch.ops.aten
+_ADDS = (operator.add, torch.add, aten.add.Tensor, "add", "__add__")
 
 PRECEDING = "fold-into-preceding"
 FOLLOWING = "fold-into-following"
@@ -33,9 +40,14 @@ class Decision:
     consumers: list[LayerSite] = field(default_factory=list)
     entries: list[fx.Node] = field(default_factory=list)  # nodes whose input becomes the BN input
     notes: list[tuple[str, str]] = field(default_factory=list)
+    producers: list[LayerSite] = field(default_factory=list)  # concat pieces / sum terms
+    slices: list[tuple[int, int]] = field(default_factory=list)  # concat: channels of each piece
+    combine: str | None = None  # "cat" | "sum" | "reshape" for folds beyond the direct neighbour
 
     @property
     def target(self) -> str | None:
+        if self.verdict == PRECEDING and self.producers:
+            return ", ".join(p.module_path or p.name for p in self.producers)
         if self.verdict == PRECEDING and self.producer is not None:
             return self.producer.module_path or self.producer.name
         if self.verdict == FOLLOWING:
@@ -118,11 +130,32 @@ def _check_following(
         if not entry.args or entry.args[0] is not site.node or site.node in entry.args[1:]:
             return [], [], None
         user = entry
+        reshaped = False
         # A reflect/replicate/circular pad commutes with the per-channel affine: look through it.
         if ops.is_copying_pad(entry) and len(entry.users) == 1:
             user = next(iter(entry.users))
             if not user.args or user.args[0] is not entry:
                 return [], [], None
+        elif reshape_kind(entry) is not None:  # BN -> reshapes -> Linear
+            chain = [entry, *chain_forward(entry)]
+            end = chain[-1]
+            user = next(iter(end.users)) if len(end.users) == 1 else end
+            if user is end or not user.args or user.args[0] is not end:
+                return [], [], None
+            shape = _shape(rank_of, end)
+            axis = track(chain, 1, lambda n: _shape(rank_of, n))
+            if shape is None or axis != len(shape) - 1:
+                if layer_site(site.region, user) is not None:
+                    return (
+                        [],
+                        [],
+                        (
+                            "FD202",
+                            "after the reshapes the BN's channel axis is not the Linear's feature axis",
+                        ),
+                    )
+                return [], [], None
+            reshaped = True
         layer = layer_site(site.region, user)
         if layer is None:
             return [], [], None
@@ -146,7 +179,9 @@ def _check_following(
             or (not isinstance(layer.padding, str) and any(int(p) != 0 for p in layer.padding))
         ):
             return [], [], ("FD206", f"following {label} is a transposed conv with kernel/stride > 1")
-        if layer.kind == "linear":
+        if layer.kind == "linear" and reshaped:
+            pass  # the axis was followed through the reshapes above
+        elif layer.kind == "linear":
             rank = rank_of(site.node)
             if rank is None:
                 return (
@@ -164,8 +199,9 @@ def _check_following(
     return layers, entries, None
 
 
-def decide(site: BNSite, rank_of: RankOf, *, eval_mode: bool = False) -> Decision:
-    """The fold decision for one BatchNorm site."""
+def decide(site: BNSite, rank_of: RankOf, *, eval_mode: bool = False, bn_to_affine: bool = False) -> Decision:
+    """The fold decision for one BatchNorm site. One that no neighbour can absorb stays a
+    BatchNorm (a fold must never add work) unless ``bn_to_affine`` asks for a scale-and-shift."""
     if not site.constant:
         return Decision(
             site, NOT_FOLDABLE, "FD204", "statistics or affine parameters are computed in the graph"
@@ -185,13 +221,19 @@ def decide(site: BNSite, rank_of: RankOf, *, eval_mode: bool = False) -> Decisio
         return Decision(site, PRECEDING, "FD101", f"folds into {_label(producer)}", producer=producer)
     if note:
         notes.append(note)
+    combined, note = _check_combined(site, rank_of, eval_mode)
+    if combined is not None:
+        return combined
+    if note:
+        notes.append(note)
     consumers, entries, note = _check_following(site, rank_of)
     if consumers:
         names = ", ".join(_label(c) for c in consumers)
+        through = any(reshape_kind(e) is not None for e in entries)
         return Decision(
             site,
             FOLLOWING,
-            "FD102",
+            "FD107" if through else "FD102",
             f"folds into following {names}",
             consumers=consumers,
             entries=entries,
@@ -202,17 +244,177 @@ def decide(site: BNSite, rank_of: RankOf, *, eval_mode: bool = False) -> Decisio
     if not notes:
         notes.append(("FD206", "no conv/linear directly before or after it"))
     reason = "; ".join(f"{msg} ({code})" for code, msg in notes)
-    return Decision(site, SCALE_SHIFT, notes[0][0], f"becomes scale-and-shift: {reason}", notes=notes)
+    if bn_to_affine:
+        return Decision(site, SCALE_SHIFT, notes[0][0], f"becomes scale-and-shift: {reason}", notes=notes)
+    return Decision(
+        site,
+        NOT_FOLDABLE,
+        notes[0][0],
+        f"stays a BatchNorm (one fused op in eval mode; --bn-to-affine makes it a scale-and-shift): {reason}",
+        notes=notes,
+    )
 
 
 def rank_lookup(cap) -> RankOf:
-    """A rank lookup that runs shape propagation only the first time a rank is needed."""
+    """A rank lookup (with ``.shape(node)``) that reads shapes recorded by the graph or by the
+    capture's eager pass (module calls), and runs shape propagation only the first time a
+    shape is needed that neither has."""
+
+    def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+        shape = node_shape(node)
+        rec = getattr(cap, "recording", None)
+        if shape is None and rec is not None and node.op == "call_module":
+            region = next((r for r in cap.regions if r.gm.graph is node.graph), None)
+            if region is not None:
+                shape = rec.out_shapes.get(
+                    f"{region.path}.{node.target}" if region.path else str(node.target)
+                )
+        if shape is None and cap.example_inputs is not None:
+            cap.ensure_shapes()
+            shape = node_shape(node)
+        return shape
 
     def rank_of(node: fx.Node) -> int | None:
-        rank = node_rank(node)
-        if rank is None and cap.example_inputs is not None:
-            cap.ensure_shapes()
-            rank = node_rank(node)
-        return rank
+        shape = shape_of(node)
+        return None if shape is None else len(shape)
 
+    rank_of.shape = shape_of  # type: ignore[attr-defined]
     return rank_of
+
+
+def _shape(rank_of: RankOf, node: fx.Node) -> tuple[int, ...] | None:
+    shape_of = getattr(rank_of, "shape", None)
+    return shape_of(node) if shape_of is not None else node_shape(node)
+
+
+def _passthrough(site: BNSite, node: fx.Node, eval_mode: bool) -> fx.Node:
+    """Look through an eval-mode Dropout module (identity) read by nothing else."""
+    if node.op == "call_module" and len(node.users) == 1 and node.args and isinstance(node.args[0], fx.Node):
+        m = site.region.gm.get_submodule(str(node.target)) if site.region else None
+        if isinstance(m, nn.modules.dropout._DropoutNd) and (not m.training or eval_mode):
+            return node.args[0]
+    return node
+
+
+def _check_combined(
+    site: BNSite, rank_of: RankOf, eval_mode: bool
+) -> tuple[Decision | None, tuple[str, str] | None]:
+    """BatchNorm over a channel concatenation or a sum of layer outputs, or over a Linear's
+    output moved by reshapes: every layer absorbs its part. (decision, or why not)."""
+    src = site.input
+    if src is None or site.region is None or site.num_features is None:
+        return None, None
+    if len(src.users) != 1:
+        return None, None
+    if src.op == "call_function" and src.target in (torch.cat, torch.concat, aten.cat.default):
+        return _concat(site, src, rank_of, eval_mode)
+    if src.op in ("call_function", "call_method") and src.target in _ADDS:
+        return _sum(site, src, eval_mode)
+    if reshape_kind(src) is not None:
+        return _linear_reshaped(site, src, rank_of)
+    return None, None
+
+
+def _pieces(site: BNSite, nodes: list[Any], eval_mode: bool) -> tuple[list[LayerSite], str | None]:
+    """The layers whose outputs are combined; ([], None) when some piece is no layer output at
+    all (nothing to say: the combination is just not a fold candidate), ([], why) otherwise."""
+    layers = []
+    for raw in nodes:
+        if not isinstance(raw, fx.Node):
+            return [], None
+        node = _passthrough(site, raw, eval_mode)
+        layer = layer_site(site.region, node) if site.region else None
+        if layer is None:
+            return [], None
+        if not layer.constant or layer.weight is None:
+            return [], f"{_label(layer)} has weights computed in the graph"
+        if len(node.users) != 1:
+            return [], f"output of {_label(layer)} is also used elsewhere"
+        layers.append(layer)
+    return layers, None
+
+
+def _concat(
+    site: BNSite, cat: fx.Node, rank_of: RankOf, eval_mode: bool
+) -> tuple[Decision | None, tuple[str, str] | None]:
+    tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    rank = rank_of(cat)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        return None, None
+    if rank is None or (dim % rank if dim < 0 else dim) != 1:
+        return None, ("FD202", f"{cat.name} concatenates along dim {dim}, BN normalizes dim 1")
+    layers, why = _pieces(site, list(tensors), eval_mode)
+    if not layers:
+        return None, ("BN009", f"concatenation {cat.name}: {why}") if why else None
+    widths = [_out_channels(la) for la in layers]
+    if sum(widths) != site.num_features:
+        return None, (
+            "FD202",
+            f"concatenation {cat.name} has {sum(widths)} channels, BN has {site.num_features}",
+        )
+    if any(la.kind == "linear" and rank != 2 for la in layers):
+        return None, ("FD202", f"concatenation {cat.name} of Linear outputs has rank {rank}")
+    bounds = [0, *itertools.accumulate(widths)]
+    names = ", ".join(_label(la) for la in layers)
+    return Decision(
+        site, PRECEDING, "FD105", f"folds into the concatenated {names}", producers=layers,
+        slices=list(itertools.pairwise(bounds)), combine="cat",
+    ), None  # fmt: skip
+
+
+def _sum(site: BNSite, add: fx.Node, eval_mode: bool) -> tuple[Decision | None, tuple[str, str] | None]:
+    terms = _sum_terms(add)
+    if terms is None:
+        return None, None
+    layers, why = _pieces(site, terms, eval_mode)
+    if not layers:
+        return None, ("BN009", f"sum {add.name}: {why}") if why else None
+    if any(_out_channels(la) != site.num_features for la in layers):
+        return None, ("FD202", f"a term of {add.name} has other than {site.num_features} channels")
+    names = ", ".join(_label(la) for la in layers)
+    return Decision(
+        site, PRECEDING, "FD106", f"folds into the summed {names}", producers=layers, combine="sum"
+    ), None
+
+
+def _sum_terms(add: fx.Node) -> list[Any] | None:
+    """The terms of ``a + b (+ c ...)``: nested two-term adds read by nothing else, no alpha."""
+    if add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    terms: list[Any] = []
+    for arg in add.args:
+        nested = isinstance(arg, fx.Node) and arg.target in _ADDS and len(arg.users) == 1
+        inner = _sum_terms(arg) if nested else None
+        terms.extend(inner if inner is not None else [arg])
+    return terms
+
+
+def _linear_reshaped(
+    site: BNSite, end: fx.Node, rank_of: RankOf
+) -> tuple[Decision | None, tuple[str, str] | None]:
+    chain = chain_back(end)
+    start = chain[0].args[0] if chain and isinstance(chain[0].args[0], fx.Node) else None
+    layer = layer_site(site.region, start) if (start is not None and site.region) else None
+    if layer is None or layer.kind != "linear" or len(start.users) != 1:
+        return None, None
+    if not layer.constant or layer.weight is None:
+        return None, ("FD204", f"{_label(layer)} has weights computed in the graph")
+    out_shape = _shape(rank_of, start)
+    if out_shape is None:
+        return None, ("FD202", f"shapes around {_label(layer)} unknown: pass example inputs")
+    axis = track(chain, len(out_shape) - 1, lambda n: _shape(rank_of, n))
+    if axis != 1:
+        return None, (
+            "FD202",
+            f"after {', '.join(n.name for n in chain)} the BN's channel axis is not {_label(layer)}'s feature axis",
+        )
+    if _out_channels(layer) != site.num_features:
+        return None, (
+            "FD202",
+            f"{_label(layer)} has {_out_channels(layer)} features, BN has {site.num_features}",
+        )
+    return Decision(
+        site, PRECEDING, "FD107", f"folds into {_label(layer)} through {', '.join(n.name for n in chain)}",
+        producers=[layer], combine="reshape",
+    ), None  # fmt: skip

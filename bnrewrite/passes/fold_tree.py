@@ -77,19 +77,20 @@ def fold_into_tree(
     eval_mode: bool,
     selector: Selector | None,
     release_graphs: bool = False,
+    bn_to_affine: bool = False,
 ) -> TreeResult:
     """Fold every region, express the folds as tree edits, apply them; see the module doc.
 
     ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made."""
     units, needs, diagnostics, pending = _plan_regions(
-        cap, rank_of, inplace and not keep_old, eval_mode, selector
+        cap, rank_of, inplace and not keep_old, eval_mode, selector, bn_to_affine
     )
     graphs = _graph_scopes(needs, units)
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
     root_graph = None
     for path, reasons in graphs.items():
-        unit = _graph_unit(cap, path, reasons, eval_mode, selector, diagnostics)
+        unit = _graph_unit(cap, path, reasons, eval_mode, selector, diagnostics, bn_to_affine)
         if path == "":
             root_graph = unit
         units.append(unit)
@@ -110,7 +111,12 @@ def fold_into_tree(
 
 
 def _plan_regions(
-    cap: Capture, rank_of: RankOf, inplace: bool, eval_mode: bool, selector: Selector | None
+    cap: Capture,
+    rank_of: RankOf,
+    inplace: bool,
+    eval_mode: bool,
+    selector: Selector | None,
+    bn_to_affine: bool,
 ) -> tuple[list[Unit], list[tuple[str, str, Applied, Region]], list[Diagnostic], list[tuple[Any, Any]]]:
     """Fold every region as a graph (nothing compiled, no weights computed yet) and plan the
     tree edits: (units, graph needs, diagnostics, weights to compute)."""
@@ -121,7 +127,13 @@ def _plan_regions(
     diagnostics: list[Diagnostic] = []
     for region in cap.regions:
         rf = fold_region(
-            region, rank_of, eval_mode=eval_mode, inplace=inplace, selector=selector, compile=False
+            region,
+            rank_of,
+            eval_mode=eval_mode,
+            inplace=inplace,
+            selector=selector,
+            compile=False,
+            bn_to_affine=bn_to_affine,
         )
         diagnostics.extend(rf.diagnostics)
         pending.extend(rf.pending)
@@ -173,13 +185,21 @@ def _graph_unit(
     eval_mode: bool,
     selector: Selector | None,
     diagnostics: list[Diagnostic],
+    bn_to_affine: bool,
 ) -> Unit:
     """Capture the module at ``path`` alone, fold it as a graph, and make swapping it in a unit."""
     region = capture_submodule(cap, path)
     if region is None:
         raise BnrewriteError(f"{path or '<root>'}: cannot be captured alone to carry a graph-only fold")
     sub = Capture(region.gm, [region], example_inputs=region.inputs)
-    rf = fold_region(region, rank_lookup(sub), eval_mode=eval_mode, selector=selector, compile=True)
+    rf = fold_region(
+        region,
+        rank_lookup(sub),
+        eval_mode=eval_mode,
+        selector=selector,
+        compile=True,
+        bn_to_affine=bn_to_affine,
+    )
     region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
     compile_now(region.gm)
     region.gm.training = (cap.model.get_submodule(path) if path else cap.model).training

@@ -226,7 +226,8 @@ class TreePlanner:
                 return None, why
             layers.append((path, slot))
         rec = self.cap.recording
-        if rec is not None and a.decision.verdict == PRECEDING and bn in rec.in_ids:
+        direct = a.decision.verdict == PRECEDING and a.decision.combine is None
+        if rec is not None and direct and bn in rec.in_ids:
             # The BatchNorm must read the layer's output, or that of a BatchNorm already folded
             # into the layer (a chain folded to a fixed point).
             layer = layers[0][0]

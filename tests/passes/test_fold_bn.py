@@ -105,15 +105,17 @@ def test_linear_then_bn1d_on_rank3_is_refused_with_reason():
             return self.bn(self.lin(x))
 
     model = randomize_bn(Seq())
-    _folded, report = check(model, torch.randn(2, 3, 6))
+    _folded, report = check(model, torch.randn(2, 3, 6), bn_to_affine=True)
     assert kinds(report) == ["scale-shift"]
     assert "FD202" in report.codes()
 
 
 def test_linear_without_shapes_is_not_guessed():
     model = randomize_bn(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)))
-    _, report = fold(model)
+    _, report = fold(model, bn_to_affine=True)
     assert kinds(report) == ["scale-shift"] and "FD202" in report.codes()
+    folded, report = fold(model)  # by default it stays a BatchNorm, with the same reason
+    assert kinds(report) == [] and "FD202" in report.codes() and n_bn(folded) == 1
 
 
 @pytest.mark.parametrize("aten", [False, True], ids=["module", "aten"])
@@ -136,9 +138,12 @@ def test_bn_into_following_zero_padded_conv_is_refused():
     model = randomize_bn(
         nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1))
     )
-    folded, report = check(model, torch.randn(2, 3, 10, 10))
+    folded, report = check(model, torch.randn(2, 3, 10, 10), bn_to_affine=True)
     assert kinds(report) == ["scale-shift"] and report.codes() == ["FD201"]
     assert isinstance(folded.get_submodule("2"), ChannelAffine)
+    folded, report = check(model, torch.randn(2, 3, 10, 10))
+    assert kinds(report) == [] and report.codes() == ["FD201"]
+    assert isinstance(folded.get_submodule("2"), nn.BatchNorm2d)
 
 
 def test_bn_into_following_linear_and_into_several_consumers():
@@ -163,10 +168,13 @@ def test_bn_into_following_linear_and_into_several_consumers():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_preactivation_bn_becomes_scale_shift():
+def test_preactivation_bn_stays_batchnorm_or_becomes_scale_shift_on_request():
     model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1)))
-    _folded, report = check(model, torch.randn(2, 3, 8, 8))
+    _folded, report = check(model, torch.randn(2, 3, 8, 8), bn_to_affine=True)
     assert kinds(report) == ["scale-shift"] and report.codes() == ["FD206"]
+    folded, report = check(model, torch.randn(2, 3, 8, 8))
+    assert kinds(report) == [] and report.codes() == ["FD206"] and n_bn(folded) == 1
+    assert "stays a BatchNorm" in report.diagnostics[0].message
 
 
 class SharedConv(nn.Module):
