@@ -95,15 +95,37 @@ def regrouped(before: Sequence[int], after: Sequence[int], axis: int) -> int | N
     return None
 
 
+def reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """True when ``user`` reads only ``node``'s shape, not its values (``y.reshape_as(node)``,
+    ``node.size()``, ``node.shape``)."""
+    if user.op == "call_method" and user.target in ("size", "dim"):
+        return True
+    as_shape = user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as")
+    as_shape = as_shape or (user.op == "call_function" and user.target in _SHAPE_OF_SECOND)
+    if as_shape:
+        return user.args[0] is not node and node not in user.kwargs.values()
+    if user.op == "call_function" and user.target in (aten.sym_size.int, aten.sym_size.default):
+        return True
+    return user.op == "call_function" and user.target is getattr and user.args[1:2] == ("shape",)
+
+
+_SHAPE_OF_SECOND = (aten.reshape_as.default, aten.view_as.default, aten.expand_as.default)
+
+
+def value_readers(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values."""
+    return [u for u in node.users if not reads_shape_only(u, node)]
+
+
 def chain_back(node: fx.Node) -> list[fx.Node]:
-    """The reshape ops that lead into ``node`` (itself included), each read by nothing else but
-    the next, in execution order."""
+    """The reshape ops that lead into ``node`` (itself included), each the only reader of the
+    values before it, in execution order."""
     chain: list[fx.Node] = []
     cur = node
     while reshape_kind(cur) is not None:
         chain.insert(0, cur)
         src = cur.args[0] if cur.args and isinstance(cur.args[0], fx.Node) else None
-        if src is None or len(src.users) != 1:
+        if src is None or len(value_readers(src)) != 1:
             break
         cur = src
     return chain

@@ -19,7 +19,7 @@ from torch import fx, nn
 from ..graph import ops
 from ..graph.capture import node_shape
 from ..graph.norms import BNSite, LayerSite, layer_site
-from ..graph.reshapes import chain_back, chain_forward, reshape_kind, track
+from ..graph.reshapes import chain_back, chain_forward, reshape_kind, track, value_readers
 
 aten = torch.ops.aten
 _ADDS = (operator.add, torch.add, aten.add.Tensor, "add", "__add__")
@@ -288,10 +288,17 @@ def _shape(rank_of: RankOf, node: fx.Node) -> tuple[int, ...] | None:
 
 
 def _passthrough(site: BNSite, node: fx.Node, eval_mode: bool) -> fx.Node:
-    """Look through an eval-mode Dropout module (identity) read by nothing else."""
-    if node.op == "call_module" and len(node.users) == 1 and node.args and isinstance(node.args[0], fx.Node):
+    """Look through an eval-mode Dropout (identity) read by nothing else: a Dropout module, or
+    ATen ``dropout(x, p, train=False)``."""
+    if len(node.users) != 1 or not node.args or not isinstance(node.args[0], fx.Node):
+        return node
+    if node.op == "call_module":
         m = site.region.gm.get_submodule(str(node.target)) if site.region else None
         if isinstance(m, nn.modules.dropout._DropoutNd) and (not m.training or eval_mode):
+            return node.args[0]
+    if node.op == "call_function" and node.target is aten.dropout.default:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        if train is False or eval_mode:
             return node.args[0]
     return node
 
@@ -396,7 +403,7 @@ def _linear_reshaped(
     chain = chain_back(end)
     start = chain[0].args[0] if chain and isinstance(chain[0].args[0], fx.Node) else None
     layer = layer_site(site.region, start) if (start is not None and site.region) else None
-    if layer is None or layer.kind != "linear" or len(start.users) != 1:
+    if layer is None or layer.kind != "linear" or len(value_readers(start)) != 1:
         return None, None
     if not layer.constant or layer.weight is None:
         return None, ("FD204", f"{_label(layer)} has weights computed in the graph")

@@ -81,3 +81,77 @@ def test_folded_error_is_within_twice_the_original_error(case):
     assert err <= 2 * base + SLACK[x.dtype] * scale, (err, base, [a.kind for a in report.actions])
     if not bn_first:
         assert [a.kind for a in report.actions] == ["fold-into-preceding"]
+
+
+class Combined(nn.Module):
+    """BatchNorm over a concatenation or a sum of random convs, or over reshaped Linear output."""
+
+    def __init__(self, layers: list[nn.Module], combine: str, bn: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.combine = combine
+        self.bn = bn
+
+    def forward(self, x):
+        outs = [layer(x) for layer in self.layers]
+        if self.combine == "cat":
+            return self.bn(torch.cat(outs, 1))
+        if self.combine == "sum":
+            total = outs[0]
+            for o in outs[1:]:
+                total = total + o
+            return self.bn(total)
+        h = outs[0]  # Linear on (B, T, F): BN over tokens, or over the transposed features
+        if self.combine == "flatten":
+            return self.bn(h.flatten(0, 1)).reshape_as(h)
+        return self.bn(h.transpose(1, 2))
+
+
+@st.composite
+def combined(draw):
+    combine = draw(st.sampled_from(["cat", "sum", "flatten", "transpose"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if combine in ("flatten", "transpose"):
+        fin, fout = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+        layers: list[nn.Module] = [nn.Linear(fin, fout, bias=draw(st.booleans()))]
+        bn = nn.BatchNorm1d(fout, affine=draw(st.booleans()))
+        x = torch.randn(draw(st.integers(1, 3)), draw(st.integers(2, 4)), fin, generator=g)
+    else:
+        nd = draw(st.integers(1, 2))
+        cin = 2 * draw(st.integers(1, 2))
+        n = draw(st.integers(1, 3)) if combine == "cat" else draw(st.integers(2, 3))
+        width = 2 * draw(st.integers(1, 2))
+        layers = []
+        for _ in range(n):
+            cout = 2 * draw(st.integers(1, 2)) if combine == "cat" else width
+            k = draw(st.sampled_from([1, 3]))  # odd kernels, same padding: pieces line up
+            groups = draw(st.sampled_from([1, 2]))
+            if k == 1 and draw(st.booleans()):
+                layers.append(CONVT[nd](cin, cout, 1, groups=groups, bias=draw(st.booleans())))
+            else:
+                layers.append(CONV[nd](cin, cout, k, padding=k // 2, groups=groups, bias=draw(st.booleans())))
+        channels = sum(layer.out_channels for layer in layers)
+        bn = BN[nd](channels if combine == "cat" else width, affine=draw(st.booleans()))
+        x = torch.randn(2, cin, *([6] * nd), generator=g)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 3 + 0.05)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+    return Combined(layers, combine, bn).eval(), x, combine
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(combined())
+def test_concat_sum_and_reshaped_linear_fold_exactly(case):
+    model, x, combine = case
+    folded, report = fold(model, (x,))
+    expected = {"cat": "FD105", "sum": "FD106", "flatten": "FD107", "transpose": "FD107"}[combine]
+    assert [a.code for a in report.actions] == [expected], [d.message for d in report.diagnostics]
+    assert type(folded.bn) is nn.Identity
+    ref = float64_reference(model, x)
+    with torch.no_grad():
+        base = (model(x).double() - ref).abs().max().item()
+        err = (folded(x).double() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-6 * max(1.0, ref.abs().max().item()), (err, base)
