@@ -1,0 +1,143 @@
+"""A fold never adds work: executed ATen ops and latency, before and after `bnrewrite.fold`.
+
+For every sample and third-party network (MONAI, efficientnet_pytorch, built without weights)
+the ATen ops one forward pass executes are counted with a ``TorchDispatchMode`` (every op,
+views included), on the original model and on the folded one; the folded model must never
+execute more. Latency is the median over interleaved rounds of folded / original.
+
+Usage: python benchmarks/ops.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bnrewrite  # noqa: E402
+from bnrewrite.graph.norms import is_batchnorm_module  # noqa: E402
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model, inputs) -> Counter[str]:
+    with torch.no_grad(), OpCounter() as counter:
+        model(*inputs)
+    return counter.ops
+
+
+def latency_ratio(a, b, inputs, rounds: int) -> float:
+    ratios = []
+    with torch.no_grad():
+        for _ in range(3):
+            a(*inputs), b(*inputs)
+        for i in range(rounds):
+            first, second = (a, b) if i % 2 == 0 else (b, a)
+            t0 = time.perf_counter()
+            first(*inputs)
+            t1 = time.perf_counter()
+            second(*inputs)
+            t2 = time.perf_counter()
+            ta, tb = (t1 - t0, t2 - t1) if first is a else (t2 - t1, t1 - t0)
+            ratios.append(ta / tb)
+    return statistics.median(ratios)
+
+
+def _trained(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if is_batchnorm_module(m) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def cases():
+    for name in importlib.import_module("samples").NAMES:
+        mod = importlib.import_module(f"samples.{name}")
+        yield name, mod.build(), mod.example_inputs()
+    try:
+        from monai.networks import nets
+    except ImportError:
+        nets = None
+    if nets is not None:
+        torch.manual_seed(0)
+        yield (
+            "monai UNet",
+            _trained(nets.UNet(2, 1, 2, (8, 16, 32), (2, 2), num_res_units=1, norm="batch")),
+            (torch.randn(1, 1, 64, 64),),
+        )
+        yield (
+            "monai BasicUNet",
+            _trained(nets.BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 16, 4), norm="batch")),
+            (torch.randn(1, 1, 64, 64),),
+        )
+        yield (
+            "monai SegResNet",
+            _trained(nets.SegResNet(2, 8, 1, 2, norm="batch")),
+            (torch.randn(1, 1, 64, 64),),
+        )
+        yield (
+            "monai DenseNet121",
+            _trained(nets.DenseNet121(2, 1, 3, init_features=8, growth_rate=4)),
+            (torch.randn(2, 1, 64, 64),),
+        )
+    try:
+        from efficientnet_pytorch import EfficientNet
+    except ImportError:
+        return
+    torch.manual_seed(0)
+    yield "efficientnet-b0", _trained(EfficientNet.from_name("efficientnet-b0")), (torch.randn(1, 3, 96, 96),)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    rounds = 15 if args.quick else 60
+    print("## Executed ATen ops per forward pass, and latency, folded vs original")
+    print(
+        f"{'model':20} {'BN':>4} {'folded':>6} {'kept':>5} {'ops before':>10} {'ops after':>9} {'latency':>8}"
+    )
+    worse = []
+    for name, model, inputs in cases():
+        folded, report = bnrewrite.fold(model, inputs)
+        n_bn = sum(n.family in ("batch", "frozen") for n in bnrewrite.analyze(model, inputs).norms)
+        done = sum(a.kind.startswith("fold") for a in report.actions)
+        before, after = count_ops(model, inputs), count_ops(folded, inputs)
+        ratio = latency_ratio(folded, model, inputs, rounds)
+        total_b, total_a = sum(before.values()), sum(after.values())
+        print(f"{name:20} {n_bn:4d} {done:6d} {n_bn - done:5d} {total_b:10d} {total_a:9d} {ratio:8.3f}")
+        if total_a > total_b:
+            worse.append((name, before, after))
+    for name, before, after in worse:
+        more = {k: after[k] - before[k] for k in after if after[k] > before[k]}
+        print(f"MORE OPS after folding {name}: {more}")
+    assert not worse, "a fold added work"
+
+
+if __name__ == "__main__":
+    main()
