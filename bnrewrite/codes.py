@@ -286,6 +286,11 @@ _ALL += [
 CODES: dict[str, Code] = {c.id: c for c in _ALL}
 
 
+def all_codes() -> list[Code]:
+    """Every code, in catalogue order."""
+    return list(_ALL)
+
+
 def get(code: str) -> Code:
     """Look up a code, case-insensitively; unknown codes are a usage error."""
     key = code.strip().upper()

@@ -79,3 +79,29 @@ def render_report(report: Report, console: Console) -> None:
         console.print(f"Verification: [{style}]{v.get('summary', '')}[/]", highlight=False)
     for key, value in report.extra.items():
         console.print(f"{key}: {value}")
+
+
+def render_summary(outcomes: list[tuple[str, Any, str | None]], lint: Any, console: Console) -> None:
+    """One row per analyzed model: norms, folds, findings by severity, and pass/fail."""
+    table = Table(title=f"Summary ({len(outcomes)} models)")
+    for col in ("model", "norms", "foldable", "errors", "warnings", "info", "status"):
+        table.add_column(col)
+    for model, report, error in outcomes:
+        if report is None:
+            table.add_row(model, "", "", "", "", "", f"[red]could not be analyzed[/]: {error}")
+            continue
+        count = {
+            s: sum(d.severity.value == s for d in report.diagnostics) for s in ("error", "warning", "info")
+        }
+        foldable = sum(n.verdict.startswith("fold") for n in report.norms)
+        status = "[red]fail[/]" if lint.fails(report) else "[green]pass[/]"
+        table.add_row(
+            model,
+            str(len(report.norms)),
+            str(foldable),
+            str(count["error"]),
+            str(count["warning"]),
+            str(count["info"]),
+            status,
+        )
+    console.print(table)
