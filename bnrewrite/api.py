@@ -108,7 +108,7 @@ def rewrite_to_file(
     """Run ``rewrite(model) -> RewriteResult`` and write the result; nothing is written on failure."""
     kind = format_of(output, fmt)
     check_output(output, force=force)
-    if kind in MODEL_FORMATS and inputs is None:
+    if write and kind in MODEL_FORMATS and inputs is None:
         raise UsageError(f"writing .{kind} needs example inputs: pass --input-shape")
     result = rewrite(loaded.model)
     report = result.report

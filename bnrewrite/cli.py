@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from . import codes
+from . import codes, progress
 from .errors import BnrewriteError, UsageError
 
 app = typer.Typer(
@@ -227,8 +227,9 @@ def analyze(
     lint = load_config(config, search=not no_config).overridden(
         report=only_codes, ignore=ignore_codes, per_module_ignores=per_module_ignore, fail_on=fail_on
     )
+    progress.enable(progress.wanted(quiet=kind != "text"))
     outcomes: list[tuple[str, Any, str | None]] = []
-    for spec in models:
+    for spec in progress.track(models, "models analyzed") if len(models) > 1 else models:
         try:
             loaded, inputs = _load(spec, weights, trust_pickle, input_shape)
             report = run(
@@ -305,6 +306,7 @@ def fold(
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from .api import fold_to_file
 
+    progress.enable(progress.wanted(quiet=as_json))
     loaded, inputs = _load(model, weights, trust_pickle, input_shape)
     report = fold_to_file(
         loaded,
@@ -349,6 +351,7 @@ def verify_cmd(
     inputs = inputs_for(a, input_shape) or inputs_for(b, input_shape)
     if inputs is None:
         raise UsageError("no example inputs: pass --input-shape")
+    progress.enable(progress.wanted(quiet=as_json))
     result = verify(a.model, b.model, inputs, rtol=rtol, atol=atol)
     if as_json:
         print(to_json(result.to_dict()))
@@ -572,12 +575,20 @@ def fix_cmd(
 def recalibrate_cmd(
     model: ModelArg,
     data: Annotated[
-        Path,
-        typer.Option("--data", help="Calibration inputs: .pt (tensor or list of batches) or .safetensors."),
+        str,
+        typer.Option(
+            "--data",
+            help="Calibration batches: a .pt file (tensor or list of batches), .safetensors, or "
+            "pkg.mod:make_loader (a factory returning any iterable of batches, e.g. a DataLoader).",
+        ),
     ],
     output: OutputOpt,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Split a single tensor into batches of this size.")
+    ] = None,
+    max_batches: Annotated[
+        int | None,
+        typer.Option("--max-batches", help="Use at most this many batches (in total, over all ranks)."),
     ] = None,
     select: SelectOpt = None,
     type_: TypeOpt = None,
@@ -588,12 +599,14 @@ def recalibrate_cmd(
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Re-estimate BatchNorm statistics from data (exact; under torchrun each rank takes a shard)."""
+    import itertools
     import os
 
     import torch
 
     from .api import rewrite_to_file
-    from .recalibrate import read_batches, recalibrate
+    from .calibration import calibration_batches
+    from .recalibrate import recalibrate
 
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be positive")
@@ -601,17 +614,23 @@ def recalibrate_cmd(
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    batches = read_batches(str(data), batch_size)
-    shard = batches[rank::world]
-    loaded, _ = _load(model, weights, trust_pickle, None)
-    first = shard[0] if shard else batches[0]
-    inputs = tuple(first) if isinstance(first, (list, tuple)) else (first,)
+    progress.enable(progress.wanted(quiet=as_json or rank != 0))
     try:
+        shard = calibration_batches(
+            data, batch_size=batch_size, max_batches=max_batches, rank=rank, world_size=world
+        )
+        first = next(shard, None)
+        if first is None and world == 1:
+            raise BnrewriteError(f"--data {data}: holds no calibration batch")
+        # a rank without batches still takes part in the all-reduce (it adds nothing)
+        batches = itertools.chain([first], shard) if first is not None else iter(())
+        loaded, _ = _load(model, weights, trust_pickle, None)
+        inputs = None if first is None else tuple(first) if isinstance(first, (list, tuple)) else (first,)
         report = rewrite_to_file(
             loaded,
             output,
             inputs,
-            lambda m: recalibrate(m, shard, select=select, types=type_),
+            lambda m: recalibrate(m, batches, select=select, types=type_),
             fmt=fmt,
             force=force,
             write=rank == 0,

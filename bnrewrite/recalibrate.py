@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import codes
+from . import codes, progress
 from .diagnostics import Action, Diagnostic, Report
 from .errors import BnrewriteError, UsageError
 from .fold import RewriteResult
@@ -109,7 +109,7 @@ def recalibrate(
     count = 0
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in progress.track(batches, "calibration batches"):
                 args = batch if isinstance(batch, (tuple, list)) else (batch,)
                 try:
                     result(*args)

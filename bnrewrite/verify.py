@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import progress
 from .errors import BnrewriteError
 from .graph.capture import _reason, buffers_restored, capture, normalize_inputs
 from .passes.fold_bn import EQUIV
@@ -217,7 +218,7 @@ def verify(
     except BnrewriteError:
         ref = None
     result = VerifyResult(True, input_sets=len(sets))
-    for i, xs in enumerate(sets):
+    for i, xs in enumerate(progress.track(sets, "input sets compared")):
         orig_out = _run(orig, xs)
         ref_out, base_out, problem = _reference(ref, orig, xs, orig_out)
         if problem is not None and result.reference == "float64":
