@@ -39,7 +39,9 @@ def task(description: str, total: int | None = None) -> Iterator[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    console = Console(stderr=True)
+    # On a terminal the bar disappears when done; forced on elsewhere, its final state stays.
+    with Progress(*columns, console=console, transient=console.is_terminal) as bar:
         task_id = bar.add_task(description, total=total)
         yield _Live(bar, task_id)
 

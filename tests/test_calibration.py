@@ -116,3 +116,13 @@ def test_progress_only_on_a_terminal_and_never_with_machine_output(monkeypatch):
         assert list(progress.track(range(3), "items")) == [0, 1, 2]
     finally:
         progress.enable(False)
+
+
+def test_cli_shows_progress_when_asked_and_never_with_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNREWRITE_PROGRESS", "1")
+    args = ["recalibrate", "samples.resnet:build", "--data", "tests.data_factories:make_loader"]
+    shown = runner.invoke(app, [*args, "-o", str(tmp_path / "a.pt")])
+    assert shown.exit_code == 0 and "calibration batches" in shown.output
+    quiet = runner.invoke(app, [*args, "-o", str(tmp_path / "b.pt"), "--json"])
+    assert quiet.exit_code == 0 and "calibration batches" not in quiet.output
+    progress.enable(False)
