@@ -75,7 +75,12 @@ def synthetic_resnet(blocks: int, width: int = 64) -> nn.Module:
         nn.Flatten(),
         nn.Linear(width, 10),
     )
-    g = torch.Generator().manual_seed(blocks)
+    return with_running_stats(model, seed=blocks)
+
+
+def with_running_stats(model: nn.Module, seed: int) -> nn.Module:
+    """Seeded trained-looking running statistics; eval mode."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -279,14 +284,7 @@ def segmentation_net(width: int = 16, depth: int = 6) -> nn.Module:
     for _ in range(depth):
         layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     layers += [nn.Conv2d(width, 19, 1)]
-    model = nn.Sequential(*layers)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    return with_running_stats(nn.Sequential(*layers), seed=0)
 
 
 class ConvCounter(torch.utils._python_dispatch.TorchDispatchMode):

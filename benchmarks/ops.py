@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bnrewrite  # noqa: E402
-from bnrewrite.graph.norms import is_batchnorm_module  # noqa: E402
+from samples._stats import trained  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -65,16 +65,6 @@ def latency_ratio(a, b, inputs, rounds: int) -> float:
     return statistics.median(ratios)
 
 
-def _trained(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if is_batchnorm_module(m) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
-
-
 def cases():
     for name in importlib.import_module("samples").NAMES:
         mod = importlib.import_module(f"samples.{name}")
@@ -87,22 +77,22 @@ def cases():
         torch.manual_seed(0)
         yield (
             "monai UNet",
-            _trained(nets.UNet(2, 1, 2, (8, 16, 32), (2, 2), num_res_units=1, norm="batch")),
+            trained(nets.UNet(2, 1, 2, (8, 16, 32), (2, 2), num_res_units=1, norm="batch")),
             (torch.randn(1, 1, 64, 64),),
         )
         yield (
             "monai BasicUNet",
-            _trained(nets.BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 16, 4), norm="batch")),
+            trained(nets.BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 16, 4), norm="batch")),
             (torch.randn(1, 1, 64, 64),),
         )
         yield (
             "monai SegResNet",
-            _trained(nets.SegResNet(2, 8, 1, 2, norm="batch")),
+            trained(nets.SegResNet(2, 8, 1, 2, norm="batch")),
             (torch.randn(1, 1, 64, 64),),
         )
         yield (
             "monai DenseNet121",
-            _trained(nets.DenseNet121(2, 1, 3, init_features=8, growth_rate=4)),
+            trained(nets.DenseNet121(2, 1, 3, init_features=8, growth_rate=4)),
             (torch.randn(2, 1, 64, 64),),
         )
     try:
@@ -110,7 +100,7 @@ def cases():
     except ImportError:
         return
     torch.manual_seed(0)
-    yield "efficientnet-b0", _trained(EfficientNet.from_name("efficientnet-b0")), (torch.randn(1, 3, 96, 96),)
+    yield "efficientnet-b0", trained(EfficientNet.from_name("efficientnet-b0")), (torch.randn(1, 3, 96, 96),)
 
 
 def main() -> None:
