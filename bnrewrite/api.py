@@ -37,6 +37,7 @@ def fold_to_file(
     types: Any = None,
     leaf_modules: Any = (),
     bn_to_affine: bool = False,
+    speed_check: bool = True,
 ) -> Report:
     """Fold, optionally verify, and write; nothing is written unless every step succeeded."""
     kind = format_of(output, fmt)
@@ -51,6 +52,7 @@ def fold_to_file(
         "types": types,
         "leaf_modules": leaf_modules,
         "bn_to_affine": bn_to_affine,
+        "speed_check": speed_check,
     }
     return _fold_and_write(loaded, output, inputs, verify, kind, dynamic_batch, graph, force, options)
 

@@ -302,6 +302,15 @@ def fold(
             "(for backends without BatchNorm); by default they stay BatchNorm.",
         ),
     ] = False,
+    speed_check: Annotated[
+        bool,
+        typer.Option(
+            "--speed-check/--no-speed-check",
+            help="Time folds that give a transposed conv a bias on this machine and keep the "
+            "BatchNorm where the fold would be slower (FD108). Switch off when the model runs "
+            "on another backend.",
+        ),
+    ] = True,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from .api import fold_to_file
@@ -322,6 +331,7 @@ def fold(
         types=type_,
         leaf_modules=leaf or (),
         bn_to_affine=bn_to_affine,
+        speed_check=speed_check,
     )
     _emit(report, as_json)
 

@@ -180,6 +180,19 @@ _ALL = [
         "Exact in eval mode.",
     ),
     Code(
+        "FD108",
+        "fold-would-be-slower",
+        _I,
+        "kept as BatchNorm: the fold would make a transposed conv slower on this machine",
+        "What: folding this BatchNorm would give a transposed convolution that has no bias a new\n"
+        "one. On CPU, oneDNN adds a deconvolution bias on a slow path for 1x1 and grouped kernels\n"
+        "(measured up to 2.5x the bias-free layer): more than the BatchNorm costs. Such a fold is\n"
+        "timed on the layer's recorded input shape and kept only if the layer with the bias is no\n"
+        "slower (within 3 %) than the layer plus the BatchNorm; the message gives both timings.\n"
+        "Fix: nothing to fix here. When the model will run on another backend (GPU, TensorRT,\n"
+        "ONNX Runtime), `fold --no-speed-check` (API: `speed_check=False`) folds it anyway.",
+    ),
+    Code(
         "FD104",
         "module-replaced-by-graph",
         _I,

@@ -72,6 +72,7 @@ def fold(
     types: Iterable[str | type] | None = None,
     cap: Capture | None = None,
     bn_to_affine: bool = False,
+    speed_check: bool = True,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
 
@@ -90,6 +91,9 @@ def fold(
     ``BatchNorm2d``, ``F.batch_norm``) limit which BatchNorms are folded. A BatchNorm that no
     neighbour can absorb stays a BatchNorm (one fused op: a fold never adds work) unless
     ``bn_to_affine=True`` asks for a per-channel scale-and-shift (for backends without BN).
+    ``speed_check`` (on by default) times the one fold that can make a layer slower (a
+    transposed conv gaining a bias) on this machine and keeps the BatchNorm where it would (FD108);
+    switch it off when the model will run elsewhere.
     """
     with gc_paused():
         return _fold(
@@ -105,6 +109,7 @@ def fold(
             types,
             cap,
             bn_to_affine,
+            speed_check,
         )
 
 
@@ -134,6 +139,7 @@ def _fold(
     types: Iterable[str | type] | None,
     cap: Capture | None,
     bn_to_affine: bool,
+    speed_check: bool,
 ) -> RewriteResult:
     selector = Selector.of(select, types) if (select or types) else None
     own_capture = cap is None
@@ -148,7 +154,12 @@ def _fold(
     report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     report.extra["capture"] = cap.how
     rank_of = rank_lookup(cap)
-    options = {"eval_mode": eval_mode, "selector": selector, "bn_to_affine": bn_to_affine}
+    options = {
+        "eval_mode": eval_mode,
+        "selector": selector,
+        "bn_to_affine": bn_to_affine,
+        "speed_check": speed_check,
+    }
     if isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule)):
         for region in cap.regions:
             rf = fold_region(region, rank_of, inplace=inplace, **options)

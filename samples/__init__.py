@@ -16,4 +16,5 @@ NAMES = [
     "iterating_parent",
     "kwargs_dataclass",
     "same_padding",
+    "decoder",
 ]

@@ -592,6 +592,7 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # bnrewrite/
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
@@ -600,7 +601,7 @@ def source_line(node: fx.Node) -> str | None:
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
-    frames = [f for f in _FRAME.findall(trace) if not f[0].startswith(_TORCH_DIR)]
+    frames = [f for f in _FRAME.findall(trace) if not f[0].startswith((_TORCH_DIR, _OWN_DIR))]
     if not frames:
         return None
     path, line, _func = frames[-1]

@@ -64,9 +64,11 @@ class _RegionFolder:
         compile: bool = True,
         detached: bool = False,
         bn_to_affine: bool = False,
+        speed_check: bool = True,
     ) -> None:
         self.region = region
         self.bn_to_affine = bn_to_affine
+        self.speed_check = speed_check
         self.compile = compile
         self.detached = detached
         self._slots: dict[str, _Slot] = {}
@@ -94,9 +96,7 @@ class _RegionFolder:
                 site = self._site(node)
                 if site is None:
                     continue
-                decision = decide(
-                    site, self.rank_of, eval_mode=self.eval_mode, bn_to_affine=self.bn_to_affine
-                )
+                decision = self._decide(site)
                 if decision.verdict in (PRECEDING, FOLLOWING):
                     self._apply_fold(decision)
                     changed = True
@@ -104,7 +104,7 @@ class _RegionFolder:
             site = self._site(node)
             if site is None:
                 continue
-            decision = decide(site, self.rank_of, eval_mode=self.eval_mode, bn_to_affine=self.bn_to_affine)
+            decision = self._decide(site)
             if decision.verdict == SCALE_SHIFT:
                 self._apply_scale_shift(decision)
             if decision.verdict in (SCALE_SHIFT, NOT_FOLDABLE):
@@ -122,6 +122,15 @@ class _RegionFolder:
         for slot, compute in self.pending:
             slot.fill(compute)
         self.pending.clear()
+
+    def _decide(self, site: BNSite) -> Decision:
+        return decide(
+            site,
+            self.rank_of,
+            eval_mode=self.eval_mode,
+            bn_to_affine=self.bn_to_affine,
+            speed_check=self.speed_check,
+        )
 
     def _site(self, node: fx.Node) -> BNSite | None:
         if getattr(node, "_erased", False) or node.op not in ("call_module", "call_function"):
@@ -149,8 +158,8 @@ class _RegionFolder:
                 if d.combine == "cat":  # each piece absorbs its channels
                     lo, hi = d.slices[i]
                     s_i, t_i = scale[lo:hi], shift[lo:hi]
-                elif d.combine == "sum" and i > 0:  # the scale goes into every term, the shift once
-                    t_i = torch.zeros_like(shift)
+                elif d.combine == "sum" and i != d.shift_into:  # the scale into every term, the shift once
+                    t_i = None
                 layers.append(
                     self._write_layer(
                         layer,
@@ -329,7 +338,7 @@ class _RegionFolder:
         return f"{parent + '.' if parent else ''}{name}_folded{k}"
 
 
-Compute = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+Compute = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 class _Slot:
@@ -369,10 +378,12 @@ class _Slot:
         weight, bias = self._get(0), self._get(1)
         assert weight is not None
         w, b = compute(weight, bias)
-        w = w.to(dtype=weight.dtype, device=weight.device)
-        b = b.to(dtype=(bias if bias is not None else weight).dtype, device=weight.device)
-        for i, (old, new) in enumerate(((weight, w), (bias, b))):
-            self._set(i, old, new, requires_grad=weight.requires_grad)
+        self._set(
+            0, weight, w.to(dtype=weight.dtype, device=weight.device), requires_grad=weight.requires_grad
+        )
+        if b is not None:  # None: the layer keeps having no bias (a sum term without the shift)
+            b = b.to(dtype=(bias if bias is not None else weight).dtype, device=weight.device)
+            self._set(1, bias, b, requires_grad=weight.requires_grad)
 
     def _set(self, i: int, old: torch.Tensor | None, new: torch.Tensor, *, requires_grad: bool) -> None:
         if self.in_place and old is not None and old.shape == new.shape and old.dtype == new.dtype:
@@ -411,6 +422,7 @@ def fold_region(
     selector: Selector | None = None,
     compile: bool = True,
     bn_to_affine: bool = False,
+    speed_check: bool = True,
 ) -> RegionFold:
     """Fold every (selected) BatchNorm of one region in place (the region's graph module is ours).
 
@@ -427,6 +439,7 @@ def fold_region(
         compile=compile,
         detached=not compile,
         bn_to_affine=bn_to_affine,
+        speed_check=speed_check,
     )
     folder.run()
     return RegionFold(folder.actions, folder.diagnostics, folder.applied, folder.pending)

@@ -42,13 +42,14 @@ def into_preceding(
     bias: torch.Tensor | None,
     groups: int,
     scale: torch.Tensor,
-    shift: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    shift: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Folded (weight, bias) of a conv/conv_transpose/linear followed by ``x * scale + shift``.
 
-    The weight comes back in the layer's dtype (computed in float64), the bias in float64.
+    The weight comes back in the layer's dtype (computed in float64), the bias in float64;
+    ``shift=None`` (a sum term whose shift another term takes) leaves a missing bias missing.
     """
-    w, s, t, extra = _prepare(weight, scale, shift)
+    w, s, t, extra = _prepare(weight, scale, shift if shift is not None else scale)
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     if kind == "conv_transpose":
         cin, cout_g = w.shape[0], w.shape[1]
@@ -58,8 +59,9 @@ def into_preceding(
     else:
         torch.mul(w, s.reshape(-1, 1, *extra), out=out)
         n_out = w.shape[0]
-    b_new = _bias64(bias, n_out, w) * s + t
-    return out, b_new
+    if shift is None:
+        return out, None if bias is None else bias.detach().to(torch.float64) * s
+    return out, _bias64(bias, n_out, w) * s + t
 
 
 def into_following(

@@ -20,6 +20,7 @@ from ..graph import ops
 from ..graph.capture import node_shape
 from ..graph.norms import BNSite, LayerSite, layer_site
 from ..graph.reshapes import chain_back, chain_forward, reshape_kind, track, value_readers
+from . import fold_cost
 
 aten = torch.ops.aten
 _ADDS = (operator.add, torch.add, aten.add.Tensor, "add", "__add__")
@@ -43,6 +44,7 @@ class Decision:
     producers: list[LayerSite] = field(default_factory=list)  # concat pieces / sum terms
     slices: list[tuple[int, int]] = field(default_factory=list)  # concat: channels of each piece
     combine: str | None = None  # "cat" | "sum" | "reshape" for folds beyond the direct neighbour
+    shift_into: int = 0  # sum: the term whose bias takes the shift (the others keep theirs)
 
     @property
     def target(self) -> str | None:
@@ -199,9 +201,44 @@ def _check_following(
     return layers, entries, None
 
 
-def decide(site: BNSite, rank_of: RankOf, *, eval_mode: bool = False, bn_to_affine: bool = False) -> Decision:
+def decide(
+    site: BNSite,
+    rank_of: RankOf,
+    *,
+    eval_mode: bool = False,
+    bn_to_affine: bool = False,
+    speed_check: bool = True,
+) -> Decision:
     """The fold decision for one BatchNorm site. One that no neighbour can absorb stays a
-    BatchNorm (a fold must never add work) unless ``bn_to_affine`` asks for a scale-and-shift."""
+    BatchNorm (a fold must never add work) unless ``bn_to_affine`` asks for a scale-and-shift.
+    ``speed_check``: a fold that would give a transposed conv a bias is timed first and refused
+    (FD108) where it measures slower than the BatchNorm it replaces (see ``fold_cost``)."""
+    d = _decide(site, rank_of, eval_mode, bn_to_affine)
+    if not speed_check or bn_to_affine or d.verdict not in (PRECEDING, FOLLOWING):
+        return d
+    for layer, bn_after in _new_bias_layers(d):
+        if not fold_cost.gains_bias(layer):
+            continue
+        timing = fold_cost.time_new_bias(layer, _shape(rank_of, layer.node), bn_after=bn_after)
+        if timing.slower:
+            why = (
+                f"giving {_label(layer)} a bias would make it slower here ({timing.describe()}; "
+                "--no-speed-check folds it anyway)"
+            )
+            return Decision(site, NOT_FOLDABLE, "FD108", f"stays a BatchNorm: {why}", notes=[("FD108", why)])
+    return d
+
+
+def _new_bias_layers(d: Decision) -> list[tuple[LayerSite, bool]]:
+    """The layers whose bias the fold writes, each with whether the BatchNorm follows it."""
+    if d.verdict == FOLLOWING:
+        return [(c, False) for c in d.consumers]
+    if d.combine == "sum":
+        return [(d.producers[d.shift_into], True)]
+    return [(p, True) for p in (d.producers or [d.producer]) if p is not None]
+
+
+def _decide(site: BNSite, rank_of: RankOf, eval_mode: bool, bn_to_affine: bool) -> Decision:
     if not site.constant:
         return Decision(
             site, NOT_FOLDABLE, "FD204", "statistics or affine parameters are computed in the graph"
@@ -381,8 +418,19 @@ def _sum(site: BNSite, add: fx.Node, eval_mode: bool) -> tuple[Decision | None, 
         return None, ("FD202", f"a term of {add.name} has other than {site.num_features} channels")
     names = ", ".join(_label(la) for la in layers)
     return Decision(
-        site, PRECEDING, "FD106", f"folds into the summed {names}", producers=layers, combine="sum"
-    ), None
+        site, PRECEDING, "FD106", f"folds into the summed {names}", producers=layers, combine="sum",
+        shift_into=_shift_term(layers),
+    ), None  # fmt: skip
+
+
+def _shift_term(layers: list[LayerSite]) -> int:
+    """The term that takes the shift: one that has a bias already, else one where a new bias is
+    cheap (not a transposed conv), else the first."""
+    for wanted in (lambda la: la.bias is not None, lambda la: la.kind != "conv_transpose"):
+        for i, la in enumerate(layers):
+            if wanted(la):
+                return i
+    return 0
 
 
 def _sum_terms(add: fx.Node) -> list[Any] | None:

@@ -78,19 +78,20 @@ def fold_into_tree(
     selector: Selector | None,
     release_graphs: bool = False,
     bn_to_affine: bool = False,
+    speed_check: bool = True,
 ) -> TreeResult:
     """Fold every region, express the folds as tree edits, apply them; see the module doc.
 
     ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made."""
     units, needs, diagnostics, pending = _plan_regions(
-        cap, rank_of, inplace and not keep_old, eval_mode, selector, bn_to_affine
+        cap, rank_of, inplace and not keep_old, eval_mode, selector, bn_to_affine, speed_check
     )
     graphs = _graph_scopes(needs, units)
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
     root_graph = None
     for path, reasons in graphs.items():
-        unit = _graph_unit(cap, path, reasons, eval_mode, selector, diagnostics, bn_to_affine)
+        unit = _graph_unit(cap, path, reasons, eval_mode, selector, diagnostics, bn_to_affine, speed_check)
         if path == "":
             root_graph = unit
         units.append(unit)
@@ -117,6 +118,7 @@ def _plan_regions(
     eval_mode: bool,
     selector: Selector | None,
     bn_to_affine: bool,
+    speed_check: bool,
 ) -> tuple[list[Unit], list[tuple[str, str, Applied, Region]], list[Diagnostic], list[tuple[Any, Any]]]:
     """Fold every region as a graph (nothing compiled, no weights computed yet) and plan the
     tree edits: (units, graph needs, diagnostics, weights to compute)."""
@@ -134,6 +136,7 @@ def _plan_regions(
             selector=selector,
             compile=False,
             bn_to_affine=bn_to_affine,
+            speed_check=speed_check,
         )
         diagnostics.extend(rf.diagnostics)
         pending.extend(rf.pending)
@@ -186,6 +189,7 @@ def _graph_unit(
     selector: Selector | None,
     diagnostics: list[Diagnostic],
     bn_to_affine: bool,
+    speed_check: bool,
 ) -> Unit:
     """Capture the module at ``path`` alone, fold it as a graph, and make swapping it in a unit."""
     region = capture_submodule(cap, path)
@@ -199,6 +203,7 @@ def _graph_unit(
         selector=selector,
         compile=True,
         bn_to_affine=bn_to_affine,
+        speed_check=speed_check,
     )
     region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
     compile_now(region.gm)
