@@ -8,6 +8,8 @@ BatchNorm: `fold` times each such fold and keeps the BatchNorm where it would be
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -33,7 +35,7 @@ class Stage(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, widths: tuple[int, ...] = (64, 32, 16)) -> None:
         super().__init__()
-        self.stages = nn.Sequential(*(Stage(a, b) for a, b in zip(widths, widths[1:])))
+        self.stages = nn.Sequential(*(Stage(a, b) for a, b in itertools.pairwise(widths)))
         self.head = nn.Conv2d(widths[-1], 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
