@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .errors import BnrewriteError
+from .graph.edit import Editor
 from .nn import ChannelAffine
 
 KEY = "bnrewrite_structure"
@@ -103,5 +104,7 @@ def _get(model: nn.Module, path: str) -> nn.Module:
 
 
 def _set(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    _get(model, parent)._modules[name] = new
+    """Replace the module at ``path`` under every parent that holds it (a module registered at
+    several paths is one object)."""
+    _get(model, path)
+    Editor(model, inplace=True).set_module(path, new)

@@ -32,6 +32,11 @@ CASES = {
     ),
     "SegResNet": (lambda: monai.SegResNet(2, 8, 1, 2, norm="batch"), (1, 1, 32, 32)),
     "DenseNet121": (lambda: monai.DenseNet121(2, 1, 3, init_features=8, growth_rate=4), (2, 1, 32, 32)),
+    # every block is registered twice (e.g. input_block and skip_layers.downsample): one object
+    "DynUNet": (
+        lambda: monai.DynUNet(2, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], norm_name="batch"),
+        (1, 1, 32, 32),
+    ),
 }
 
 
@@ -55,8 +60,8 @@ def _assert_own_class_and_folded(model, folded, report):
     for a in report.actions:
         if a.kind.startswith("fold"):
             assert type(folded.get_submodule(a.module_path)) is nn.Identity, a.module_path
-    kept = {d.module_path for d in report.diagnostics if d.code.startswith(("FD2", "BN0"))}
-    left = {p for p, m in folded.named_modules() if is_batchnorm_module(m)}
+    kept = {d.module_path for d in report.diagnostics if d.code.startswith(("FD2", "BN0", "FD108"))}
+    left = {p for p, m in folded.named_modules(remove_duplicate=False) if is_batchnorm_module(m)}
     assert left <= kept  # a BatchNorm is left only where the report says why
 
 
@@ -72,3 +77,24 @@ def test_efficientnet_pytorch(variant):
     _assert_own_class_and_folded(model, folded, report)
     assert folded.extract_features(x[0]).shape == model.extract_features(x[0]).shape  # its own methods
     assert verify(model, folded, x).passed
+
+
+def dynunet() -> nn.Module:
+    """Factory for the round trip below (every block registered at two paths)."""
+    torch.manual_seed(0)
+    return _trained(CASES["DynUNet"][0]())
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_aliased_blocks_round_trip_strictly(suffix, tmp_path):
+    from bnrewrite import export, load
+
+    model = dynunet()
+    x = (torch.randn(1, 1, 32, 32),)
+    folded, _ = fold(model, x)
+    path = tmp_path / f"folded{suffix}"
+    export(folded, path)
+    loaded = load("tests.test_third_party:dynunet", weights=path).model
+    assert not any(is_batchnorm_module(m) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(*x), folded(*x))

@@ -26,12 +26,53 @@ def shallow_copy(module: nn.Module) -> nn.Module:
 
 
 class Editor:
-    """Copy-on-write editing of the modules under ``root`` (root itself must already be ours)."""
+    """Copy-on-write editing of the modules under ``root`` (root itself must already be ours).
+
+    A module registered at several paths (a parent that also keeps its blocks in a skip-layer
+    chain, as MONAI's DynUNet does) is one object: it is copied once and the copy replaces it
+    under every parent, so an edit made through one path is seen through all of them."""
 
     def __init__(self, root: nn.Module, *, inplace: bool = False) -> None:
         self.root = root
         self.inplace = inplace
         self._owned: set[int] = {id(root)}
+        self._copies: dict[int, nn.Module] = {}  # id(original) -> our copy
+        self._originals: dict[int, int] = {}  # id(our copy) -> id(original)
+        self._holders: dict[int, list[tuple[nn.Module, str]]] | None = None
+
+    def _index(self) -> dict[int, list[tuple[nn.Module, str]]]:
+        """id(module) -> every (parent, name) that holds it, over the tree as it was given."""
+        if self._holders is None:
+            holders: dict[int, list[tuple[nn.Module, str]]] = {}
+            seen: set[int] = set()
+            stack = [self.root]
+            while stack:
+                m = stack.pop()
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
+                for name, child in m._modules.items():
+                    if child is not None:
+                        holders.setdefault(id(child), []).append((m, name))
+                        stack.append(child)
+            self._holders = holders
+        return self._holders
+
+    def _own_object(self, module: nn.Module) -> nn.Module:
+        """Our copy of ``module``, put in place of it under every parent that holds it."""
+        if self.inplace or id(module) in self._owned:
+            return module
+        if id(module) in self._copies:
+            return self._copies[id(module)]
+        new = shallow_copy(module)
+        self._copies[id(module)] = new
+        self._originals[id(new)] = id(module)
+        self._owned.add(id(new))
+        for parent, name in self._index().get(id(module), []):
+            owner = self._own_object(parent)
+            if owner._modules.get(name) is module:
+                owner._modules[name] = new
+        return new
 
     def own(self, path: str) -> nn.Module:
         """The module at ``path``, copied (with its parents) unless already ours."""
@@ -41,17 +82,27 @@ class Editor:
         for part in path.split("."):
             child = module._modules[part]
             assert child is not None
-            if id(child) not in self._owned and not self.inplace:
-                child = shallow_copy(child)
-                module._modules[part] = child
-                self._owned.add(id(child))
-            module = child
+            module = self._own_object(child)
         return module
 
-    def set_module(self, path: str, new: nn.Module) -> None:
+    def holders(self, path: str) -> list[tuple[nn.Module, str]]:
+        """Every (parent we own, name) holding the module at ``path``: where replacing it must
+        happen so that no other path keeps the old module."""
         parent, _, name = path.rpartition(".")
         owner = self.own(parent)
-        owner._modules[name] = new
+        places = [(owner, name)]
+        old = owner._modules.get(name)
+        if old is None:  # a new name
+            return places
+        for p, n in self._index().get(self._originals.get(id(old), id(old)), []):
+            o = self._own_object(p)
+            if o._modules.get(n) is old and not any(o is q and n == m for q, m in places):
+                places.append((o, n))
+        return places
+
+    def set_module(self, path: str, new: nn.Module) -> None:
+        for owner, name in self.holders(path):
+            owner._modules[name] = new
         self._owned.add(id(new))
 
     def set_tensor(self, path: str, value: torch.Tensor, *, parameter: bool | None = None) -> None:

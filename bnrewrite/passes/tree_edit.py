@@ -263,10 +263,9 @@ def bind(units: list[Unit], editor: Editor) -> None:
     for unit in units:
         bound: list[Edit] = []
         for e in unit.edits:
-            if isinstance(e, _ModuleEdit):
-                parent, _, name = e.name.rpartition(".")
-                owner = editor.own(parent)
-                bound.append(Edit(owner, _MODULE, name, owner._modules[name], e.new))
+            if isinstance(e, _ModuleEdit):  # under every parent that holds the module
+                for owner, name in editor.holders(e.name):
+                    bound.append(Edit(owner, _MODULE, name, owner._modules[name], e.new))
             elif isinstance(e, _ParamEdit):
                 owner = editor.own(e.name)
                 weight, bias = e.new()
