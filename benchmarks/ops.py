@@ -91,6 +91,11 @@ def cases():
             (torch.randn(1, 1, 64, 64),),
         )
         yield (
+            "monai DynUNet",
+            trained(nets.DynUNet(2, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], norm_name="batch")),
+            (torch.randn(1, 1, 64, 64),),
+        )
+        yield (
             "monai DenseNet121",
             trained(nets.DenseNet121(2, 1, 3, init_features=8, growth_rate=4)),
             (torch.randn(2, 1, 64, 64),),
