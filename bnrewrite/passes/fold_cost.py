@@ -60,7 +60,7 @@ class Timing:
         )
 
 
-_cache: dict[tuple, Timing] = {}
+_cache: dict[tuple, Timing | None] = {}
 
 
 def gains_bias(layer: LayerSite) -> bool:
@@ -68,9 +68,10 @@ def gains_bias(layer: LayerSite) -> bool:
     return layer.kind == "conv_transpose" and layer.bias is None and layer.weight is not None
 
 
-def time_new_bias(layer: LayerSite, out_shape: tuple[int, ...] | None, *, bn_after: bool) -> Timing:
+def time_new_bias(layer: LayerSite, out_shape: tuple[int, ...] | None, *, bn_after: bool) -> Timing | None:
     """Time ``layer`` with a bias against ``layer`` without one plus a BatchNorm after it
-    (``bn_after``) or before it. ``out_shape`` is the layer's recorded output shape."""
+    (``bn_after``) or before it. ``out_shape`` is the layer's recorded output shape. None when
+    the layer cannot be run on its own here (then nothing is known against the fold)."""
     assert layer.weight is not None
     weight = layer.weight.detach()
     nd = weight.dim() - 2
@@ -81,7 +82,10 @@ def time_new_bias(layer: LayerSite, out_shape: tuple[int, ...] | None, *, bn_aft
         output_padding, layer.groups, layer.dilation, in_shape, bn_after,
     )  # fmt: skip
     if key not in _cache:
-        _cache[key] = _measure(layer, weight, in_shape, output_padding, bn_after, nominal)
+        try:
+            _cache[key] = _measure(layer, weight, in_shape, output_padding, bn_after, nominal)
+        except (RuntimeError, NotImplementedError, ValueError):  # e.g. a dtype this backend lacks
+            _cache[key] = None
     return _cache[key]
 
 

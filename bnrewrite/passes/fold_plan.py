@@ -220,7 +220,7 @@ def decide(
         if not fold_cost.gains_bias(layer):
             continue
         timing = fold_cost.time_new_bias(layer, _shape(rank_of, layer.node), bn_after=bn_after)
-        if timing.slower:
+        if timing is not None and timing.slower:
             why = (
                 f"giving {_label(layer)} a bias would make it slower here ({timing.describe()}; "
                 "--no-speed-check folds it anyway)"

@@ -83,6 +83,15 @@ def test_a_fold_no_slower_than_the_batchnorm_is_kept(monkeypatch):
     assert len(report.actions) == 3 and folded.mix.bias is not None
 
 
+def test_a_layer_that_cannot_be_timed_is_folded(monkeypatch):
+    def fails(*args):
+        raise RuntimeError("no kernel for this dtype")
+
+    monkeypatch.setattr(fold_cost, "_measure", fails)
+    folded, report = fold(randomize_bn(Decoder()), (torch.randn(1, 16, 6, 6),))
+    assert len(report.actions) == 3 and folded.mix.bias is not None
+
+
 def test_without_inputs_a_nominal_shape_is_timed_and_named(monkeypatch):
     calls = _slow_bias(monkeypatch)
     _, report = fold(randomize_bn(Decoder()))
