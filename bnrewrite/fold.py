@@ -16,7 +16,7 @@ from .graph.capture import Capture, capture, compile_now
 from .graph.edit import Editor, shallow_copy
 from .graph.norms import opaque_norms, other_norm_family
 from .passes.fold_bn import fold_region
-from .passes.fold_plan import rank_lookup
+from .passes.fold_plan import FoldPolicy, rank_lookup
 from .passes.fold_tree import fold_into_tree
 from .proof import prove as prove_units
 from .select import Selector
@@ -154,15 +154,10 @@ def _fold(
     report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     report.extra["capture"] = cap.how
     rank_of = rank_lookup(cap)
-    options = {
-        "eval_mode": eval_mode,
-        "selector": selector,
-        "bn_to_affine": bn_to_affine,
-        "speed_check": speed_check,
-    }
+    policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector)
     if isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule)):
         for region in cap.regions:
-            rf = fold_region(region, rank_of, inplace=inplace, **options)
+            rf = fold_region(region, rank_of, policy, inplace=inplace)
             report.actions.extend(rf.actions)
             report.diagnostics.extend(rf.diagnostics)
         report.diagnostics.extend(opaque_diagnostics(cap))
@@ -170,7 +165,7 @@ def _fold(
     proving = prove and cap.recording is not None and cap.example_inputs is not None
     opaque = opaque_diagnostics(cap)
     result = fold_into_tree(
-        cap, rank_of, report, inplace=inplace, keep_old=proving, release_graphs=own_capture, **options
+        cap, rank_of, report, policy, inplace=inplace, keep_old=proving, release_graphs=own_capture
     )
     if proving:
         assert cap.recording is not None and cap.example_inputs is not None

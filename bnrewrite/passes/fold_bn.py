@@ -30,9 +30,17 @@ from ..graph.capture import Region, compile_now, source_line
 from ..graph.edit import Editor, shallow_copy
 from ..graph.norms import BNSite, LayerSite, bn_site, fetch_attr
 from ..nn import ChannelAffine
-from ..select import Selector
 from . import fold_math
-from .fold_plan import FOLLOWING, NOT_FOLDABLE, PRECEDING, SCALE_SHIFT, Decision, RankOf, decide
+from .fold_plan import (
+    FOLLOWING,
+    NOT_FOLDABLE,
+    PRECEDING,
+    SCALE_SHIFT,
+    Decision,
+    FoldPolicy,
+    RankOf,
+    decide,
+)
 
 RULE = "fold-bn"
 EQUIV = "bnrewrite_equiv"  # node.meta key: name of the original node whose value this node now has
@@ -57,25 +65,19 @@ class _RegionFolder:
         self,
         region: Region,
         rank_of: RankOf,
+        policy: FoldPolicy,
         *,
-        eval_mode: bool,
         inplace: bool,
-        selector: Selector | None = None,
         compile: bool = True,
         detached: bool = False,
-        bn_to_affine: bool = False,
-        speed_check: bool = True,
     ) -> None:
         self.region = region
-        self.bn_to_affine = bn_to_affine
-        self.speed_check = speed_check
+        self.policy = policy
         self.compile = compile
         self.detached = detached
         self._slots: dict[str, _Slot] = {}
-        self.selector = selector
         self.graph = region.gm.graph
         self.rank_of = rank_of
-        self.eval_mode = eval_mode
         self.inplace = inplace
         self.editor = Editor(region.gm, inplace=inplace)
         self.calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
@@ -127,20 +129,17 @@ class _RegionFolder:
         return decide(
             site,
             self.rank_of,
-            eval_mode=self.eval_mode,
-            bn_to_affine=self.bn_to_affine,
-            speed_check=self.speed_check,
+            eval_mode=self.policy.eval_mode,
+            bn_to_affine=self.policy.bn_to_affine,
+            speed_check=self.policy.speed_check,
         )
 
     def _site(self, node: fx.Node) -> BNSite | None:
         if getattr(node, "_erased", False) or node.op not in ("call_module", "call_function"):
             return None
         site = bn_site(self.region, node)
-        if (
-            site is not None
-            and self.selector is not None
-            and not self.selector.matches(site.module_path, site.kind)
-        ):
+        selector = self.policy.selector
+        if site is not None and selector is not None and not selector.matches(site.module_path, site.kind):
             return None
         return site
 
@@ -416,13 +415,10 @@ class RegionFold:
 def fold_region(
     region: Region,
     rank_of: RankOf,
+    policy: FoldPolicy,
     *,
-    eval_mode: bool = False,
     inplace: bool = False,
-    selector: Selector | None = None,
     compile: bool = True,
-    bn_to_affine: bool = False,
-    speed_check: bool = True,
 ) -> RegionFold:
     """Fold every (selected) BatchNorm of one region in place (the region's graph module is ours).
 
@@ -430,16 +426,6 @@ def fold_region(
     layers are not written either, and the weights are left to compute (``pending``, each with
     ``slot.fill(compute)``): the caller does it once the graphs are released, and the new
     tensors wait in the slots for the tree edits."""
-    folder = _RegionFolder(
-        region,
-        rank_of,
-        eval_mode=eval_mode,
-        inplace=inplace,
-        selector=selector,
-        compile=compile,
-        detached=not compile,
-        bn_to_affine=bn_to_affine,
-        speed_check=speed_check,
-    )
+    folder = _RegionFolder(region, rank_of, policy, inplace=inplace, compile=compile, detached=not compile)
     folder.run()
     return RegionFold(folder.actions, folder.diagnostics, folder.applied, folder.pending)

@@ -20,6 +20,7 @@ from ..graph import ops
 from ..graph.capture import node_shape
 from ..graph.norms import BNSite, LayerSite, layer_site
 from ..graph.reshapes import chain_back, chain_forward, reshape_kind, track, value_readers
+from ..select import Selector
 from . import fold_cost
 
 aten = torch.ops.aten
@@ -29,6 +30,18 @@ PRECEDING = "fold-into-preceding"
 FOLLOWING = "fold-into-following"
 SCALE_SHIFT = "scale-shift"
 NOT_FOLDABLE = "not-foldable"
+
+
+@dataclass(frozen=True)
+class FoldPolicy:
+    """What the user asked of a fold, handed unchanged from ``fold`` down to every decision:
+    fold training-mode BNs as if in eval mode, turn unabsorbable BNs into a scale-and-shift,
+    time folds that give a transposed conv a bias (FD108), and which BNs to touch at all."""
+
+    eval_mode: bool = False
+    bn_to_affine: bool = False
+    speed_check: bool = True
+    selector: Selector | None = None
 
 
 @dataclass

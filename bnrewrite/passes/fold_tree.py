@@ -19,9 +19,8 @@ from ..diagnostics import Diagnostic, Report
 from ..errors import BnrewriteError
 from ..graph.capture import Capture, Region, capture_submodule, compile_now
 from ..graph.edit import Editor, shallow_copy
-from ..select import Selector
 from .fold_bn import Applied, fold_region
-from .fold_plan import RankOf, rank_lookup
+from .fold_plan import FoldPolicy, RankOf, rank_lookup
 from .tree_edit import TreePlanner, Unit, _ModuleEdit, bind, common_prefix, covers
 
 
@@ -71,27 +70,22 @@ def fold_into_tree(
     cap: Capture,
     rank_of: RankOf,
     report: Report,
+    policy: FoldPolicy,
     *,
     inplace: bool,
     keep_old: bool,
-    eval_mode: bool,
-    selector: Selector | None,
     release_graphs: bool = False,
-    bn_to_affine: bool = False,
-    speed_check: bool = True,
 ) -> TreeResult:
     """Fold every region, express the folds as tree edits, apply them; see the module doc.
 
     ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made."""
-    units, needs, diagnostics, pending = _plan_regions(
-        cap, rank_of, inplace and not keep_old, eval_mode, selector, bn_to_affine, speed_check
-    )
+    units, needs, diagnostics, pending = _plan_regions(cap, rank_of, inplace and not keep_old, policy)
     graphs = _graph_scopes(needs, units)
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
     root_graph = None
     for path, reasons in graphs.items():
-        unit = _graph_unit(cap, path, reasons, eval_mode, selector, diagnostics, bn_to_affine, speed_check)
+        unit = _graph_unit(cap, path, reasons, policy, diagnostics)
         if path == "":
             root_graph = unit
         units.append(unit)
@@ -115,10 +109,7 @@ def _plan_regions(
     cap: Capture,
     rank_of: RankOf,
     inplace: bool,
-    eval_mode: bool,
-    selector: Selector | None,
-    bn_to_affine: bool,
-    speed_check: bool,
+    policy: FoldPolicy,
 ) -> tuple[list[Unit], list[tuple[str, str, Applied, Region]], list[Diagnostic], list[tuple[Any, Any]]]:
     """Fold every region as a graph (nothing compiled, no weights computed yet) and plan the
     tree edits: (units, graph needs, diagnostics, weights to compute)."""
@@ -128,16 +119,7 @@ def _plan_regions(
     needs: list[tuple[str, str, Applied, Region]] = []
     diagnostics: list[Diagnostic] = []
     for region in cap.regions:
-        rf = fold_region(
-            region,
-            rank_of,
-            eval_mode=eval_mode,
-            inplace=inplace,
-            selector=selector,
-            compile=False,
-            bn_to_affine=bn_to_affine,
-            speed_check=speed_check,
-        )
+        rf = fold_region(region, rank_of, policy, inplace=inplace, compile=False)
         diagnostics.extend(rf.diagnostics)
         pending.extend(rf.pending)
         planner = TreePlanner(cap, region, calls)
@@ -185,26 +167,15 @@ def _graph_unit(
     cap: Capture,
     path: str,
     reasons: list[str],
-    eval_mode: bool,
-    selector: Selector | None,
+    policy: FoldPolicy,
     diagnostics: list[Diagnostic],
-    bn_to_affine: bool,
-    speed_check: bool,
 ) -> Unit:
     """Capture the module at ``path`` alone, fold it as a graph, and make swapping it in a unit."""
     region = capture_submodule(cap, path)
     if region is None:
         raise BnrewriteError(f"{path or '<root>'}: cannot be captured alone to carry a graph-only fold")
     sub = Capture(region.gm, [region], example_inputs=region.inputs)
-    rf = fold_region(
-        region,
-        rank_lookup(sub),
-        eval_mode=eval_mode,
-        selector=selector,
-        compile=True,
-        bn_to_affine=bn_to_affine,
-        speed_check=speed_check,
-    )
+    rf = fold_region(region, rank_lookup(sub), policy, compile=True)
     region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
     compile_now(region.gm)
     region.gm.training = (cap.model.get_submodule(path) if path else cap.model).training
