@@ -171,7 +171,7 @@ def _fold(
         assert cap.recording is not None and cap.example_inputs is not None
         outcome = prove_units(result.current, cap.example_inputs, cap.recording.outputs, result.units)
         result.drop([u for u, _ in outcome.undone])
-        report.extra["proof"] = outcome.to_dict()
+        report.extra["proof"] = outcome.to_dict(eager_passes=cap.eager_passes)
         unproven = [u.label for u in result.units if not u.proven]
         if unproven:  # the example inputs never reached these modules
             report.extra["proof"]["not_run"] = unproven
@@ -181,14 +181,11 @@ def _fold(
                     Diagnostic(
                         "FD207",
                         codes.get("FD207").severity,
-                        f"{a.module_path or a.node}: fold undone: the result drifted on the example "
-                        f"inputs ({why.problem})",
+                        f"{a.module_path or a.node}: fold undone: {why.problem}",
                         a.node,
                         a.module_path,
                     )
                 )
-        if not outcome.deterministic:
-            report.extra["proof"]["note"] = "the model's outputs vary between runs: folds not proven"
     elif prove:
         report.extra["proof"] = {"passed": None, "note": "no example inputs: the result was not run"}
     if inplace and proving:

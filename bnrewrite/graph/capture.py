@@ -17,6 +17,7 @@ import contextlib
 import fnmatch
 import os
 import re
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from ..diagnostics import OpaquePart
 from ..errors import BnrewriteError
-from .norms import is_norm_module
+from .norms import is_norm_module, is_plain_norm_module
 
 
 @dataclass
@@ -82,6 +84,10 @@ class Recording:
     outputs: Any = None  # in eval mode
     in_ids: dict[str, int] = field(default_factory=dict)  # id() of the first call's first input
     out_ids: dict[str, int] = field(default_factory=dict)  # id() of the first call's output
+    # How many consumers read the first call's output: module calls given it, and ops on it in
+    # the code that called the module (not ops inside those modules). A fold that changes a
+    # layer's output is only right when the one consumer the graph shows is the only one.
+    readers: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -95,6 +101,11 @@ class Capture:
     recording: Recording | None = None
     how: str = "symbolic_trace"  # symbolic_trace | torch.export | parts | program | graph
     leaf_modules: tuple[type | str, ...] = ()
+    eager_passes: int = 0  # forward passes of the whole model run to capture it (recordings)
+
+    def __post_init__(self) -> None:
+        if self.recording is not None and not self.eager_passes:
+            self.eager_passes = 1
 
     @property
     def dialect(self) -> str:
@@ -154,8 +165,8 @@ class _Tracer(fx.Tracer):
             return False
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if is_norm_module(m):
-            return True
+        if is_plain_norm_module(m):
+            return True  # a norm that does more than normalize is traced through
         if self.leaf_paths and (
             type(m).__name__ in self.leaf_paths
             or any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_paths)
@@ -331,8 +342,9 @@ def capture_submodule(cap: Capture, path: str) -> Region | None:
     leaf_paths = {x for x in cap.leaf_modules if isinstance(x, str)}
     tracer = _Tracer(leaf_types, leaf_paths, True)
     rec = None
-    if cap.example_inputs is not None:
-        rec = record_run(cap.model, cap.example_inputs, keep={path}) if path else None
+    if cap.example_inputs is not None and path:
+        rec = record_run(cap.model, cap.example_inputs, keep={path})
+        cap.eager_passes += 1
     args, kwargs = rec.inputs.get(path, (None, {})) if rec is not None else (cap.example_inputs, {})
     try:
         gm = _trace(module, tracer, None)
@@ -530,13 +542,54 @@ def run_quietly(module: nn.Module, fn: Any) -> Any:
         return fn()
 
 
+# Tensor accessors that read no values: not consumers.
+_NOT_READS = frozenset(
+    {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "data_ptr",
+     "element_size", "__len__", "type", "get_device", "is_complex", "__format__", "__repr__"}
+)  # fmt: skip
+
+
+class _Readers(TorchFunctionMode):
+    """Counts, in an eager run, the consumers of each module's output (see Recording.readers)."""
+
+    def __init__(self, rec: Recording) -> None:
+        super().__init__()
+        self.rec = rec
+        self.depth = 0
+        self.produced: dict[int, tuple[str, int, Any]] = {}  # id -> (path, depth, weakref)
+
+    def owner(self, t: Any) -> str | None:
+        """The module path whose output ``t`` is, when produced at the current depth."""
+        entry = self.produced.get(id(t))
+        if entry is None or entry[2]() is not t or entry[1] != self.depth:
+            return None
+        return entry[0]
+
+    def count(self, args: Any, kwargs: Any) -> None:
+        for value in (*args, *kwargs.values()):
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            for t in items:
+                if isinstance(t, torch.Tensor):
+                    path = self.owner(t)
+                    if path is not None:
+                        self.rec.readers[path] += 1
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.produced and getattr(func, "__name__", "") not in _NOT_READS:
+            self.count(args, kwargs)
+        return func(*args, **kwargs)
+
+
 def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None = None) -> Recording:
     """One eager pass in eval mode: every module's call count and first output shape, the first
-    inputs (args and kwargs) of the modules in ``keep``, and the model's outputs. Modules
-    registered under several paths count every call under each of them."""
+    inputs (args and kwargs) of the modules in ``keep``, the consumers of each module's first
+    output, and the model's outputs. Modules registered under several paths count every call
+    under each of them."""
     rec = Recording()
     handles = []
     keep = keep or set()
+    readers = _Readers(rec)
     for path, module in model.named_modules(remove_duplicate=False):
         if not path:
             continue
@@ -547,16 +600,22 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
                 rec.inputs[path] = (tuple(args), dict(kwargs))
             if args and path not in rec.in_ids:
                 rec.in_ids[path] = id(args[0])
+            readers.count(args, kwargs)
+            readers.depth += 1
 
         def post(_m: nn.Module, _args: Any, out: Any, path: str = path) -> None:
+            readers.depth -= 1
             if isinstance(out, torch.Tensor) and path not in rec.out_shapes:
                 rec.out_shapes[path] = tuple(out.shape)
                 rec.out_ids[path] = id(out)
+                if id(out) not in readers.produced:  # an Identity passes its input on: keep the producer
+                    readers.produced[id(out)] = (path, readers.depth, weakref.ref(out))
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
     try:
-        rec.outputs = _run_recording(model, inputs, rec)
+        with readers:
+            rec.outputs = _run_recording(model, inputs, rec)
     except Exception as exc:
         raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
     finally:

@@ -26,7 +26,29 @@ _STAT_NAMES = ("weight", "bias", "running_mean", "running_var")
 
 
 def is_batchnorm_module(m: nn.Module) -> bool:
+    """A BatchNorm by class (``_BatchNorm``, not InstanceNorm). Whether it is *only* a BatchNorm
+    depends on its forward: see :func:`forward_is_torchs` and :func:`is_plain_norm_module`."""
     return isinstance(m, _BatchNorm) and not isinstance(m, _InstanceNorm)
+
+
+def forward_is_torchs(m: nn.Module) -> bool:
+    """True when the module's class runs torch's own ``forward`` (not overridden outside
+    ``torch.nn``): then the module computes exactly the norm its class names."""
+    return str(getattr(type(m).forward, "__module__", "")).startswith("torch.nn.")
+
+
+def is_plain_norm_module(m: nn.Module) -> bool:
+    """A norm module that can be kept as one call and treated as the norm its class names:
+    torch's own forward, a frozen BN, or a norm class marked with ``_bnrewrite_norm_family``.
+    A subclass whose forward also applies an activation, dropout, a cast or a residual is no
+    plain norm: it is traced through, and the fold keeps what its forward does beyond the norm."""
+    if not is_norm_module(m):
+        return False
+    return (
+        forward_is_torchs(m)
+        or is_frozen_bn_module(m)
+        or bool(getattr(type(m), "_bnrewrite_norm_family", None))
+    )
 
 
 def is_frozen_bn_module(m: nn.Module) -> bool:

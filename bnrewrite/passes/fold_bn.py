@@ -58,6 +58,10 @@ class Applied:
     layers: list[tuple[fx.Node, _Slot, str | None]] = field(default_factory=list)  # node, slot, copied from
     affine: nn.Module | None = None
     bn_attrs: list[str] = field(default_factory=list)  # stored tensors the BatchNorm read (get_attr)
+    # What each changed layer absorbed, for the proof's local check: ("post", s, t) means the
+    # layer now computes s * layer(x) + t along its channel axis, ("pre", s, t) layer(s * x + t).
+    absorbed: list[tuple[str, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    bn_affine: tuple[torch.Tensor, torch.Tensor] | None = None  # the BatchNorm's eval scale, shift
 
 
 class _RegionFolder:
@@ -149,6 +153,7 @@ class _RegionFolder:
         scale, shift = site.eval_affine()
         equiv = site.node.meta.get(EQUIV, site.node.name)
         layers: list[tuple[fx.Node, _Slot, str | None]] = []
+        absorbed: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         if d.verdict == PRECEDING:
             producers = d.producers or [d.producer]
             for i, layer in enumerate(producers):
@@ -159,6 +164,7 @@ class _RegionFolder:
                     s_i, t_i = scale[lo:hi], shift[lo:hi]
                 elif d.combine == "sum" and i != d.shift_into:  # the scale into every term, the shift once
                     t_i = None
+                absorbed.append(("post", s_i, t_i))
                 layers.append(
                     self._write_layer(
                         layer,
@@ -186,6 +192,7 @@ class _RegionFolder:
                 )
                 entry.args = (site.input, *entry.args[1:])
                 self._tag(layer.node, d)
+                absorbed.append(("pre", scale, shift))
             targets = d.consumers
         assert site.call is not None
         bn_call = site.call
@@ -200,7 +207,11 @@ class _RegionFolder:
             code=d.code,
         )
         self.actions.append(action)
-        self.applied.append(Applied(d, action, bn_call, layers, bn_attrs=bn_attrs))
+        self.applied.append(
+            Applied(
+                d, action, bn_call, layers, bn_attrs=bn_attrs, absorbed=absorbed, bn_affine=(scale, shift)
+            )
+        )
 
     def _apply_scale_shift(self, d: Decision) -> None:
         site = d.site

@@ -101,6 +101,17 @@ def fold_into_tree(
     bind(units, Editor(root, inplace=inplace))
     for u in units:
         u.apply()
+    for u in units:
+        for path, why in u.graph_rests:
+            diagnostics.append(
+                Diagnostic(
+                    "FD104",
+                    codes.get("FD104").severity,
+                    f"{path}: replaced by the folded graph of its forward ({why})",
+                    None,
+                    path,
+                )
+            )
     report.diagnostics.extend(diagnostics)
     return TreeResult(root, units, root_graph)
 

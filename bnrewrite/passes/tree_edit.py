@@ -29,10 +29,12 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..diagnostics import Action
 from ..graph.capture import Capture, Region, stack_path
-from ..graph.edit import Editor
-from ..graph.norms import is_batchnorm_module, is_frozen_bn_module, is_norm_module
+from ..graph.edit import Editor, Holder, held, put
+from ..graph.norms import is_batchnorm_module, is_frozen_bn_module, is_norm_module, is_plain_norm_module
+from ..local_checks import GraphCheck, LayerCheck, LocalCheck, SlotCheck, StillRuns
 from .fold_bn import Applied
 from .fold_plan import PRECEDING
+from .norm_rest import Rest, ops_by_module, rest_of
 
 _PARAM, _MODULE = "param", "module"
 CONTRADICTED = "the eager run contradicts the graph"
@@ -40,19 +42,42 @@ CONTRADICTED = "the eager run contradicts the graph"
 
 @dataclass
 class Edit:
-    """One change to one module of the result tree: a parameter or a child module."""
+    """One change to the result tree: a parameter of a module (``owner._parameters[name]``), or
+    a module wherever it is held (``holder``: a registered child, a plain list item, ...)."""
 
     owner: nn.Module
     kind: str
     name: str
     old: Any
     new: Any
+    holder: Holder | None = None
+    path: str = ""  # the module's path in the tree
 
     def apply(self) -> None:
-        (self.owner._parameters if self.kind == _PARAM else self.owner._modules)[self.name] = self.new
+        if self.kind == _PARAM:
+            self.owner._parameters[self.name] = self.new
+        else:
+            put(self.holder, self.new)
 
     def undo(self) -> None:
-        (self.owner._parameters if self.kind == _PARAM else self.owner._modules)[self.name] = self.old
+        if self.kind == _PARAM:
+            self.owner._parameters[self.name] = self.old
+        else:
+            put(self.holder, self.old)
+
+
+@dataclass
+class CheckSpec:
+    """A local check the proof runs on this unit: ``kind`` "layer" (the folded layer at
+    ``path`` against the original layer and what it ``absorbed``) or "slot" (the module now at
+    the BatchNorm's ``path`` against the original BatchNorm module: "inverse" when its input
+    changed by the BatchNorm's ``affine``, "direct" when it did not)."""
+
+    kind: str
+    path: str
+    absorbed: list[tuple[str, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None
+    mode: str = "inverse"
 
 
 @dataclass
@@ -67,6 +92,9 @@ class Unit:
     graph: fx.GraphModule | None = None
     active: bool = False
     proven: bool = True  # False when the example inputs never ran one of its modules
+    specs: list[CheckSpec] = field(default_factory=list)  # what the proof checks locally
+    graph_rests: list[tuple[str, str]] = field(default_factory=list)  # (path, why) carried by a graph
+    checks: list[Any] = field(default_factory=list)  # the bound local checks (see local_checks)
 
     @property
     def label(self) -> str:
@@ -117,6 +145,7 @@ class TreePlanner:
         self.contradicted: list[tuple[Applied, str]] = []  # folds the eager run disproves
         self._outputs: dict[str, set[int]] = {}  # layer -> ids of the values it now computes
         self._modules: dict[str, nn.Module] | None = None
+        self._ops: dict[str, list[fx.Node]] | None = None
 
     def module(self, path: str) -> nn.Module | None:
         """The user's module at ``path`` (one walk of the tree, then a lookup)."""
@@ -148,9 +177,12 @@ class TreePlanner:
         return _join(self.region.path, paths[-1]) if paths else None
 
     def bn_path(self, a: Applied) -> tuple[str | None, str]:
-        """The tree path of the BatchNorm module ``a`` rewrote, or why there is none."""
+        """The tree path of the module whose BatchNorm ``a`` rewrote, or why there is none: a
+        BatchNorm module call, a frozen BN's ops, or a functional batch_norm that a module
+        applies to its own statistics in its own forward (what else that forward does stays)."""
         call = a.bn_call
         site = a.decision.site
+        functional = False
         if call.op == "call_module" and site.module is not None:
             path = _join(self.region.path, str(call.target))
         elif call.op == "call_function" and site.frozen:  # frozen BN, op by op in an ATen graph
@@ -159,12 +191,13 @@ class TreePlanner:
             owners = {_join(self.region.path, t.rpartition(".")[0]) for t in a.bn_attrs if "." in t}
             path = owners.pop() if len(owners) == 1 and len(a.bn_attrs) >= 2 else None
             module = self.module(path) if path is not None else None
-            if module is None or not is_batchnorm_module(module) or self._innermost(call) != path:
-                return None, "a functional batch_norm (no BatchNorm module to replace)"
+            if module is None or not _norm_like(module) or self._innermost(call) != path:
+                return None, "a functional batch_norm (no module of its own to replace)"
+            functional = True
         else:
-            return None, "a functional batch_norm (no BatchNorm module to replace)"
+            return None, "a functional batch_norm (no module of its own to replace)"
         module = self.module(path)
-        if module is None or not (is_batchnorm_module(module) or is_frozen_bn_module(module)):
+        if module is None or not (functional or is_batchnorm_module(module) or is_frozen_bn_module(module)):
             return None, f"{path} is not a BatchNorm module of the model"
         n = self.calls(path)
         if n != 1:
@@ -226,6 +259,10 @@ class TreePlanner:
                 return None, why
             layers.append((path, slot))
         rec = self.cap.recording
+        misread = self._misread(a, bn, [p for p, _ in layers])
+        if misread:
+            self.contradicted.append((a, misread))
+            return None, CONTRADICTED
         direct = a.decision.verdict == PRECEDING and a.decision.combine is None
         if rec is not None and direct and bn in rec.in_ids:
             # The BatchNorm must read the layer's output, or that of a BatchNorm already folded
@@ -237,12 +274,79 @@ class TreePlanner:
                 return None, CONTRADICTED
             if bn in rec.out_ids:
                 seen.add(rec.out_ids[bn])
+        replacement, rest = self._replacement(a, bn)
+        if replacement is None:
+            return None, rest.why
         paths = {bn, *(p for p, _ in layers)}
         unit = Unit(actions=[a.action], paths=paths, proven=not (paths & self.not_run))
-        unit.edits.append(_ModuleEdit(bn, a.affine if a.affine is not None else nn.Identity()))
+        unit.edits.append(_ModuleEdit(bn, replacement))
+        if rest.kept:
+            a.action.detail += f"; {bn} keeps the rest of its forward ({rest.describe()})"
+        if rest.graph:
+            unit.graph_rests.append(
+                (bn, f"the rest of its forward ({rest.describe()}) is no chain of its own modules")
+            )
         for path, slot in layers:
             unit.edits.append(_ParamEdit(path, slot.tensors))
+        for (path, _slot), absorbed in zip(layers, a.absorbed):
+            unit.specs.append(CheckSpec("layer", path, absorbed=[absorbed]))
+        if a.affine is not None:
+            unit.specs.append(CheckSpec("slot", bn, mode="direct"))
+        elif a.bn_affine is not None and a.decision.verdict == PRECEDING:
+            unit.specs.append(CheckSpec("slot", bn, affine=a.bn_affine))
         return unit, ""
+
+    def _misread(self, a: Applied, bn: str, layers: list[str]) -> str:
+        """Why the eager run contradicts the graph's consumers of the values the fold changes:
+        a layer that absorbs a BatchNorm after it must feed nothing else; a BatchNorm absorbed
+        by the layers after it must feed nothing but them. Empty when it does not."""
+        rec = self.cap.recording
+        if rec is None:
+            return ""
+        if a.decision.verdict == PRECEDING:
+            for layer in layers:
+                n = rec.readers.get(layer, 1) if layer in rec.out_ids else 1
+                if n > 1:
+                    return (
+                        f"in the eager run, {layer}'s output is read {n} times (the graph shows one reader)"
+                    )
+        elif a.decision.verdict != PRECEDING and a.affine is None and bn in rec.out_ids:
+            n, want = rec.readers.get(bn, 0), len(a.decision.entries)
+            if n > want:
+                return f"in the eager run, {bn}'s output is read {n} times (the graph shows {want})"
+        return ""
+
+    def _replacement(self, a: Applied, bn: str) -> tuple[nn.Module | None, Rest]:
+        """What takes the BatchNorm module's place: the scale-and-shift or nothing, followed by
+        whatever else its forward does (an activation, dropout, ...)."""
+        module = self.module(bn)
+        assert module is not None
+        rest = Rest(nn.Identity())
+        if a.bn_call.op != "call_module" or not is_plain_norm_module(module):
+            if self._ops is None:
+                self._ops = ops_by_module(self.region)
+            local = bn[len(self.region.path) + 1 :] if self.region.path else bn
+            rest = rest_of(self.region, local, module, self._ops)
+        if rest.module is None:
+            return None, rest
+        if a.affine is None:
+            return rest.module, rest
+        if isinstance(rest.module, nn.Identity):
+            return a.affine, rest
+        tail = list(rest.module) if isinstance(rest.module, nn.Sequential) else [rest.module]
+        return nn.Sequential(a.affine, *tail), rest
+
+
+def _norm_like(module: nn.Module) -> bool:
+    """A module that is a norm by what it holds: a BatchNorm class, or running statistics of its
+    own and no conv/linear inside (an in-place-ABN style module with its own parameters)."""
+    if is_batchnorm_module(module) or is_frozen_bn_module(module):
+        return True
+    own = {**module._buffers, **module._parameters}
+    has_stats = isinstance(own.get("running_mean"), torch.Tensor) and isinstance(
+        own.get("running_var"), torch.Tensor
+    )
+    return has_stats and not any(isinstance(m, (_ConvNd, nn.Linear)) for m in module.modules())
 
 
 class _ModuleEdit(Edit):
@@ -258,14 +362,15 @@ class _ParamEdit(Edit):
 
 
 def bind(units: list[Unit], editor: Editor) -> None:
-    """Resolve deferred edits against the result tree (copy-on-write through ``editor``) and
-    record what each replaces, so every unit can be applied and undone."""
+    """Resolve deferred edits against the result tree (copy-on-write through ``editor``),
+    record what each replaces, so every unit can be applied and undone, and give each unit its
+    local checks (:mod:`~bnrewrite.local_checks`)."""
     for unit in units:
         bound: list[Edit] = []
         for e in unit.edits:
-            if isinstance(e, _ModuleEdit):  # under every parent that holds the module
-                for owner, name in editor.holders(e.name):
-                    bound.append(Edit(owner, _MODULE, name, owner._modules[name], e.new))
+            if isinstance(e, _ModuleEdit):  # wherever the module is held
+                for holder in editor.holders(e.name):
+                    bound.append(Edit(holder[1], _MODULE, holder[2], held(holder), e.new, holder, e.name))
             elif isinstance(e, _ParamEdit):
                 owner = editor.own(e.name)
                 weight, bias = e.new()
@@ -277,10 +382,48 @@ def bind(units: list[Unit], editor: Editor) -> None:
                     new = (
                         value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=grad)
                     )
-                    bound.append(Edit(owner, _PARAM, pname, old, new))
+                    bound.append(Edit(owner, _PARAM, pname, old, new, path=e.name))
             else:
                 bound.append(e)
         unit.edits = bound
+        unit.checks = _checks(unit, editor)
+
+
+def _checks(unit: Unit, editor: Editor) -> list[LocalCheck]:
+    """The unit's local checks, bound to the result tree's modules."""
+    checks: list[LocalCheck] = []
+    watched: dict[int, tuple[str, nn.Module]] = {}
+    replaced: dict[str, Edit] = {}
+    params: dict[str, dict[str, torch.Tensor | None]] = {}
+    owners: dict[str, nn.Module] = {}
+    for e in unit.edits:
+        if e.kind == _MODULE and isinstance(e.old, nn.Module):
+            watched.setdefault(id(e.old), (e.path, e.old))
+            replaced.setdefault(e.path, e)
+        elif e.kind == _PARAM:
+            params.setdefault(e.path, {})[e.name] = e.old
+            owners[e.path] = e.owner
+            original = editor.original_of(e.owner)
+            if original is not e.owner:
+                watched.setdefault(id(original), (e.path, original))
+    if watched:
+        checks.append(StillRuns(unit.label, list(watched.values())))
+    if unit.graph_path:  # a module replaced by its folded graph: the root's is the global check
+        if unit.graph_path in replaced:
+            e = replaced[unit.graph_path]
+            checks.append(GraphCheck(unit.label, e.new, e.old))
+        return checks
+    absorbed: dict[str, list[Any]] = {}
+    for spec in unit.specs:
+        if spec.kind == "layer":
+            absorbed.setdefault(spec.path, []).extend(spec.absorbed)
+        elif spec.path in replaced:
+            e = replaced[spec.path]
+            checks.append(SlotCheck(spec.path, e.new, e.old, spec.affine if spec.mode == "inverse" else None))
+    for path, steps in absorbed.items():
+        if path in owners:
+            checks.append(LayerCheck(path, owners[path], params[path], steps))
+    return checks
 
 
 def merge_units(units: list[Unit]) -> list[Unit]:

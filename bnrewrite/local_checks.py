@@ -1,0 +1,248 @@
+"""Local checks: each applied fold is compared with what it replaced, on the inputs it received.
+
+The proof runs the folded model once. During that run, forward hooks on the modules a fold
+changed compute what the original modules would have produced from the same inputs:
+
+- a folded conv/linear: the original layer (old weight and bias) followed (or preceded) by the
+  per-channel scale and shift it absorbed;
+- the module at a BatchNorm's place (``Identity``, the rest of its forward, a scale-and-shift):
+  the original BatchNorm module on the value whose normalization the fold moved upstream;
+- a module replaced by its folded graph: the original module on the same inputs.
+
+Each comparison allows for float32 rounding at that layer only, so a fold that drops an
+activation is caught however little it moves the final output, and the failing fold is named
+without bisection. A pre-hook on every module object a fold replaced checks that the edit took
+effect: the old object must not run in the result (a block also held in a plain list would).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.utils import _pytree as pytree
+
+from .graph.capture import buffers_restored, eval_modes
+from .graph.edit import shallow_copy
+
+Absorbed = tuple[str, torch.Tensor, "torch.Tensor | None"]
+_MARGIN = 64.0  # rounding steps allowed per sqrt(fan-in), relative to the magnitudes involved
+
+
+_BUSY: list[bool] = [False]  # True while a check computes what the original gives: no hook fires
+
+
+def _quiet(hook: Callable[..., None]) -> Callable[..., None]:
+    """A hook that does nothing while another check runs original modules (which may share
+    children - the user's activation objects - with the result)."""
+
+    def wrapped(*args: Any) -> None:
+        if _BUSY[0]:
+            return
+        _BUSY[0] = True
+        try:
+            hook(*args)
+        finally:
+            _BUSY[0] = False
+
+    return wrapped
+
+
+class LocalCheck:
+    """One check, bound to modules of the result tree; ``failure`` says what went wrong."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.failure: str | None = None
+        self.ran = False
+
+    def install(self) -> list[Any]:
+        """Put the hooks in place; returns the handles to remove."""
+        raise NotImplementedError
+
+    def fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = f"{self.label}: {why}"
+
+
+def _channel_view(t: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return t.to(dtype=like.dtype, device=like.device).reshape(shape)
+
+
+def _affine(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None, axis: int) -> torch.Tensor:
+    y = x * _channel_view(s, x, axis)
+    return y + _channel_view(t, x, axis) if t is not None else y
+
+
+def _eps(t: torch.Tensor) -> float:
+    return float(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
+
+
+def _mismatch(got: Any, want: Any, magnitude: float, fan_in: int) -> str | None:
+    """Why ``got`` is not ``want`` up to rounding, or None."""
+    if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor):
+        return None if got == want else "the output changed"
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    if not got.is_floating_point():
+        return None if torch.equal(got, want) else "the output changed"
+    g, w = got.double(), want.double()
+    finite = torch.isfinite(w)
+    if not torch.equal(finite, torch.isfinite(g)):
+        return "new NaN/Inf values"
+    if not bool(finite.any()):
+        return None
+    g, w = g[finite], w[finite]
+    scale = max(float(w.abs().max()), float(g.abs().max()), magnitude)
+    tol = _MARGIN * _eps(got) * math.sqrt(max(fan_in, 1)) * scale + 1e-30
+    err = float((g - w).abs().max())
+    if err > tol:
+        return f"differs by {err:.3g} (rounding allows {tol:.3g})"
+    return None
+
+
+def _run_original(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with torch.no_grad(), buffers_restored(module), eval_modes(module):
+        return module(*args, **kwargs)
+
+
+def _fan_in(layer: nn.Module) -> int:
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return 1
+    if isinstance(layer, _ConvNd) and getattr(layer, "transposed", False):
+        return int(weight.shape[1] * math.prod(weight.shape[2:]))
+    return int(math.prod(weight.shape[1:]))
+
+
+class LayerCheck(LocalCheck):
+    """A folded conv/linear against its original weights and the affines it absorbed."""
+
+    def __init__(
+        self,
+        label: str,
+        new: nn.Module,
+        old_params: dict[str, torch.Tensor | None],
+        absorbed: list[Absorbed],
+    ) -> None:
+        super().__init__(label)
+        self.new = new
+        self.reference = shallow_copy(new)
+        self.reference._parameters.update(old_params)
+        self.absorbed = absorbed
+        self.axis = 1 if isinstance(new, _ConvNd) else -1
+
+    def install(self) -> list[Any]:
+        return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
+
+    def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        self.ran = True
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            return
+        with torch.no_grad():
+            x = args[0]
+            magnitude = 0.0
+            for side, s, t in reversed(self.absorbed):
+                if side == "pre":
+                    x = _affine(x, s, t, self.axis)
+            y = self.reference(x, *args[1:], **kwargs)
+            for side, s, t in self.absorbed:
+                if side == "post":
+                    y = _affine(y, s, None, self.axis)
+                    magnitude = max(magnitude, float(y.abs().max()) if y.numel() else 0.0)
+                    if t is not None:
+                        y = y + _channel_view(t, y, self.axis)
+                        magnitude = max(magnitude, float(t.abs().max()) if t.numel() else 0.0)
+            problem = _mismatch(out, y, magnitude, _fan_in(self.new))
+        if problem:
+            self.fail(f"the folded layer {problem}")
+
+
+class SlotCheck(LocalCheck):
+    """The module at a BatchNorm's place against the original BatchNorm module. ``affine``: the
+    normalization moved upstream, so the original module sees the value it would have received
+    (the input mapped back through the BatchNorm's scale and shift); None: same input."""
+
+    def __init__(
+        self,
+        label: str,
+        new: nn.Module,
+        original: nn.Module,
+        affine: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        super().__init__(label)
+        self.new = new
+        self.original = shallow_copy(original)  # without the hooks the proof puts on the old object
+        self.affine = affine
+
+    def install(self) -> list[Any]:
+        return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
+
+    def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        self.ran = True
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            return
+        with torch.no_grad():
+            z = args[0]
+            magnitude = float(z.abs().max()) if z.numel() else 0.0
+            if self.affine is not None:
+                scale, shift = (_channel_view(v.double(), z, 1).double() for v in self.affine)
+                u = torch.where(scale != 0, (z.double() - shift) / torch.where(scale != 0, scale, 1), 0)
+                z = u.to(z.dtype)
+                magnitude += float(shift.abs().max()) if shift.numel() else 0.0
+            want = _run_original(self.original, (z, *args[1:]), kwargs)
+        problem = _mismatch(out, want, magnitude, 1)
+        if problem:
+            self.fail(f"the module in the BatchNorm's place {problem} (compared with the original module)")
+
+
+class GraphCheck(LocalCheck):
+    """A module replaced by its folded graph against the original module, on the same inputs."""
+
+    def __init__(self, label: str, new: nn.Module, original: nn.Module) -> None:
+        super().__init__(label)
+        self.new = new
+        self.original = shallow_copy(original)  # without the hooks the proof puts on the old object
+
+    def install(self) -> list[Any]:
+        return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
+
+    def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        self.ran = True
+        want = _run_original(self.original, args, kwargs)
+        got_leaves, want_leaves = pytree.tree_leaves(out), pytree.tree_leaves(want)
+        if len(got_leaves) != len(want_leaves):
+            self.fail("the folded graph returns another structure")
+            return
+        fan_in = max((_fan_in(m) for m in self.original.modules()), default=1)
+        for g, w in zip(got_leaves, want_leaves):
+            problem = _mismatch(g, w, 0.0, fan_in)
+            if problem:
+                self.fail(f"the folded graph {problem} (compared with the original module)")
+                return
+
+
+class StillRuns(LocalCheck):
+    """The module objects a fold replaced must not run in the result."""
+
+    def __init__(self, label: str, old: list[tuple[str, nn.Module]]) -> None:
+        super().__init__(label)
+        self.old = old
+
+    def install(self) -> list[Any]:
+        return [m.register_forward_pre_hook(_quiet(self._hook(path))) for path, m in self.old]
+
+    def _hook(self, path: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: Any) -> None:
+            self.fail(
+                f"the fold did not take effect: the original {path} still runs in the result "
+                "(is it also held somewhere the module tree does not show?)"
+            )
+
+        return hook
