@@ -4,7 +4,8 @@ A folded model's state_dict has no BatchNorm tensors and may have biases the ori
 not create. Loading it into a freshly built model (``bnrewrite.load(factory, weights=...)``)
 only works strictly if that model gets the same structure first, so a state_dict written by
 bnrewrite records it: which modules are ``nn.Identity`` (absorbed BatchNorms), which are
-``ChannelAffine`` (BatchNorms kept as scale-and-shift), which conv/linear layers have a bias,
+``ChannelAffine`` (BatchNorms kept as scale-and-shift), which norm modules that did more than
+normalize became the chain of their own children (``rests``), which conv/linear layers have a bias,
 and which modules were replaced by graphs (those cannot be rebuilt from the user's code).
 Stored under the ``bnrewrite_structure`` key of a ``.pt`` checkpoint, or as safetensors metadata.
 """
@@ -21,6 +22,7 @@ from torch.nn.modules.conv import _ConvNd
 from .errors import BnrewriteError
 from .graph.edit import Editor
 from .nn import ChannelAffine
+from .passes.norm_rest import REST_ATTR, chain_of
 
 KEY = "bnrewrite_structure"
 VERSION = 1
@@ -29,6 +31,7 @@ VERSION = 1
 def describe(model: nn.Module) -> dict[str, Any]:
     """The structure of ``model`` that a factory-built model must be given before loading."""
     identity, affine, bias, graphs = [], [], [], []
+    rests: dict[str, list[str]] = {}
     if isinstance(model, fx.GraphModule):
         graphs.append("")
     for path, m in model.named_modules():
@@ -38,11 +41,16 @@ def describe(model: nn.Module) -> dict[str, Any]:
             identity.append(path)
         elif isinstance(m, ChannelAffine):
             affine.append(path)
+        elif isinstance(getattr(m, REST_ATTR, None), list):
+            rests[path] = list(getattr(m, REST_ATTR))
         elif isinstance(m, (_ConvNd, nn.Linear)) and m.bias is not None:
             bias.append(path)
         elif isinstance(m, fx.GraphModule) and not any(path.startswith(g + ".") for g in graphs if g):
             graphs.append(path)
-    return {"version": VERSION, "identity": identity, "affine": affine, "bias": bias, "graphs": graphs}
+    out = {"version": VERSION, "identity": identity, "affine": affine, "bias": bias, "graphs": graphs}
+    if rests:  # norm modules that do more: replaced by the chain of their own children
+        out["rests"] = rests
+    return out
 
 
 def encode(structure: dict[str, Any]) -> str:
@@ -73,6 +81,13 @@ def apply(model: nn.Module, structure: dict[str, Any], state: dict[str, torch.Te
             "factory cannot rebuild that part: load the .pt2 or .py written from the same result"
         )
     changes = []
+    for path, names in structure.get("rests", {}).items():
+        module = _get(model, path)
+        try:
+            _set(model, path, chain_of(module, names))
+        except AttributeError as exc:
+            raise BnrewriteError(f"{KEY} chains {names} of {path}, which this model does not have") from exc
+        changes.append(f"{path}: Sequential({', '.join(names)})")
     for path in structure.get("identity", []):
         if type(_get(model, path)) is not nn.Identity:
             _set(model, path, nn.Identity())

@@ -17,4 +17,8 @@ NAMES = [
     "kwargs_dataclass",
     "same_padding",
     "decoder",
+    "bn_act",
+    "inplace_abn",
+    "list_blocks",
+    "enet",
 ]

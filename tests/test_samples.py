@@ -21,6 +21,10 @@ EXPECTED = {
     "kwargs_dataclass": {"fold-into-preceding": 3},
     "same_padding": {"fold-into-preceding": 3},
     "decoder": {"fold-into-preceding": 6},  # timing-free here; FD108 is tested on its own
+    "bn_act": {"fold-into-preceding": 4},
+    "inplace_abn": {"fold-into-preceding": 3},
+    "list_blocks": {"fold-into-preceding": 5},
+    "enet": {"fold-into-preceding": 3},
 }
 
 

@@ -545,8 +545,10 @@ def run_quietly(module: nn.Module, fn: Any) -> Any:
 # Tensor accessors that read no values: not consumers.
 _NOT_READS = frozenset(
     {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "data_ptr",
-     "element_size", "__len__", "type", "get_device", "is_complex", "__format__", "__repr__"}
+     "element_size", "__len__", "get_device", "is_complex", "__format__", "__repr__", "zeros_like",
+     "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"}
 )  # fmt: skip
+_SHAPE_OF_OTHERS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})  # read only args[0]
 
 
 class _Readers(TorchFunctionMode):
@@ -576,8 +578,9 @@ class _Readers(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.produced and getattr(func, "__name__", "") not in _NOT_READS:
-            self.count(args, kwargs)
+        name = getattr(func, "__name__", "")
+        if self.produced and name not in _NOT_READS:
+            self.count(args[:1] if name in _SHAPE_OF_OTHERS else args, {} if name in _SHAPE_OF_OTHERS else kwargs)
         return func(*args, **kwargs)
 
 
@@ -603,8 +606,12 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
             readers.count(args, kwargs)
             readers.depth += 1
 
-        def post(_m: nn.Module, _args: Any, out: Any, path: str = path) -> None:
+        def post(_m: nn.Module, args: Any, out: Any, path: str = path) -> None:
             readers.depth -= 1
+            if args and out is args[0] and isinstance(out, torch.Tensor):  # passed on (eval Dropout):
+                owner = readers.owner(out)  # its consumer reads the producer's output, not this call
+                if owner is not None:
+                    rec.readers[owner] -= 1
             if isinstance(out, torch.Tensor) and path not in rec.out_shapes:
                 rec.out_shapes[path] = tuple(out.shape)
                 rec.out_ids[path] = id(out)

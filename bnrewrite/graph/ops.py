@@ -179,3 +179,28 @@ def target_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return f".{node.target}()"
     return f"{node.op}:{node.target}"
+
+
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
+
+
+def _dtype(node: Any) -> torch.dtype | None:
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "dtype", None)
+
+
+def is_noop_cast(node: fx.Node) -> bool:
+    """A dtype cast that changes nothing on the recorded run (``x.float()`` of a float32 value,
+    ``.to(x.dtype)``): transparent to a fold, which never changes a dtype either."""
+    cast = (node.op == "call_function" and node.target in _CASTS) or (
+        node.op == "call_method" and node.target in ("float", "to", "type_as", "double", "half")
+    )
+    if not cast or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = _dtype(node.args[0]), _dtype(node)
+    return before is not None and before == after

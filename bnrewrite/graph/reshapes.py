@@ -98,15 +98,20 @@ def regrouped(before: Sequence[int], after: Sequence[int], axis: int) -> int | N
 def reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
     """True when ``user`` reads only ``node``'s shape, not its values (``y.reshape_as(node)``,
     ``node.size()``, ``node.shape``)."""
-    if user.op == "call_method" and user.target in ("size", "dim"):
+    if user.op == "call_method" and user.target in ("size", "dim", "numel", "ndimension"):
         return True
     as_shape = user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as")
     as_shape = as_shape or (user.op == "call_function" and user.target in _SHAPE_OF_SECOND)
     if as_shape:
         return user.args[0] is not node and node not in user.kwargs.values()
-    if user.op == "call_function" and user.target in (aten.sym_size.int, aten.sym_size.default):
+    if user.op == "call_function" and user.target in (
+        aten.sym_size.int,
+        aten.sym_size.default,
+        aten._assert_tensor_metadata.default,
+    ):
         return True
-    return user.op == "call_function" and user.target is getattr and user.args[1:2] == ("shape",)
+    meta = ("shape", "ndim", "dtype", "device", "is_cuda")
+    return user.op == "call_function" and user.target is getattr and user.args[1:2] in [(m,) for m in meta]
 
 
 _SHAPE_OF_SECOND = (aten.reshape_as.default, aten.view_as.default, aten.expand_as.default)

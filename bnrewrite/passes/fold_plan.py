@@ -106,8 +106,18 @@ def _label(layer: LayerSite) -> str:
     return layer.module_path or layer.name
 
 
+def _through_casts(site: BNSite) -> tuple[fx.Node | None, set[fx.Node]]:
+    """The BatchNorm's input before any no-op dtype casts that only lead to it (a subclass that
+    normalizes ``x.float()``), and the nodes that may read it: the BatchNorm or the first cast."""
+    src, own = site.input, set(site.nodes)
+    while src is not None and ops.is_noop_cast(src) and set(value_readers(src)) <= own:
+        own = {src}
+        src = src.args[0]
+    return src, own
+
+
 def _check_preceding(site: BNSite, rank_of: RankOf) -> tuple[LayerSite | None, tuple[str, str] | None]:
-    src = site.input
+    src, own = _through_casts(site)
     if src is None:
         return None, None
     layer = layer_site(site.region, src)
@@ -115,9 +125,9 @@ def _check_preceding(site: BNSite, rank_of: RankOf) -> tuple[LayerSite | None, t
         return None, None
     if not layer.constant or layer.weight is None:
         return None, ("FD204", f"{_label(layer)} has weights computed in the graph")
-    own = site.nodes
-    if any(u not in own for u in src.users):
-        others = ", ".join(u.name for u in src.users if u not in own)
+    readers = value_readers(src)
+    if any(u not in own for u in readers):
+        others = ", ".join(u.name for u in readers if u not in own)
         return None, ("BN009", f"output of {_label(layer)} is also used by {others}")
     if _out_channels(layer) != site.num_features:
         return None, (

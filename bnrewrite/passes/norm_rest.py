@@ -5,8 +5,7 @@ swap) and possibly more - dropout, an activation, a cast - as the captured graph
 ops whose ``nn_module_stack`` holds the module, minus the ones the fold erased.
 
 Guarantees: the replacement computes exactly what the rest of the module's forward computed on
-the normalized value: ``nn.Identity`` when nothing remains; the user's own child module, or its own children in
-an ``nn.Sequential``, when the rest is a chain of them (``Sequential(m.drop, m.act)``); otherwise a
+the normalized value: ``nn.Identity`` when nothing remains; the user's own children in an ``nn.Sequential`` when the rest is a chain of them (``Sequential(m.drop, m.act)``); otherwise a
 GraphModule of the remaining ops rooted at the module (reported as FD104). A rest that reads
 anything but the normalized value and the module's own tensors is refused with the reason.
 """
@@ -15,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 from ..graph.capture import Region, stack_path
@@ -43,6 +43,10 @@ def _op_name(node: fx.Node, region: Region) -> str:
     if node.op == "call_module":
         return type(region.gm.get_submodule(str(node.target))).__name__
     target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if node.op == "call_method":
+        return f".{target}()"
     return str(getattr(target, "__name__", target)).rpartition(".")[2]
 
 
@@ -62,12 +66,13 @@ def ops_by_module(region: Region) -> dict[str, list[fx.Node]]:
 def rest_of(region: Region, local: str, module: nn.Module, index: dict[str, list[fx.Node]]) -> Rest:
     """The module that replaces ``module`` (at region-local ``local``) once its batch_norm is
     gone from the region's graph (``index`` from :func:`ops_by_module`); see the module doc."""
-    group = [n for n in index.get(local, []) if n.users]  # dead ops (buffer updates) go with the norm
+    members = set(index.get(local, []))
+    outputs = [n for n in index.get(local, []) if any(u not in members for u in n.users)]
+    group = _feeding(outputs, members)  # input checks and buffer updates go with the norm
     if not group:
         return Rest(nn.Identity())
     members = set(group)
     external = {a for n in group for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
-    outputs = [n for n in group if any(u not in members for u in n.users)]
     kept = [_op_name(n, region) for n in group]
     if len(external) != 1 or len(outputs) != 1:
         return Rest(None, why=f"the rest of {type(module).__name__}.forward ({', '.join(kept)}) reads or "
@@ -76,11 +81,42 @@ def rest_of(region: Region, local: str, module: nn.Module, index: dict[str, list
     if chain is not None:
         children = [module.get_submodule(name) for name in chain]
         kept = [type(c).__name__ for c in children]
-        return Rest(children[0] if len(children) == 1 else nn.Sequential(*children), kept=kept)
+        return Rest(chain_of(module, chain), kept=kept)
     gm, why = _rest_graph(group, local, module, next(iter(external)), outputs[0])
     if gm is None:
         return Rest(None, why=why)
     return Rest(gm, graph=True, kept=kept)
+
+
+def _feeding(outputs: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:
+    """The members that the outputs depend on, in graph order."""
+    keep: set[fx.Node] = set()
+    todo = list(outputs)
+    while todo:
+        n = todo.pop()
+        if n in keep or n not in members:
+            continue
+        keep.add(n)
+        todo.extend(n.all_input_nodes)
+    return [n for n in members_in_order(members) if n in keep]
+
+
+def members_in_order(members: set[fx.Node]) -> list[fx.Node]:
+    if not members:
+        return []
+    graph = next(iter(members)).graph
+    return [n for n in graph.nodes if n in members]
+
+
+REST_ATTR = "_bnrewrite_rest"  # on the Sequential: the names of the children it chains
+
+
+def chain_of(module: nn.Module, names: list[str]) -> nn.Sequential:
+    """``nn.Sequential`` of the module's own children (the user's objects, not copies), marked
+    with their names so a state_dict of the result can be loaded into a freshly built model."""
+    seq = nn.Sequential(*[module.get_submodule(name) for name in names])
+    setattr(seq, REST_ATTR, list(names))
+    return seq
 
 
 def _child_chain(group: list[fx.Node], local: str, entry: fx.Node, out: fx.Node) -> list[str] | None:
