@@ -18,7 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import codes, progress
 from .diagnostics import Action, Diagnostic, Report
@@ -26,7 +28,7 @@ from .errors import BnrewriteError, UsageError
 from .fold import RewriteResult
 from .graph.capture import _reason
 from .graph.edit import shallow_copy
-from .graph.norms import is_batchnorm_module
+from .graph.norms import norm_with_stats
 from .select import Selector
 
 
@@ -44,13 +46,32 @@ class _Stats:
         self.sums = torch.zeros(3, channels, dtype=torch.float64, device=device)  # n, sum, sum of squares
         self.batches = 0
 
-    def __call__(self, _m: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().to(torch.float64)
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
         dims = [d for d in range(x.dim()) if d != 1]
         self.sums[0] += x.numel() // x.shape[1]
         self.sums[1] += x.sum(dims)
         self.sums[2] += (x * x).sum(dims)
         self.batches += 1
+
+
+class _NormInputs(TorchFunctionMode):
+    """Feeds each batch_norm call's input to the statistics of the module whose running mean it
+    updates: the input of the normalization inside the module, whatever else its forward does
+    before it (a cast, a pre-op)."""
+
+    def __init__(self, by_buffer: dict[int, _Stats]) -> None:
+        super().__init__()
+        self.by_buffer = by_buffer
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in (F.batch_norm, torch.batch_norm):
+            mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
+            stats = self.by_buffer.get(id(mean))
+            if stats is not None:
+                stats.add(args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)
 
 
 def _distributed() -> bool:
@@ -79,9 +100,9 @@ def recalibrate(
     report = Report("recalibrate", type(model).__name__)
     stats: dict[str, tuple[nn.Module, _Stats]] = {}
     for path, m in result.named_modules():
-        if not is_batchnorm_module(m) or not selector.matches(path, type(m).__name__):
+        if not norm_with_stats(m) or not selector.matches(path, type(m).__name__):
             continue
-        if not m.track_running_stats or m.running_mean is None:
+        if not getattr(m, "track_running_stats", True) or m.running_mean is None:
             report.add(
                 Diagnostic(
                     "SW001",
@@ -92,23 +113,24 @@ def recalibrate(
                 )
             )
             continue
-        stats[path] = (m, _Stats(m.num_features, m.running_mean.device))
+        stats[path] = (m, _Stats(m.running_mean.numel(), m.running_mean.device))
     if not stats:
         raise BnrewriteError(
             f"no BatchNorm with running statistics matches the selection ({selector.describe()})"
         )
     modes = {id(m): m.training for m in result.modules()}
     result.eval()
-    handles = []
+    by_buffer: dict[int, _Stats] = {}
     for m, s in stats.values():
         m._buffers = dict(m._buffers)  # own the buffer dict: new statistics, original untouched
         for name in ("running_mean", "running_var", "num_batches_tracked"):
-            m._buffers[name] = m._buffers[name].clone()
+            if m._buffers.get(name) is not None:
+                m._buffers[name] = m._buffers[name].clone()
+        by_buffer[id(m._buffers["running_mean"])] = s
         m.train()
-        handles.append(m.register_forward_pre_hook(s))
     count = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _NormInputs(by_buffer):
             for batch in progress.track(batches, "calibration batches"):
                 args = batch if isinstance(batch, (tuple, list)) else (batch,)
                 try:
@@ -119,8 +141,6 @@ def recalibrate(
                     ) from exc
                 count += 1
     finally:
-        for h in handles:
-            h.remove()
         for m in result.modules():
             m.train(modes[id(m)])
     use_dist = _distributed() if distributed is None else distributed
@@ -152,7 +172,8 @@ def recalibrate(
         with torch.no_grad():
             m.running_mean.copy_(mean.to(m.running_mean.dtype))
             m.running_var.copy_(var.to(m.running_var.dtype))
-            m.num_batches_tracked.fill_(int(total_batches.item()))
+            if getattr(m, "num_batches_tracked", None) is not None:
+                m.num_batches_tracked.fill_(int(total_batches.item()))
         report.actions.append(
             Action(
                 "recalibrate",

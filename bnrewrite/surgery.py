@@ -30,6 +30,7 @@ from .graph.capture import (
     compile_now,
     node_shape,
     source_line,
+    stack_path,
 )
 from .graph.edit import Editor, shallow_copy
 from .graph.norms import (
@@ -39,10 +40,12 @@ from .graph.norms import (
     find_norms,
     layer_site,
     module_bn_site,
+    norm_with_stats,
     opaque_norms,
     other_norm_site,
 )
 from .passes.norm_factory import TARGETS, SwapRefused, default_groups, from_batchnorm, to_batchnorm
+from .passes.norm_rest import Rest, ops_by_module, rest_of
 from .passes.tree_edit import common_prefix, covers, node_scope
 from .select import Selector
 from .verify import verify
@@ -117,13 +120,15 @@ class Rewriter:
             ed.set_module(path, new)
         return root
 
-    def _graph_note(self, path: str) -> None:
+    def _graph_note(self, path: str, why: str | None = None) -> None:
+        why = why or (
+            "a functional norm or an inserted layer is a graph edit that the module tree cannot express"
+        )
         self.report.add(
             Diagnostic(
                 "FD104",
                 codes.get("FD104").severity,
-                f"{path or '<root>'}: replaced by its rewritten graph (a functional norm or an "
-                "inserted layer is a graph edit that the module tree cannot express)",
+                f"{path or '<root>'}: replaced by its rewritten graph ({why})",
                 None,
                 path or None,
             )
@@ -214,6 +219,59 @@ def norm_nodes(cap: Capture) -> list[tuple[Region, fx.Node, BNSite | OtherNormSi
     order = {id(n): i for r in cap.regions for i, n in enumerate(r.gm.graph.nodes)}
     regions = {r.path: k for k, r in enumerate(cap.regions)}
     return sorted(sites, key=lambda t: (regions[t[0].path], order[id(t[1])]))
+
+
+def owned_norm(rw: Rewriter, region: Region, site: BNSite) -> tuple[str, Rest] | None:
+    """For a functional batch_norm that a norm module applies to its own statistics as the
+    first thing its forward does (a BatchNorm subclass with an activation, an in-place-ABN
+    style module): the module's path and what the rest of its forward is. A rewrite then
+    replaces that module by the new norm followed by the rest, keeping the activation."""
+    call, node = site.call, site.node
+    if call is None or node is None or call.op != "call_function" or (not region.path and not call.meta):
+        return None
+    stack = call.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    local = stack_path(list(stack.values())[-1][0])
+    path = f"{region.path}.{local}" if region.path and local else (region.path or local)
+    module = rw._module_at(path)
+    attrs = {str(n.target).rpartition(".")[0] for n in call.all_input_nodes if n.op == "get_attr"}
+    if module is None or not local or attrs != {local} or not norm_with_stats(module):
+        return None
+    index = ops_by_module(region)
+    if site.input is not None and site.input in set(index.get(local, [])):
+        return None  # the forward does something before normalizing: no module chain expresses it
+    rest = rest_of(region, local, module, index, frozenset({call, node, *site.extra}))
+    return (path, rest) if rest.module is not None else None
+
+
+def collapse(region: Region, path: str, site: BNSite, rest: Rest) -> None:
+    """Make the module's whole computation one call of the module at ``path`` in the region's
+    graph, so the graph agrees with the module that replaces it there."""
+    graph = region.gm.graph
+    local = path[len(region.path) + 1 :] if region.path else path
+    out = rest.output or site.node
+    assert out is not None and site.input is not None
+    with graph.inserting_after(out):
+        new = graph.call_module(local, (site.input,))
+    out.replace_all_uses_with(new)
+    new.args = (site.input,)
+    attrs: list[fx.Node] = []
+    for n in reversed([site.call, site.node, *site.extra, *rest.nodes]):
+        if n is not None and not n.users and not getattr(n, "_erased", False):
+            attrs.extend(a for a in n.all_input_nodes if a.op == "get_attr")
+            graph.erase_node(n)
+    for a in attrs:  # the module's own tensors: it is replaced, they are gone with it
+        if not a.users and not getattr(a, "_erased", False):
+            graph.erase_node(a)
+
+
+def _followed_by(new: nn.Module, rest: Rest) -> nn.Module:
+    """``new`` then the rest of the replaced norm module's forward."""
+    if isinstance(rest.module, nn.Identity):
+        return new
+    tail = list(rest.module) if isinstance(rest.module, nn.Sequential) else [rest.module]
+    return nn.Sequential(new, *tail)
 
 
 def _erase_bn(region: Region, site: BNSite, replacement: fx.Node) -> None:
@@ -327,7 +385,21 @@ def _swap_node(
     except SwapRefused as exc:
         _refused(report, path, region.qualify(node.name), str(exc), source_line(node))
         return
-    if module_node:
+    owned = owned_norm(rw, region, site) if (site is not None and not module_node) else None
+    if owned is not None:
+        path, rest = owned
+        if path in done:
+            return
+        done.add(path)
+        collapse(region, path, site, rest)
+        rw.replace_module(path, _followed_by(built.module, rest))
+        if rest.kept:
+            built.note += f"; keeps the rest of its forward ({rest.describe()})"
+        if rest.graph:
+            rw._graph_note(
+                path, f"the rest of its forward ({rest.describe()}) is no chain of its own modules"
+            )
+    elif module_node:
         done.add(path or "")
         rw.replace_module(path or "", built.module)
     else:
@@ -604,6 +676,20 @@ def remove(
                     )
                 continue
             assert site is not None and site.input is not None
+            owned = owned_norm(rw, region, site)
+            if owned is not None:
+                owner, rest = owned
+                if owner not in done:
+                    done.add(owner)
+                    collapse(region, owner, site, rest)
+                    rw.replace_module(owner, rest.module)
+                    kept = f"; keeps the rest of its forward ({rest.describe()})" if rest.kept else ""
+                    report.actions.append(
+                        Action(
+                            "remove", region.qualify(node.name), owner, f"{kind} removed{kept}", exact=False
+                        )
+                    )
+                continue
             rw.editor(region, node)
             site.node.replace_all_uses_with(site.input)
             graph = region.gm.graph

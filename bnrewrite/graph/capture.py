@@ -580,7 +580,9 @@ class _Readers(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if self.produced and name not in _NOT_READS:
-            self.count(args[:1] if name in _SHAPE_OF_OTHERS else args, {} if name in _SHAPE_OF_OTHERS else kwargs)
+            self.count(
+                args[:1] if name in _SHAPE_OF_OTHERS else args, {} if name in _SHAPE_OF_OTHERS else kwargs
+            )
         return func(*args, **kwargs)
 
 

@@ -66,6 +66,19 @@ def is_frozen_bn_module(m: nn.Module) -> bool:
     return all(isinstance(tensors.get(n), torch.Tensor) for n in _STAT_NAMES)
 
 
+def norm_with_stats(m: nn.Module) -> bool:
+    """A module that normalizes with running statistics of its own: a BatchNorm class (plain
+    or doing more), a frozen BN, or a module holding ``running_mean``/``running_var`` and no
+    conv/linear layer (an in-place-ABN style norm with its own parameters)."""
+    if is_batchnorm_module(m) or is_frozen_bn_module(m):
+        return True
+    own = m._buffers
+    stats = isinstance(own.get("running_mean"), torch.Tensor) and isinstance(
+        own.get("running_var"), torch.Tensor
+    )
+    return stats and not any(isinstance(c, (_ConvNd, nn.Linear)) for c in m.modules())
+
+
 def other_norm_family(m: nn.Module) -> str | None:
     if isinstance(m, nn.GroupNorm):
         return "group"

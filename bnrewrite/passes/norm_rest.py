@@ -28,6 +28,8 @@ class Rest:
     graph: bool = False  # True: a GraphModule of the remaining ops (FD104)
     why: str = ""
     kept: list[str] = field(default_factory=list)  # what the module still does, for the report
+    nodes: list[fx.Node] = field(default_factory=list)  # the remaining ops
+    output: fx.Node | None = None  # the one whose value the module returns (None: nothing remains)
 
     def describe(self) -> str:
         return ", ".join(self.kept)
@@ -63,11 +65,19 @@ def ops_by_module(region: Region) -> dict[str, list[fx.Node]]:
     return index
 
 
-def rest_of(region: Region, local: str, module: nn.Module, index: dict[str, list[fx.Node]]) -> Rest:
+def rest_of(
+    region: Region,
+    local: str,
+    module: nn.Module,
+    index: dict[str, list[fx.Node]],
+    gone: frozenset[fx.Node] = frozenset(),
+) -> Rest:
     """The module that replaces ``module`` (at region-local ``local``) once its batch_norm is
-    gone from the region's graph (``index`` from :func:`ops_by_module`); see the module doc."""
-    members = set(index.get(local, []))
-    outputs = [n for n in index.get(local, []) if any(u not in members for u in n.users)]
+    gone from the region's graph (erased, or listed in ``gone``: then the normalized value is
+    the batch_norm's output); ``index`` from :func:`ops_by_module`. See the module doc."""
+    ops = [n for n in index.get(local, []) if n not in gone]
+    members = set(ops)
+    outputs = [n for n in ops if any(u not in members and u not in gone for u in n.users)]
     group = _feeding(outputs, members)  # input checks and buffer updates go with the norm
     if not group:
         return Rest(nn.Identity())
@@ -81,11 +91,11 @@ def rest_of(region: Region, local: str, module: nn.Module, index: dict[str, list
     if chain is not None:
         children = [module.get_submodule(name) for name in chain]
         kept = [type(c).__name__ for c in children]
-        return Rest(chain_of(module, chain), kept=kept)
+        return Rest(chain_of(module, chain), kept=kept, nodes=group, output=outputs[0])
     gm, why = _rest_graph(group, local, module, next(iter(external)), outputs[0])
     if gm is None:
         return Rest(None, why=why)
-    return Rest(gm, graph=True, kept=kept)
+    return Rest(gm, graph=True, kept=kept, nodes=group, output=outputs[0])
 
 
 def _feeding(outputs: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:

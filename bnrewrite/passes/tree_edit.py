@@ -30,7 +30,13 @@ from torch.nn.modules.conv import _ConvNd
 from ..diagnostics import Action
 from ..graph.capture import Capture, Region, stack_path
 from ..graph.edit import Editor, Holder, held, put
-from ..graph.norms import is_batchnorm_module, is_frozen_bn_module, is_norm_module, is_plain_norm_module
+from ..graph.norms import (
+    is_batchnorm_module,
+    is_frozen_bn_module,
+    is_norm_module,
+    is_plain_norm_module,
+    norm_with_stats,
+)
 from ..local_checks import GraphCheck, LayerCheck, LocalCheck, SlotCheck, StillRuns
 from .fold_bn import Applied
 from .fold_plan import PRECEDING
@@ -191,7 +197,7 @@ class TreePlanner:
             owners = {_join(self.region.path, t.rpartition(".")[0]) for t in a.bn_attrs if "." in t}
             path = owners.pop() if len(owners) == 1 and len(a.bn_attrs) >= 2 else None
             module = self.module(path) if path is not None else None
-            if module is None or not _norm_like(module) or self._innermost(call) != path:
+            if module is None or not norm_with_stats(module) or self._innermost(call) != path:
                 return None, "a functional batch_norm (no module of its own to replace)"
             functional = True
         else:
@@ -335,18 +341,6 @@ class TreePlanner:
             return a.affine, rest
         tail = list(rest.module) if isinstance(rest.module, nn.Sequential) else [rest.module]
         return nn.Sequential(a.affine, *tail), rest
-
-
-def _norm_like(module: nn.Module) -> bool:
-    """A module that is a norm by what it holds: a BatchNorm class, or running statistics of its
-    own and no conv/linear inside (an in-place-ABN style module with its own parameters)."""
-    if is_batchnorm_module(module) or is_frozen_bn_module(module):
-        return True
-    own = {**module._buffers, **module._parameters}
-    has_stats = isinstance(own.get("running_mean"), torch.Tensor) and isinstance(
-        own.get("running_var"), torch.Tensor
-    )
-    return has_stats and not any(isinstance(m, (_ConvNd, nn.Linear)) for m in module.modules())
 
 
 class _ModuleEdit(Edit):
