@@ -46,3 +46,41 @@ def test_inplace_edits_reach_every_path_too():
     model = Aliased()
     Editor(model, inplace=True).set_module("b.1", nn.Identity())
     assert _bns(model) == ["block.1", "skips.down.1"]
+
+
+class PlainHolders(nn.Module):
+    """Registered children also held in a plain list, tuple, dict and attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.BatchNorm2d(2) for _ in range(4))
+        self.as_list = [nn.ReLU(), self.a]
+        self.as_tuple = (self.b,)
+        self.as_dict = {"c": [self.c]}
+        object.__setattr__(self, "as_attr", self.d)
+
+
+def test_plain_containers_and_attributes_follow_the_edit():
+    model = PlainHolders()
+    root = shallow_copy(model)
+    editor = Editor(root)
+    for path in ("a", "b", "c", "d"):
+        editor.set_module(path, nn.Identity())
+    assert type(root.as_list[1]) is nn.Identity and type(root.as_tuple[0]) is nn.Identity
+    assert type(root.as_dict["c"][0]) is nn.Identity and type(root.as_attr) is nn.Identity
+    assert root.as_list[0] is model.as_list[0]  # untouched items are shared
+    assert isinstance(model.as_list[1], nn.BatchNorm2d) and isinstance(model.as_tuple[0], nn.BatchNorm2d)
+    assert isinstance(model.as_dict["c"][0], nn.BatchNorm2d) and model.as_attr is model.d
+
+
+def test_inplace_edits_reach_plain_containers_too():
+    model = PlainHolders()
+    Editor(model, inplace=True).set_module("b", nn.Identity())
+    assert type(model.as_tuple[0]) is nn.Identity and type(model.b) is nn.Identity
+
+
+def test_a_copy_has_its_own_hooks():
+    model = nn.Conv2d(1, 1, 1)
+    copy_ = shallow_copy(model)
+    copy_.register_forward_hook(lambda *a: None)
+    assert not model._forward_hooks

@@ -48,7 +48,9 @@ def test_every_sample_is_the_users_class_with_no_batchnorm_where_folded(name):
     for path in _folded_paths(report):
         if not any(g == "" or path == g or path.startswith(g + ".") for g in graphs):
             module = folded.get_submodule(path)
-            if "keeps the rest of its forward" in next(a.detail for a in report.actions if a.module_path == path):
+            if "keeps the rest of its forward" in next(
+                a.detail for a in report.actions if a.module_path == path
+            ):
                 assert type(module) is nn.Sequential, path  # its own activation etc., nothing else
                 assert not any(is_batchnorm_module(m) for m in module.modules()), path
             else:
