@@ -264,15 +264,19 @@ _ALL += [
         "FD207",
         "fold-undone",
         _W,
-        "a fold was undone because the result drifted on the example inputs",
-        "What: after folding, the result is run on the example inputs and compared with the\n"
-        "original's outputs (dtype tolerances, as `verify` uses). When they differ, the applied\n"
-        "folds are bisected and each one that makes the result drift is undone; this BatchNorm\n"
-        "stays as it was.\n"
-        "Why: the graph the fold was planned on did not match what the model really computes\n"
-        "(e.g. tracing silently took another branch), or the folded weights lose too much\n"
-        "precision (extreme running_var, low-precision dtypes).\n"
-        "Fix: check the layer's statistics (BN004), or the code around it; `--verify` shows the\n"
+        "a fold was undone or not applied: it does not compute what it replaced",
+        "What: the fold of this BatchNorm was not kept. Either the eager run contradicts the graph\n"
+        "it was planned on (the layer's output has more consumers than the graph shows, or the\n"
+        "BatchNorm does not read the layer's output): 'not applied'; or the proof found it wrong:\n"
+        "its local check (the folded layer and the module at the BatchNorm's place, compared with\n"
+        "the original modules on the inputs they received) failed, the original module object\n"
+        "still runs in the result ('did not take effect': it is also held somewhere the module\n"
+        "tree does not show), or the outputs drifted beyond float32 rounding and beyond twice the\n"
+        "original's own error against float64 (then every fold is undone).\n"
+        "Why: tracing silently took another branch, a module's forward does something the graph\n"
+        "does not show, or the folded weights lose too much precision (extreme running_var,\n"
+        "low-precision dtypes).\n"
+        "Fix: check the layer's statistics (BN004) or the code around it; `--verify` shows the\n"
         "float64 comparison.",
     ),
     Code(

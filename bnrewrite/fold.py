@@ -83,9 +83,11 @@ def fold(
     folded graph (FD104 says which and why). A ``GraphModule``/``ExportedProgram`` comes back
     as a GraphModule. The input is not modified unless ``inplace=True``.
 
-    With example inputs, ``prove`` (on by default) runs the result once and compares it with
-    the original's outputs from the capture's eager pass; folds that drift are found by
-    bisection and undone (FD207). ``check_trace`` also compares each traced graph with eager
+    With example inputs, ``prove`` (on by default) runs the result once: every fold is checked
+    locally against the modules it replaced, on the inputs it received, and undone by name when
+    it differs (FD207); the outputs are compared with the original's from the capture's eager
+    pass, and a drift no local check explains is judged against float64 (see ``bnrewrite.proof``).
+    A ``GraphModule``/``ExportedProgram`` input is folded as a graph and not proven. ``check_trace`` also compares each traced graph with eager
     execution before planning (one more forward pass). ``eval_mode=True`` folds BatchNorms in
     training mode as if in eval mode. ``select`` (dotted-path globs) and ``types`` (kinds such as
     ``BatchNorm2d``, ``F.batch_norm``) limit which BatchNorms are folded. A BatchNorm that no

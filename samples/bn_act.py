@@ -20,7 +20,9 @@ from ._stats import trained
 class BatchNormAct2d(nn.BatchNorm2d):
     """BatchNorm + dropout + activation in one module (timm style)."""
 
-    def __init__(self, num_features: int, act_layer: type[nn.Module] | None = nn.ReLU, drop: float = 0.0) -> None:
+    def __init__(
+        self, num_features: int, act_layer: type[nn.Module] | None = nn.ReLU, drop: float = 0.0
+    ) -> None:
         super().__init__(num_features)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.act = act_layer() if act_layer is not None else nn.Identity()
@@ -34,7 +36,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
 
 class ConvNormAct(nn.Module):
-    def __init__(self, cin: int, cout: int, act: type[nn.Module] | None, drop: float = 0.0, stride: int = 1) -> None:
+    def __init__(
+        self, cin: int, cout: int, act: type[nn.Module] | None, drop: float = 0.0, stride: int = 1
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn = BatchNormAct2d(cout, act, drop)
