@@ -229,8 +229,11 @@ class SlotCheck(LocalCheck):
         new: nn.Module,
         original: nn.Module,
         affine: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        axis: int = 1,
     ) -> None:
         super().__init__(label)
+        self.axis = axis
         self.new = new
         self.original = shallow_copy(original)  # without the hooks the proof puts on the old object
         self.affine = affine
@@ -246,11 +249,11 @@ class SlotCheck(LocalCheck):
             return
         with torch.no_grad():
             z = args[0]
-            if self.elementwise and not (args[1:] or kwargs):
+            if self.elementwise and self.axis == 1 and not (args[1:] or kwargs):
                 z, out = _corner(z), _corner(out)
             magnitude = float(z.abs().max()) if z.numel() else 0.0
             if self.affine is not None:
-                scale, shift = (_channel_view(v, z, 1) for v in self.affine)
+                scale, shift = (_channel_view(v, z, self.axis) for v in self.affine)
                 nonzero = scale != 0
                 z = torch.where(nonzero, (z - shift) / torch.where(nonzero, scale, 1), 0)
                 magnitude += float(shift.abs().max()) if shift.numel() else 0.0

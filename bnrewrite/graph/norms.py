@@ -134,6 +134,15 @@ class BNSite:
     frozen: bool = False
     num_batches_tracked: torch.Tensor | None = None
     extra: tuple[fx.Node, ...] = ()  # the other ops of a BatchNorm computed op by op (ATen frozen BN)
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None  # evaluated scale, shift (affine sites)
+    axis: int = 1  # the channel axis: 1, or -1 (the last dim of a token tensor)
+    like: torch.Tensor | None = None  # dtype and device of the stored tensors (affine sites)
+
+    @property
+    def is_affine_layer(self) -> bool:
+        """An affine site without running statistics (an ``Affine`` or layer-scale layer): it
+        folds like a BatchNorm, but it is no norm to swap, remove or recalibrate."""
+        return self.affine is not None and self.running_var is None
 
     @property
     def nodes(self) -> tuple[fx.Node, ...]:
@@ -150,11 +159,16 @@ class BNSite:
 
     @property
     def num_features(self) -> int | None:
+        if self.affine is not None:
+            return int(self.affine[0].numel())
         t = self.running_mean if self.running_mean is not None else self.weight
         return None if t is None else int(t.numel())
 
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode ``y = x * scale + shift`` per channel, computed in float64."""
+        """Eval-mode ``y = x * scale + shift`` per channel, computed in float64 (for an affine
+        site: what evaluating its ops gave)."""
+        if self.affine is not None:
+            return self.affine
         assert self.running_mean is not None and self.running_var is not None
         var = self.running_var.detach().double()
         mean = self.running_mean.detach().double()
@@ -209,10 +223,10 @@ def bn_site(region: Region, node: fx.Node) -> BNSite | None:
     gm = region.gm
     if node.op == "call_module":
         return module_bn_site(gm.get_submodule(str(node.target)), region, node)
-    if node.op != "call_function":
+    if node.op not in ("call_function", "call_method"):
         return None
-    if node.target not in ops.BN_TARGETS:
-        return frozen_groups(region).get(node) if region.dialect == "aten" else None
+    if node.op == "call_method" or node.target not in ops.BN_TARGETS:
+        return affine_site(region, node)
     kind, names, tuple_out = ops.BN_TARGETS[node.target]
     if reads_only_stored(ops.bind(node, names).get("input")):
         return None  # normalizes a parameter (weight standardization), not activations
@@ -254,62 +268,26 @@ def bn_site(region: Region, node: fx.Node) -> BNSite | None:
     )
 
 
-def frozen_groups(region: Region) -> dict[fx.Node, BNSite]:
-    """Frozen-BN modules in an ATen graph, where they are no single op but a few (``x * scale +
-    shift`` from fixed buffers): every group of ops that one frozen-BN module ran (its
-    ``nn_module_stack``), with one activation input and one output, keyed by its output node.
-    Cached on the graph module."""
-    cache = region.gm.meta.get("bnrewrite_frozen")
-    if cache is not None:
-        return cache
-    from .capture import stack_path
+def affine_site(region: Region, node: fx.Node) -> BNSite | None:
+    """The affine site (see :mod:`~bnrewrite.graph.affine_sites`) whose output ``node`` is: a
+    frozen BN of any spelling, an ``Affine`` or layer-scale layer. Its scale and shift are what
+    evaluating its ops gave; a frozen BN also carries its statistics (for swaps)."""
+    from .affine_sites import affine_groups
 
-    groups: dict[str, list[fx.Node]] = {}
-    kinds: dict[str, str] = {}
-    for n in region.gm.graph.nodes:
-        stack = n.meta.get("nn_module_stack") if n.op == "call_function" else None
-        if not stack:
-            continue
-        path, kind = list(stack.values())[-1]
-        kind_name = str(getattr(kind, "__name__", kind)).rpartition(".")[2]
-        if "frozen" in kind_name.lower():
-            groups.setdefault(stack_path(path), []).append(n)
-            kinds[stack_path(path)] = kind_name
-    found: dict[fx.Node, BNSite] = {}
-    for path, nodes in groups.items():
-        site = _frozen_site(region, path, kinds[path], nodes)
-        if site is not None and site.node is not None:
-            found[site.node] = site
-    region.gm.meta["bnrewrite_frozen"] = found
-    return found
-
-
-def _frozen_site(region: Region, path: str, kind: str, nodes: list[fx.Node]) -> BNSite | None:
-    gm = region.gm
-    stats = {}
-    for name in _STAT_NAMES:
-        value = getattr(gm.get_submodule(path), name, None) if _has_module(gm, path) else None
-        if not isinstance(value, torch.Tensor):
-            return None
-        stats[name] = value
-    group = set(nodes)
-    outputs = [n for n in nodes if any(u not in group for u in n.users)]
-    inputs = {a for n in nodes for a in n.all_input_nodes if a not in group and a.op != "get_attr"}
-    if len(outputs) != 1 or len(inputs) != 1:
+    group = affine_groups(region)[0].get(node)
+    if group is None:
         return None
-    eps = None
-    for n in nodes:  # running_var + eps
-        a = n.args
-        stored = len(a) == 2 and isinstance(a[0], fx.Node) and a[0].op == "get_attr"
-        if stored and isinstance(a[1], float) and str(a[0].target).endswith("running_var"):
-            eps = a[1]
-    if eps is None:
-        return None
-    out = outputs[0]
+    module = region.gm.get_submodule(group.path) if _has_module(region.gm, group.path) else None
+    tensors = {**module._parameters, **module._buffers} if module is not None else {}
+    stats = {n: tensors.get(n) if isinstance(tensors.get(n), torch.Tensor) else None for n in _STAT_NAMES}
+    has_stats = stats["running_mean"] is not None and stats["running_var"] is not None
+    like = next((t for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
     return BNSite(
-        region, out, out, next(iter(inputs)), kind, None, stats["weight"], stats["bias"],
-        stats["running_mean"], stats["running_var"], float(eps), False, True, True, frozen=True,
-        extra=tuple(n for n in nodes if n is not out),
+        region, group.output, group.output, group.input, group.kind, None,
+        stats["weight"] if has_stats else None, stats["bias"] if has_stats else None,
+        stats["running_mean"], stats["running_var"], float(getattr(module, "eps", 1e-5)), False, True,
+        True, frozen=True, extra=tuple(n for n in group.nodes if n is not group.output),
+        affine=(group.scale, group.shift), axis=group.axis, like=like,
     )  # fmt: skip
 
 

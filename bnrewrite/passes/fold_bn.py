@@ -220,6 +220,7 @@ class _RegionFolder:
         bn_attrs = [str(n.target) for n in bn_call.all_input_nodes if n.op == "get_attr"]
         scale, shift = site.eval_affine()
         ref = site.weight if site.weight is not None else site.running_mean
+        ref = ref if ref is not None else site.like
         assert ref is not None
         module = ChannelAffine(
             scale.to(dtype=ref.dtype, device=ref.device), shift.to(dtype=ref.dtype, device=ref.device)

@@ -72,6 +72,9 @@ class Decision:
 
 def stats_problem(site: BNSite) -> str | None:
     """Why the stored statistics or affine parameters cannot be used, if they cannot."""
+    if site.affine is not None:
+        finite = all(bool(torch.isfinite(t).all()) for t in site.affine)
+        return None if finite else "its evaluated scale or shift has NaN/Inf values"
     var, mean = site.running_var, site.running_mean
     if var is not None and not bool(torch.isfinite(var).all()):
         return "running_var has NaN/Inf values"
@@ -134,12 +137,14 @@ def _check_preceding(site: BNSite, rank_of: RankOf) -> tuple[LayerSite | None, t
             "FD202",
             f"{_label(layer)} has {_out_channels(layer)} output channels, BN has {site.num_features}",
         )
-    if layer.kind == "linear":
-        rank = rank_of(src)
+    rank = rank_of(src) if (layer.kind == "linear" or site.axis != 1) else None
+    if layer.kind == "linear" and site.axis != -1:
         if rank is None:
             return None, ("FD202", f"rank of {_label(layer)}'s output unknown: pass example inputs")
         if rank != 2:
             return None, ("FD202", f"{_label(layer)} output has rank {rank}; BN normalizes dim 1")
+    if layer.kind != "linear" and site.axis == -1 and rank != 2:
+        return None, ("FD202", f"{site.kind} scales the last dim; {_label(layer)}'s channels are dim 1")
     return layer, None
 
 
@@ -204,8 +209,10 @@ def _check_following(
             or (not isinstance(layer.padding, str) and any(int(p) != 0 for p in layer.padding))
         ):
             return [], [], ("FD206", f"following {label} is a transposed conv with kernel/stride > 1")
-        if layer.kind == "linear" and reshaped:
-            pass  # the axis was followed through the reshapes above
+        if layer.kind == "linear" and (reshaped or site.axis == -1):
+            pass  # the axis was followed through the reshapes above, or is the last dim
+        elif layer.kind != "linear" and site.axis == -1 and rank_of(site.node) != 2:
+            return [], [], ("FD202", f"{site.kind} scales the last dim; {label}'s channels are dim 1")
         elif layer.kind == "linear":
             rank = rank_of(site.node)
             if rank is None:
@@ -304,6 +311,8 @@ def _decide(site: BNSite, rank_of: RankOf, eval_mode: bool, bn_to_affine: bool) 
     if not notes:
         notes.append(("FD206", "no conv/linear directly before or after it"))
     reason = "; ".join(f"{msg} ({code})" for code, msg in notes)
+    if site.is_affine_layer:  # an affine layer no neighbour absorbs: already one op, it stays
+        return Decision(site, NOT_FOLDABLE, notes[0][0], f"stays as it is: {reason}", notes=notes)
     if bn_to_affine:
         return Decision(site, SCALE_SHIFT, notes[0][0], f"becomes scale-and-shift: {reason}", notes=notes)
     return Decision(
@@ -369,7 +378,7 @@ def _check_combined(
     """BatchNorm over a channel concatenation or a sum of layer outputs, or over a Linear's
     output moved by reshapes: every layer absorbs its part. (decision, or why not)."""
     src = site.input
-    if src is None or site.region is None or site.num_features is None:
+    if src is None or site.region is None or site.num_features is None or site.axis != 1:
         return None, None
     if len(src.users) != 1:
         return None, None

@@ -84,6 +84,7 @@ class CheckSpec:
     absorbed: list[tuple[str, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     affine: tuple[torch.Tensor, torch.Tensor] | None = None
     mode: str = "inverse"
+    axis: int = 1  # the BatchNorm's channel axis
 
 
 @dataclass
@@ -203,7 +204,8 @@ class TreePlanner:
         else:
             return None, "a functional batch_norm (no module of its own to replace)"
         module = self.module(path)
-        if module is None or not (functional or is_batchnorm_module(module) or is_frozen_bn_module(module)):
+        known = functional or site.frozen or is_batchnorm_module(module) or is_frozen_bn_module(module)
+        if module is None or not known:
             return None, f"{path} is not a BatchNorm module of the model"
         n = self.calls(path)
         if n != 1:
@@ -297,9 +299,9 @@ class TreePlanner:
         for (path, _slot), absorbed in zip(layers, a.absorbed):
             unit.specs.append(CheckSpec("layer", path, absorbed=[absorbed]))
         if a.affine is not None:
-            unit.specs.append(CheckSpec("slot", bn, mode="direct"))
+            unit.specs.append(CheckSpec("slot", bn, mode="direct", axis=a.decision.site.axis))
         elif a.bn_affine is not None and a.decision.verdict == PRECEDING:
-            unit.specs.append(CheckSpec("slot", bn, affine=a.bn_affine))
+            unit.specs.append(CheckSpec("slot", bn, affine=a.bn_affine, axis=a.decision.site.axis))
         return unit, ""
 
     def _misread(self, a: Applied, bn: str, layers: list[str]) -> str:
@@ -413,7 +415,8 @@ def _checks(unit: Unit, editor: Editor) -> list[LocalCheck]:
             absorbed.setdefault(spec.path, []).extend(spec.absorbed)
         elif spec.path in replaced:
             e = replaced[spec.path]
-            checks.append(SlotCheck(spec.path, e.new, e.old, spec.affine if spec.mode == "inverse" else None))
+            affine = spec.affine if spec.mode == "inverse" else None
+            checks.append(SlotCheck(spec.path, e.new, e.old, affine, axis=spec.axis))
     for path, steps in absorbed.items():
         if path in owners:
             checks.append(LayerCheck(path, owners[path], params[path], steps))
