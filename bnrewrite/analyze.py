@@ -10,7 +10,7 @@ from torch import fx
 from .diagnostics import Action, NormEntry, Report
 from .fold import fold
 from .graph.capture import Capture, Region, capture, source_line
-from .graph.norms import BNSite, OtherNormSite, find_norms, opaque_norms, other_norm_family
+from .graph.norms import BNSite, OtherNormSite, find_norms, lookalikes, opaque_norms, other_norm_family
 from .graph.ops import target_name
 from .graph.view import to_networkx
 from .passes.fold_plan import NOT_FOLDABLE, decide, rank_lookup
@@ -70,7 +70,7 @@ def inventory(
                 site.name,
                 site.module_path,
                 site.kind,
-                "frozen" if site.frozen else "batch",
+                "affine" if site.is_affine_layer else ("frozen" if site.frozen else "batch"),
                 _describe(site.region, site.input),
                 _after(site.region, site.node),
                 verdict,
@@ -99,6 +99,21 @@ def inventory(
             )
         )
     entries.extend(opaque_norm_entries(cap))
+    for lk in lookalikes(cap):
+        entries.append(
+            NormEntry(
+                None,
+                lk.module_path,
+                lk.kind,
+                "affine",
+                None,
+                [],
+                NOT_FOLDABLE,
+                None,
+                "FD208",
+                f"looks like a norm or affine layer, but {lk.reason}",
+            )
+        )
     return entries
 
 

@@ -280,6 +280,19 @@ _ALL += [
         "float64 comparison.",
     ),
     Code(
+        "FD208",
+        "not-an-affine-map",
+        _I,
+        "looks like a norm or an affine layer, but is not folded",
+        "What: a module that looks like a frozen BatchNorm, an Affine or a layer-scale layer (by its\n"
+        "class name or its running statistics) is not folded: evaluating its ops on probe inputs\n"
+        "showed it is not a per-channel affine map of one input (it mixes channels or positions,\n"
+        "is nonlinear, reads other activations), or it could not be evaluated alone (its input\n"
+        "shape is unknown without example inputs). The message gives the exact reason.\n"
+        "Fix: pass example inputs (--input-shape) where the shape was unknown; otherwise nothing\n"
+        "to do: the module does more than a per-channel scale and shift.",
+    ),
+    Code(
         "SW001",
         "rewrite-refused",
         _W,

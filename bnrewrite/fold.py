@@ -14,7 +14,7 @@ from . import codes
 from .diagnostics import Diagnostic, Report
 from .graph.capture import Capture, capture, compile_now
 from .graph.edit import Editor, shallow_copy
-from .graph.norms import opaque_norms, other_norm_family
+from .graph.norms import lookalikes, opaque_norms, other_norm_family
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import FoldPolicy, rank_lookup
 from .passes.fold_tree import fold_into_tree
@@ -44,8 +44,18 @@ def assemble(cap: Capture, *, inplace: bool = False) -> nn.Module:
 
 
 def opaque_diagnostics(cap: Capture) -> list[Diagnostic]:
-    """FD203 for every BatchNorm-like module that only untraceable code calls."""
+    """FD203 for every BatchNorm-like module that only untraceable code calls, FD208 for every
+    module that looks like a norm or an affine layer but computes no per-channel affine map."""
     return [
+        Diagnostic(
+            "FD208",
+            codes.get("FD208").severity,
+            f"{lk.module_path}: not folded: looks like a norm or affine layer ({lk.kind}), but {lk.reason}",
+            None,
+            lk.module_path,
+        )
+        for lk in lookalikes(cap)
+    ] + [
         Diagnostic(
             "FD203",
             codes.get("FD203").severity,

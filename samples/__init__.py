@@ -21,4 +21,6 @@ NAMES = [
     "inplace_abn",
     "list_blocks",
     "enet",
+    "frozen_bn",
+    "affine_layers",
 ]

@@ -25,6 +25,8 @@ EXPECTED = {
     "inplace_abn": {"fold-into-preceding": 3},
     "list_blocks": {"fold-into-preceding": 5},
     "enet": {"fold-into-preceding": 3},
+    "frozen_bn": {"fold-into-preceding": 3},
+    "affine_layers": {"fold-into-preceding": 2, "fold-into-following": 2, "not-foldable": 4},
 }
 
 

@@ -92,22 +92,47 @@ def _looks_like_norm(kind: str, path: str, region: Any) -> bool:
     return "running_mean" in module._buffers and "running_var" in module._buffers
 
 
+def _with_coefficients(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The group plus the ops that compute its coefficients from stored tensors alone (indexing
+    or reshaping a buffer may be recorded outside the module's stack)."""
+    from .norms import reads_only_stored
+
+    members = set(nodes)
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a in members or a.op not in ("call_function", "call_method") or not reads_only_stored(a):
+                continue
+            if all(u in members for u in a.users):
+                members.add(a)
+                todo.append(a)
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    return sorted(members, key=order.__getitem__)
+
+
 def _examine(region: Any, path: str, kind: str, nodes: list[fx.Node]) -> tuple[AffineGroup | None, str]:
+    nodes = _with_coefficients(nodes)
     members = set(nodes)
     if any(n.op == "call_module" for n in nodes):
         return None, ""  # a module that calls others is no single affine map
-    if any(n.op == "call_function" and n.target in graph_ops.BN_TARGETS for n in nodes):
-        return None, ""  # a batch_norm: a BatchNorm site of its own
-    prefix = f"{path}."
-    stored = [a for n in nodes for a in n.all_input_nodes if a.op == "get_attr"]
-    if not stored or not all(str(a.target).startswith(prefix) for a in stored):
-        return None, ""  # reads no tensor of its own: an activation, not an affine layer
+    norm_ops = {**graph_ops.BN_TARGETS, **graph_ops.OTHER_NORM_TARGETS}
+    if any(n.op == "call_function" and n.target in norm_ops for n in nodes):
+        return None, ""  # a batch_norm (a BatchNorm site of its own) or a per-sample norm (FD205)
+    if not any(a.op == "get_attr" for n in nodes for a in n.all_input_nodes):
+        return None, ""  # reads no stored tensor: an activation, not an affine layer
     external = {a for n in nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
     outputs = [n for n in nodes if any(u not in members for u in n.users)]
     if len(external) != 1 or len(outputs) != 1:
         return None, f"its forward reads {len(external)} activations and returns {len(outputs)} values"
     inp, out = next(iter(external)), outputs[0]
     shape = _shape(inp)
+    if shape is None and not region.shapes_known and region.inputs is not None:
+        from .capture import propagate_shapes
+
+        propagate_shapes(region.gm, region.inputs)  # once per region: then every node has its shape
+        region.shapes_known = True
+        shape = _shape(inp)
     if shape is None or len(shape) < 2:
         return None, "the shape of its input is unknown here (pass example inputs)"
     try:

@@ -280,13 +280,14 @@ def capture(
             inputs = tuple(args) if not kwargs else None
         gm = model.module()
         region = Region("", gm, "aten", inputs, shapes_known=True)
-        return Capture(model, [region], [], inputs)
+        return Capture(model, [region], [], inputs, how="program")
     if not isinstance(model, nn.Module):
         raise BnrewriteError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
     if isinstance(model, fx.GraphModule):
         gm = clone_graph_module(model)
         dialect = "aten" if _is_aten(gm) else "module"
-        return Capture(model, [Region("", gm, dialect, inputs, shapes_known=dialect == "aten")], [], inputs)
+        region = Region("", gm, dialect, inputs, shapes_known=dialect == "aten")
+        return Capture(model, [region], [], inputs, how="graph")
 
     leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
     leaf_paths = {x for x in leaf_modules if isinstance(x, str)}

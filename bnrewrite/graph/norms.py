@@ -467,6 +467,29 @@ def find_norms(cap: Capture) -> tuple[list[BNSite], list[OtherNormSite]]:
 
 
 @dataclass
+class Lookalike:
+    """A module that looks like a norm or an affine layer but is no foldable site, and why."""
+
+    region: Region
+    module_path: str
+    kind: str
+    reason: str
+
+
+def lookalikes(cap: Capture) -> list[Lookalike]:
+    """Modules that look like a frozen BN / Affine / layer-scale (by class name or running
+    statistics) whose ops are not a per-channel affine map of one input: never left silent."""
+    from .affine_sites import affine_groups
+
+    found = []
+    for region in cap.regions:
+        for local, (kind, why) in affine_groups(region)[1].items():
+            path = f"{region.path}.{local}" if region.path else local
+            found.append(Lookalike(region, path, kind, why))
+    return found
+
+
+@dataclass
 class OpaqueNorm:
     """A norm module that only untraceable code calls, and why that code is opaque."""
 

@@ -247,6 +247,8 @@ class _RegionFolder:
         site = d.site
         kept = d.verdict == NOT_FOLDABLE and bool(d.notes)  # usable, but no neighbour absorbs it
         what = "not folded, stays a BatchNorm (one fused op)" if kept else "not folded"
+        if site.is_affine_layer:
+            what = f"not folded, stays as it is ({site.kind}, one op)"
         for code, message in d.notes or [(d.code, d.reason)]:
             self.diagnostics.append(
                 Diagnostic(
