@@ -44,6 +44,7 @@ from .graph.norms import (
     opaque_norms,
     other_norm_site,
 )
+from .graph.reshapes import value_readers
 from .passes.norm_factory import TARGETS, SwapRefused, default_groups, from_batchnorm, to_batchnorm
 from .passes.norm_rest import Rest, ops_by_module, rest_of
 from .passes.tree_edit import common_prefix, covers, node_scope
@@ -749,7 +750,7 @@ def fix(
             if node.op not in ("call_module", "call_function"):
                 continue
             site = bn_site(region, node)
-            if site is None or site.input is None or len(site.input.users) != 1:
+            if site is None or site.input is None or len(value_readers(site.input)) != 1:
                 continue
             layer = layer_site(region, site.input)
             if layer is None or layer.bias is None:
@@ -768,12 +769,16 @@ def _absorb_bias(
     rw: Rewriter, report: Report, region: Region, site: Any, layer: Any, calls: dict[str, int]
 ) -> None:
     label = layer.module_path or layer.name
-    if layer.module is None or site.module is None:
+    owned = owned_norm(rw, region, site) if site.module is None else None
+    owner, owner_path = (rw._module_at(owned[0]), owned[0]) if owned else (site.module, site.module_path)
+    if layer.module is None or owner is None:
         _refused(
             report, label, layer.name, "BN001 fix needs module layers (functional convs/BNs are left alone)"
         )
         return
-    if calls.get(str(layer.node.target), 0) > 1 or calls.get(str(site.call.target), 0) > 1:
+    if calls.get(str(layer.node.target), 0) > 1 or (
+        site.module is not None and calls.get(str(site.call.target), 0) > 1
+    ):
         _refused(
             report,
             label,
@@ -786,20 +791,20 @@ def _absorb_bias(
         return
     conv = shallow_copy(layer.module)
     conv._parameters["bias"] = None
-    bn = shallow_copy(site.module)
+    bn = shallow_copy(owner)
     if site.running_mean is not None:
         bn._buffers["running_mean"] = (
             site.running_mean.detach() - layer.bias.detach().to(site.running_mean.dtype)
         ).clone()
     rw.replace_module(layer.module_path, conv)
-    rw.replace_module(site.module_path, bn)
+    rw.replace_module(owner_path, bn)
     report.actions.append(
         Action(
             "fix",
             layer.name,
             label,
-            f"BN001: bias of {label} dropped and absorbed into {site.module_path}.running_mean",
-            target=site.module_path,
+            f"BN001: bias of {label} dropped and absorbed into {owner_path}.running_mean",
+            target=owner_path,
             exact=True,
             code="BN001",
         )

@@ -16,6 +16,8 @@ never left without a diagnostic (FD208).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,9 +118,9 @@ def _examine(region: Any, path: str, kind: str, nodes: list[fx.Node]) -> tuple[A
     members = set(nodes)
     if any(n.op == "call_module" for n in nodes):
         return None, ""  # a module that calls others is no single affine map
-    norm_ops = {**graph_ops.BN_TARGETS, **graph_ops.OTHER_NORM_TARGETS}
+    norm_ops = {**graph_ops.BN_TARGETS, **graph_ops.OTHER_NORM_TARGETS, **graph_ops.LAYER_TARGETS}
     if any(n.op == "call_function" and n.target in norm_ops for n in nodes):
-        return None, ""  # a batch_norm (a BatchNorm site of its own) or a per-sample norm (FD205)
+        return None, ""  # a batch_norm (a site of its own), a per-sample norm (FD205), a conv/linear
     if not any(a.op == "get_attr" for n in nodes for a in n.all_input_nodes):
         return None, ""  # reads no stored tensor: an activation, not an affine layer
     external = {a for n in nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
@@ -170,8 +172,8 @@ def _probe(
     probe_shape = (1, *shape[1:])
     g = torch.Generator().manual_seed(0)
     rand = torch.randn(probe_shape, generator=g, dtype=torch.float64)
-    try:
-        with torch.no_grad(), Float64Everywhere():
+    try:  # a GraphModule prints the traceback of a failing call: keep the probe quiet
+        with torch.no_grad(), Float64Everywhere(), contextlib.redirect_stderr(io.StringIO()):
             zero = gm(torch.zeros(probe_shape, dtype=torch.float64))
             one = gm(torch.ones(probe_shape, dtype=torch.float64))
             got = gm(rand)

@@ -39,15 +39,16 @@ def forward_is_torchs(m: nn.Module) -> bool:
 
 def is_plain_norm_module(m: nn.Module) -> bool:
     """A norm module that can be kept as one call and treated as the norm its class names:
-    torch's own forward, a frozen BN, or a norm class marked with ``_bnrewrite_norm_family``.
-    A subclass whose forward also applies an activation, dropout, a cast or a residual is no
-    plain norm: it is traced through, and the fold keeps what its forward does beyond the norm."""
+    torch's own forward, or bnrewrite's own norm classes (``FrozenBatchNorm``,
+    ``_bnrewrite_norm_family``). A subclass whose forward also applies an activation, dropout, a
+    cast or a residual is no plain norm: it is traced through, and the fold keeps what its
+    forward does beyond the norm. A user's frozen BN is traced through too: its ops are judged
+    by what they compute (:mod:`~bnrewrite.graph.affine_sites`), whatever their spelling."""
     if not is_norm_module(m):
         return False
-    return (
-        forward_is_torchs(m)
-        or is_frozen_bn_module(m)
-        or bool(getattr(type(m), "_bnrewrite_norm_family", None))
+    cls = type(m)
+    return forward_is_torchs(m) or bool(
+        getattr(cls, "_bnrewrite_frozen", False) or getattr(cls, "_bnrewrite_norm_family", None)
     )
 
 

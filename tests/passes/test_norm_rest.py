@@ -187,3 +187,16 @@ def test_recalibrate_measures_the_input_of_the_normalization_inside():
     assert torch.allclose(result.abn1.running_mean.double(), seen.mean(1), atol=1e-5)
     assert torch.allclose(result.abn1.running_var.double(), seen.var(1), atol=1e-4)
     assert not torch.equal(model.abn1.running_mean, result.abn1.running_mean)  # the input is untouched
+
+
+def test_fix_absorbs_a_conv_bias_into_the_running_mean_of_a_norm_that_does_more():
+    from bnrewrite import fix
+    from samples._stats import trained
+    from samples.bn_act import BatchNormAct2d
+
+    model = trained(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4)))
+    x = torch.randn(2, 3, 8, 8)
+    fixed, report = fix(model, example_inputs=(x,))
+    assert [a.code for a in report.actions] == ["BN001"]
+    assert fixed[0].bias is None and type(fixed[1]) is BatchNormAct2d  # the user's class, act kept
+    close_to_float64(model, fixed, (x,))
