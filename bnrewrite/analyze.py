@@ -9,9 +9,9 @@ from torch import fx
 
 from .diagnostics import Action, NormEntry, Report
 from .fold import fold
-from .graph.capture import Capture, Region, capture, source_line
+from .graph.capture import Capture, Region, capture
 from .graph.norms import BNSite, OtherNormSite, find_norms, lookalikes, opaque_norms, other_norm_family
-from .graph.ops import target_name
+from .graph.ops import source_line, target_name
 from .graph.view import to_networkx
 from .passes.fold_plan import NOT_FOLDABLE, decide, rank_lookup
 from .rules import RULES, RuleContext

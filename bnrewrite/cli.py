@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from . import codes, progress
 from .errors import BnrewriteError, UsageError
@@ -31,8 +32,10 @@ app = typer.Typer(
     add_completion=False,
 )
 _state: dict[str, Any] = {"debug": False, "imports": [], "auto_import": True}
-out = Console(soft_wrap=False, width=160)
-err = Console(stderr=True)
+# No markup anywhere: messages, module paths and model text are printed literally; styles come
+# from rich Text objects only (see render.py).
+out = Console(soft_wrap=False, width=160, markup=False)
+err = Console(stderr=True, markup=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,7 +95,7 @@ def handles_errors(fn: F) -> F:
         except BnrewriteError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -102,7 +105,10 @@ def handles_errors(fn: F) -> F:
                 raise
             first = (str(exc).strip().splitlines() or [""])[0]
             err.print(
-                f"[bold red]error:[/] internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                Text.assemble(
+                    ("error:", "bold red"),
+                    f" internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                ),
                 highlight=False,
                 soft_wrap=True,
             )

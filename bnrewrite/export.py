@@ -9,8 +9,6 @@ only replaced with ``force=True``.
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
 import shutil
 import subprocess
@@ -26,9 +24,11 @@ from torch import fx, nn
 
 from . import structure
 from .errors import BnrewriteError, UsageError, VerificationError
-from .graph.capture import _reason, buffers_restored, capture
+from .graph.capture import capture
 from .graph.norms import is_batchnorm_module
 from .graph.view import to_networkx
+from .runtime import buffers_restored, torch_output_silenced
+from .runtime import error_reason as _reason
 
 MODEL_FORMATS = ("pt2", "onnx", "py")
 WEIGHT_FORMATS = ("pt", "safetensors")
@@ -136,28 +136,6 @@ def read_back_in_new_process(path: Path) -> None:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         reason = lines[-1] if lines else f"exit code {proc.returncode}"
         raise VerificationError(f"the written .pt2 cannot be read back in a new process: {reason}")
-
-
-@contextlib.contextmanager
-def torch_output_silenced() -> Iterator[None]:
-    """Keep torch.export/ONNX diagnostics (graph dumps) off the terminal unless BNREWRITE_DEBUG."""
-    if os.environ.get("BNREWRITE_DEBUG"):
-        yield
-        return
-    sink = io.StringIO()
-    loggers = [
-        logging.getLogger(n)
-        for n in ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")
-    ]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def export(

@@ -17,6 +17,7 @@ effect: the old object must not run in the result (a block also held in a plain 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,11 +27,27 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
 
-from .graph.capture import buffers_restored, eval_modes
-from .graph.edit import shallow_copy
 from .nn import ChannelAffine
+from .runtime import eval_modes
 
 Absorbed = tuple[str, torch.Tensor, "torch.Tensor | None"]
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+)  # fmt: skip
+
+
+def bare_copy(module: nn.Module, params: dict[str, torch.Tensor | None] | None = None) -> nn.Module:
+    """The module without the hooks the proof puts on it (children and tensors shared), with
+    ``params`` in place of its parameters: what a check runs as "the original"."""
+    new = copy.copy(module)
+    new._parameters = {**module._parameters, **(params or {})}
+    for name in _HOOK_DICTS:
+        if name in module.__dict__:
+            new.__dict__[name] = type(module.__dict__[name])()
+    return new
+
+
 _MARGIN = 64.0  # rounding steps allowed per sqrt(fan-in), relative to the magnitudes involved
 
 
@@ -94,7 +111,9 @@ def _mismatch(got: Any, want: Any, magnitude: float, fan_in: int) -> str | None:
     if not got.is_floating_point():
         return None if torch.equal(got, want) else "the output changed"
     w, g = want, got.to(want.dtype)
-    diff = float((g - w).abs().max()) if w.numel() else 0.0
+    if not w.numel():
+        return None
+    diff, w_max, g_max = torch.stack([(g - w).abs().max(), w.abs().max(), g.abs().max()]).tolist()
     if diff != diff or diff == float("inf"):  # NaN/Inf somewhere: compare where the reference is finite
         finite = torch.isfinite(w)
         if not torch.equal(finite, torch.isfinite(g)):
@@ -102,8 +121,8 @@ def _mismatch(got: Any, want: Any, magnitude: float, fan_in: int) -> str | None:
         if not bool(finite.any()):
             return None
         g, w = g[finite], w[finite]
-        diff = float((g - w).abs().max())
-    scale = max(float(w.abs().max()), float(g.abs().max()), magnitude) if w.numel() else magnitude
+        diff, w_max, g_max = torch.stack([(g - w).abs().max(), w.abs().max(), g.abs().max()]).tolist()
+    scale = max(w_max, g_max, magnitude)
     tol = _MARGIN * _eps(got) * math.sqrt(max(fan_in, 1)) * scale + 1e-30
     if diff > tol:
         return f"differs by {diff:.3g} (rounding allows {tol:.3g})"
@@ -111,7 +130,8 @@ def _mismatch(got: Any, want: Any, magnitude: float, fan_in: int) -> str | None:
 
 
 def _run_original(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    with torch.no_grad(), buffers_restored(module), eval_modes(module):
+    """The original module in eval mode (no statistics updated), as the eager pass ran it."""
+    with torch.no_grad(), eval_modes(module):
         return module(*args, **kwargs)
 
 
@@ -173,8 +193,7 @@ class LayerCheck(LocalCheck):
     ) -> None:
         super().__init__(label)
         self.new = new
-        self.reference = shallow_copy(new)
-        self.reference._parameters.update(old_params)
+        self.reference = bare_copy(new, old_params)
         self.absorbed = absorbed
         self.axis = 1 if isinstance(new, _ConvNd) else -1
 
@@ -235,7 +254,7 @@ class SlotCheck(LocalCheck):
         super().__init__(label)
         self.axis = axis
         self.new = new
-        self.original = shallow_copy(original)  # without the hooks the proof puts on the old object
+        self.original = bare_copy(original)  # without the hooks the proof puts on the old object
         self.affine = affine
         # a per-channel norm followed by elementwise modules: a corner of the tensor decides
         self.elementwise = all(isinstance(m, _ELEMENTWISE) for m in new.modules())
@@ -269,7 +288,7 @@ class GraphCheck(LocalCheck):
     def __init__(self, label: str, new: nn.Module, original: nn.Module) -> None:
         super().__init__(label)
         self.new = new
-        self.original = shallow_copy(original)  # without the hooks the proof puts on the old object
+        self.original = bare_copy(original)  # without the hooks the proof puts on the old object
 
     def install(self) -> list[Any]:
         return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph.capture import buffers_restored, eval_modes
 from .local_checks import LocalCheck
 from .passes.tree_edit import Unit
+from .runtime import buffers_restored, eval_modes
 from .verify import DEFAULT_TOLERANCES, output_leaves
 
 

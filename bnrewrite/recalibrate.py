@@ -26,9 +26,9 @@ from . import codes, progress
 from .diagnostics import Action, Diagnostic, Report
 from .errors import BnrewriteError, UsageError
 from .fold import RewriteResult
-from .graph.capture import _reason
 from .graph.edit import shallow_copy
 from .graph.norms import norm_with_stats
+from .runtime import error_reason as _reason
 from .select import Selector
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .diagnostics import Report, Severity
 
@@ -24,29 +25,56 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=str)
 
 
+def _t(value: Any, style: str = "") -> Text:
+    """Text shown literally: messages, module paths and model text are never markup (a
+    ``layers[0]`` path or a ``pip install 'bnrewrite[onnx]'`` hint keeps its brackets)."""
+    return Text(str(value), style=style)
+
+
+def describe_proof(proof: dict[str, Any]) -> str:
+    """The proof's outcome in words."""
+    if proof.get("passed") is None:
+        return proof.get("note") or "not run"
+    runs = f"{proof.get('forward_passes', 0)} forward passes"
+    if proof.get("float64_passes"):
+        runs += f" and {proof['float64_passes']} float64 pass"
+    text = (
+        f"{'passed' if proof.get('passed') else 'FAILED'}: {proof.get('local_checks', 0)} local checks, "
+        f"{runs}; largest output difference {proof.get('max_abs_error', 0.0):.3g} "
+        f"(tolerance {proof.get('tolerance', 0.0):.3g}) at {proof.get('worst_output') or '-'}"
+    )
+    if proof.get("judged_against_float64"):
+        text += f"; {proof['judged_against_float64']}"
+    if proof.get("undone"):
+        text += f"; undone: {', '.join(proof['undone'])}"
+    if proof.get("not_run"):
+        text += f"; not reached by the example inputs: {', '.join(proof['not_run'])}"
+    return text
+
+
 def render_report(report: Report, console: Console) -> None:
     if report.opaque:
         t = Table(title="Parts that could not be traced", title_justify="left")
         for col in ("module", "type", "reason"):
             t.add_column(col, overflow="fold")
         for o in report.opaque:
-            t.add_row(o.module_path or "<root>", o.module_type, o.reason)
+            t.add_row(_t(o.module_path or "<root>"), _t(o.module_type), _t(o.reason))
         console.print(t)
     if report.norms:
         t = Table(title=f"Normalization layers ({len(report.norms)})", title_justify="left")
         for col in ("layer", "kind", "before", "after", "verdict", "reason"):
             t.add_column(col, overflow="fold")
         for n in report.norms:
-            style = _VERDICT_STYLE.get(n.verdict, "")
+            reason = _t(n.reason)
+            if n.reason_code and f"({n.reason_code})" not in n.reason:
+                reason.append(f" ({n.reason_code})", style="dim")
             t.add_row(
-                n.module_path or n.node or "?",
-                n.kind,
-                n.before or "-",
-                ", ".join(n.after) or "-",
-                f"[{style}]{n.verdict}[/]",
-                f"{n.reason} [dim]({n.reason_code})[/]"
-                if n.reason_code and f"({n.reason_code})" not in n.reason
-                else n.reason,
+                _t(n.module_path or n.node or "?"),
+                _t(n.kind),
+                _t(n.before or "-"),
+                _t(", ".join(n.after) or "-"),
+                _t(n.verdict, _VERDICT_STYLE.get(n.verdict, "")),
+                reason,
             )
         console.print(t)
     elif report.command == "analyze":
@@ -56,7 +84,7 @@ def render_report(report: Report, console: Console) -> None:
         for col in ("layer", "change", "into", "detail"):
             t.add_column(col, overflow="fold")
         for a in report.actions:
-            t.add_row(a.module_path or a.node or "?", a.kind, a.target or "-", a.detail)
+            t.add_row(_t(a.module_path or a.node or "?"), _t(a.kind), _t(a.target or "-"), _t(a.detail))
         console.print(t)
     if report.diagnostics:
         t = Table(title=f"Findings ({len(report.diagnostics)})", title_justify="left")
@@ -64,21 +92,22 @@ def render_report(report: Report, console: Console) -> None:
             t.add_column(col, overflow="fold")
         for d in report.diagnostics:
             t.add_row(
-                f"[{_SEV_STYLE[d.severity]}]{d.severity.value}[/]",
-                d.code,
-                d.module_path or d.node or "-",
-                d.message,
-                d.source or "-",
+                _t(d.severity.value, _SEV_STYLE[d.severity]),
+                _t(d.code),
+                _t(d.module_path or d.node or "-"),
+                _t(d.message),
+                _t(d.source or "-"),
             )
         console.print(t)
     elif report.command == "analyze":
-        console.print("[green]No findings.[/]")
+        console.print(_t("No findings.", "green"))
     if report.verification is not None:
         v = report.verification
         style = "green" if v.get("passed") else "bold red"
-        console.print(f"Verification: [{style}]{v.get('summary', '')}[/]", highlight=False)
+        console.print(Text.assemble("Verification: ", (str(v.get("summary", "")), style)))
     for key, value in report.extra.items():
-        console.print(f"{key}: {value}")
+        text = describe_proof(value) if key == "proof" and isinstance(value, dict) else value
+        console.print(_t(f"{key}: {text}"))
 
 
 def render_summary(outcomes: list[tuple[str, Any, str | None]], lint: Any, console: Console) -> None:
@@ -88,15 +117,17 @@ def render_summary(outcomes: list[tuple[str, Any, str | None]], lint: Any, conso
         table.add_column(col)
     for model, report, error in outcomes:
         if report is None:
-            table.add_row(model, "", "", "", "", "", f"[red]could not be analyzed[/]: {error}")
+            table.add_row(
+                _t(model), "", "", "", "", "", Text.assemble(("could not be analyzed", "red"), f": {error}")
+            )
             continue
         count = {
             s: sum(d.severity.value == s for d in report.diagnostics) for s in ("error", "warning", "info")
         }
         foldable = sum(n.verdict.startswith("fold") for n in report.norms)
-        status = "[red]fail[/]" if lint.fails(report) else "[green]pass[/]"
+        status = _t("fail", "red") if lint.fails(report) else _t("pass", "green")
         table.add_row(
-            model,
+            _t(model),
             str(len(report.norms)),
             str(foldable),
             str(count["error"]),

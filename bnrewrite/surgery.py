@@ -17,21 +17,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import codes
+from . import codes as catalogue
 from .diagnostics import Action, Diagnostic, Report
 from .errors import UsageError, VerificationError
 from .fold import RewriteResult
-from .graph.capture import (
-    Capture,
-    Region,
-    buffers_restored,
-    capture,
-    capture_submodule,
-    compile_now,
-    node_shape,
-    source_line,
-    stack_path,
-)
+from .graph.capture import Capture, Region, capture, capture_submodule, compile_now
 from .graph.edit import Editor, shallow_copy
 from .graph.norms import (
     BNSite,
@@ -44,10 +34,12 @@ from .graph.norms import (
     opaque_norms,
     other_norm_site,
 )
+from .graph.ops import node_shape, source_line, stack_path
 from .graph.reshapes import value_readers
 from .passes.norm_factory import TARGETS, SwapRefused, default_groups, from_batchnorm, to_batchnorm
 from .passes.norm_rest import Rest, ops_by_module, rest_of
 from .passes.tree_edit import common_prefix, covers, node_scope
+from .runtime import buffers_restored
 from .select import Selector
 from .verify import verify
 
@@ -128,7 +120,7 @@ class Rewriter:
         self.report.add(
             Diagnostic(
                 "FD104",
-                codes.get("FD104").severity,
+                catalogue.get("FD104").severity,
                 f"{path or '<root>'}: replaced by its rewritten graph ({why})",
                 None,
                 path or None,
@@ -143,7 +135,9 @@ def _refused(
     report: Report, where: str | None, node: str | None, message: str, source: str | None = None
 ) -> None:
     report.add(
-        Diagnostic("SW001", codes.get("SW001").severity, f"{where or node}: {message}", node, where, source)
+        Diagnostic(
+            "SW001", catalogue.get("SW001").severity, f"{where or node}: {message}", node, where, source
+        )
     )
 
 
@@ -182,7 +176,7 @@ def measure(report: Report, original: Any, result: nn.Module, inputs: tuple[Any,
     report.add(
         Diagnostic(
             "SW002",
-            codes.get("SW002").severity,
+            catalogue.get("SW002").severity,
             f"the rewrite changes the eval-mode output: max abs deviation {worst_abs:.3g} (relative {worst_rel:.3g})",
         )
     )
@@ -718,7 +712,7 @@ FIXABLE = ("BN001",)
 
 def fix(
     model: Any,
-    codes_: Iterable[str] = FIXABLE,
+    codes: Iterable[str] | str = FIXABLE,
     *,
     select: str | Iterable[str] | None = None,
     types: Iterable[str | type] | None = None,
@@ -727,7 +721,7 @@ def fix(
 ) -> RewriteResult:
     """Apply the fixes analysis rules offer. BN001: drop a conv/linear bias that feeds a
     BatchNorm and absorb it into the BatchNorm's running mean (exact in eval and in training)."""
-    wanted = {c.strip().upper() for c in ([codes_] if isinstance(codes_, str) else codes_)}
+    wanted = {c.strip().upper() for c in ([codes] if isinstance(codes, str) else codes)}
     unknown = wanted - set(FIXABLE)
     if unknown:
         raise UsageError(f"no automatic fix for {', '.join(sorted(unknown))}; fixable: {', '.join(FIXABLE)}")
@@ -738,7 +732,7 @@ def fix(
         cap,
         report,
         redo=lambda sub, x, at: (
-            fix(sub, codes_, select=selector.under(at), example_inputs=x, leaf_modules=leaf_modules).model
+            fix(sub, codes, select=selector.under(at), example_inputs=x, leaf_modules=leaf_modules).model
         ),
     )
     for region in cap.regions:

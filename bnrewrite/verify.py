@@ -29,9 +29,11 @@ from torch import fx, nn
 
 from . import progress
 from .errors import BnrewriteError
-from .graph.capture import _reason, buffers_restored, capture, normalize_inputs
+from .graph.capture import capture, normalize_inputs
 from .passes.fold_bn import EQUIV
 from .precision import Float64Everywhere
+from .runtime import buffers_restored
+from .runtime import error_reason as _reason
 
 # dtype -> (rtol, atol), relative to the largest reference magnitude of each output
 DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {

@@ -191,3 +191,46 @@ def test_bad_inputs_leave_no_output_files(tmp_path):
         assert "Traceback" not in res.output
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr[:2000]
     assert list(out_dir.iterdir()) == []
+
+
+def test_text_in_square_brackets_is_printed_literally(monkeypatch):
+    """rich markup never swallows text: an extra's install hint and module paths keep their brackets."""
+    from bnrewrite import cli
+    from bnrewrite.errors import BnrewriteError
+
+    def broken(*_a, **_k):
+        raise BnrewriteError("ONNX export needs the onnx extra: pip install 'bnrewrite[onnx]'")
+
+    monkeypatch.setattr(cli, "_load", broken)
+    result = runner.invoke(app, ["fold", "samples.resnet:build", "-o", "never.pt2"])
+    assert result.exit_code == 1
+    assert "pip install 'bnrewrite[onnx]'" in result.output
+
+
+def test_report_tables_print_paths_and_messages_literally():
+    from rich.console import Console
+
+    from bnrewrite.diagnostics import Action, Diagnostic, Report, Severity
+    from bnrewrite.render import render_report
+
+    report = Report("fold", "Net")
+    report.actions.append(Action("fold-into-preceding", "n", "layers[0].bn", "folds into [red]x[/]"))
+    report.diagnostics.append(
+        Diagnostic("FD201", Severity.INFO, "stays: output['a'] [dim]", None, "heads[1]")
+    )
+    report.extra["proof"] = {
+        "passed": True,
+        "forward_passes": 2,
+        "float64_passes": 0,
+        "local_checks": 3,
+        "max_abs_error": 1e-7,
+        "tolerance": 1e-5,
+        "worst_output": "output['a']",
+        "undone": [],
+    }
+    console = Console(record=True, width=200, markup=False)
+    render_report(report, console)
+    text = console.export_text()
+    for literal in ("layers[0].bn", "folds into [red]x[/]", "stays: output['a'] [dim]", "heads[1]"):
+        assert literal in text
+    assert "proof: passed: 3 local checks, 2 forward passes" in text and "{" not in text

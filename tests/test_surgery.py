@@ -231,3 +231,13 @@ def test_surgery_replaces_only_the_smallest_module_around_a_graph_edit():
     removed, report = remove(model, example_inputs=x)
     assert type(removed) is Outer and isinstance(removed.inner, fx.GraphModule)
     assert type(removed.bn) is nn.Identity
+
+
+def test_fix_takes_codes_by_keyword_as_documented():
+    from bnrewrite import codes as catalogue
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 8, 8)
+    assert "fix(model, codes=['BN001'])" in catalogue.get("BN001").explanation
+    fixed, report = fix(model, codes=["BN001"], example_inputs=(x,))
+    assert [a.code for a in report.actions] == ["BN001"] and fixed[0].bias is None

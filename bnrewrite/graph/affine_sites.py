@@ -26,6 +26,7 @@ from torch import fx
 
 from ..precision import Float64Everywhere
 from . import ops as graph_ops
+from .ops import node_shape, propagate_shapes, stack_path
 
 _META = "bnrewrite_affine"  # region.gm.meta key: (sites by output node, rejects by module path)
 
@@ -45,8 +46,6 @@ class AffineGroup:
 
 
 def _innermost(node: fx.Node) -> tuple[str, str] | None:
-    from .capture import stack_path
-
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
@@ -73,8 +72,9 @@ def affine_groups(region: Any) -> tuple[dict[fx.Node, AffineGroup], dict[str, tu
         return cached
     found: dict[fx.Node, AffineGroup] = {}
     rejects: dict[str, tuple[str, str]] = {}
+    order = {n: i for i, n in enumerate(region.gm.graph.nodes)}
     for path, (kind, nodes) in _groups(region.gm).items():
-        group, why = _examine(region, path, kind, nodes)
+        group, why = _examine(region, path, kind, nodes, order)
         if group is not None:
             found[group.output] = group
         elif why and _looks_like_norm(kind, path, region):
@@ -94,7 +94,7 @@ def _looks_like_norm(kind: str, path: str, region: Any) -> bool:
     return "running_mean" in module._buffers and "running_var" in module._buffers
 
 
-def _with_coefficients(nodes: list[fx.Node]) -> list[fx.Node]:
+def _with_coefficients(nodes: list[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
     """The group plus the ops that compute its coefficients from stored tensors alone (indexing
     or reshaping a buffer may be recorded outside the module's stack)."""
     from .norms import reads_only_stored
@@ -109,15 +109,16 @@ def _with_coefficients(nodes: list[fx.Node]) -> list[fx.Node]:
             if all(u in members for u in a.users):
                 members.add(a)
                 todo.append(a)
-    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
     return sorted(members, key=order.__getitem__)
 
 
-def _examine(region: Any, path: str, kind: str, nodes: list[fx.Node]) -> tuple[AffineGroup | None, str]:
-    nodes = _with_coefficients(nodes)
-    members = set(nodes)
+def _examine(
+    region: Any, path: str, kind: str, nodes: list[fx.Node], order: dict[fx.Node, int]
+) -> tuple[AffineGroup | None, str]:
     if any(n.op == "call_module" for n in nodes):
         return None, ""  # a module that calls others is no single affine map
+    nodes = _with_coefficients(nodes, order)
+    members = set(nodes)
     norm_ops = {**graph_ops.BN_TARGETS, **graph_ops.OTHER_NORM_TARGETS, **graph_ops.LAYER_TARGETS}
     if any(n.op == "call_function" and n.target in norm_ops for n in nodes):
         return None, ""  # a batch_norm (a site of its own), a per-sample norm (FD205), a conv/linear
@@ -130,8 +131,6 @@ def _examine(region: Any, path: str, kind: str, nodes: list[fx.Node]) -> tuple[A
     inp, out = next(iter(external)), outputs[0]
     shape = _shape(inp)
     if shape is None and not region.shapes_known and region.inputs is not None:
-        from .capture import propagate_shapes
-
         propagate_shapes(region.gm, region.inputs)  # once per region: then every node has its shape
         region.shapes_known = True
         shape = _shape(inp)
@@ -149,8 +148,6 @@ class _NotAffine(Exception):
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    from .capture import node_shape
-
     shape = node_shape(node)
     if shape is None or any(s < 0 for s in shape):
         return None

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import os
-import re
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +27,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..diagnostics import OpaquePart
 from ..errors import BnrewriteError
+from ..runtime import buffers_restored, error_reason, eval_modes, torch_output_silenced
 from .norms import is_norm_module, is_plain_norm_module
+from .ops import propagate_shapes, stack_path
 
 
 @dataclass
@@ -65,12 +65,6 @@ class Region:
         if self.path and local:
             return f"{self.path}.{local}"
         return self.path or local
-
-
-def stack_path(entry: Any) -> str:
-    """A module path from an ``nn_module_stack`` entry (torch.export marks repeated calls of a
-    module as ``path@1``; that suffix is no part of the path)."""
-    return re.sub(r"@\d+$", "", str(entry))
 
 
 @dataclass
@@ -193,13 +187,10 @@ def _trace(
 class TraceFailed(Exception):
     """symbolic_trace failed; the message is the reason as reported (with a --leaf hint)."""
 
+    is_reason = True
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TraceFailed):
-        return str(exc)
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}"[:300]
+
+_reason = error_reason  # the module-private name the capture code uses
 
 
 def _is_aten(gm: fx.GraphModule) -> bool:
@@ -439,8 +430,6 @@ def export_region(
     module: nn.Module, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Region | str:
     """``torch.export`` (non-strict) of one module on recorded inputs: a Region, or why not."""
-    from ..export import torch_output_silenced
-
     try:
         with torch_output_silenced(), buffers_restored(module):
             ep = torch.export.export(module, tuple(args), dict(kwargs), strict=False)
@@ -494,55 +483,6 @@ def _check(
     )
 
 
-class buffers_restored:
-    """Context manager: every buffer of the given modules is restored on exit."""
-
-    def __init__(self, *modules: nn.Module) -> None:
-        self.modules = modules
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __enter__(self) -> buffers_restored:
-        seen: set[int] = set()
-        for m in self.modules:
-            for b in m.buffers():
-                if id(b) not in seen:
-                    seen.add(id(b))
-                    self.saved.append((b, b.detach().clone()))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for b, copy in self.saved:
-                b.copy_(copy)
-
-
-@contextlib.contextmanager
-def eval_modes(module: nn.Module) -> Iterator[None]:
-    """Temporarily put every submodule in eval mode; every flag is restored on exit."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-def run_quietly(module: nn.Module, fn: Any) -> Any:
-    """Run ``fn()`` (which runs ``module``) without side effects on buffers. A model that only
-    fails in training mode (BatchNorm on one value per channel) is run in eval mode instead:
-    shapes, and the comparison of a trace with its eager module, do not depend on the mode."""
-    try:
-        with torch.no_grad(), buffers_restored(module):
-            return fn()
-    except Exception:
-        if not any(m.training for m in module.modules()):
-            raise
-    with torch.no_grad(), buffers_restored(module), eval_modes(module):
-        return fn()
-
-
 # Tensor accessors that read no values: not consumers.
 _NOT_READS = frozenset(
     {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "data_ptr",
@@ -559,12 +499,17 @@ class _Readers(TorchFunctionMode):
         super().__init__()
         self.rec = rec
         self.depth = 0
-        self.produced: dict[int, tuple[str, int, Any]] = {}  # id -> (path, depth, weakref)
+        self.by_depth: dict[int, dict[int, tuple[str, Any]]] = {}  # depth -> id -> (path, weakref)
+
+    def produce(self, path: str, t: torch.Tensor) -> None:
+        at = self.by_depth.setdefault(self.depth, {})
+        if id(t) not in at:  # an Identity passes its input on: keep the producer
+            at[id(t)] = (path, weakref.ref(t))
 
     def owner(self, t: Any) -> str | None:
         """The module path whose output ``t`` is, when produced at the current depth."""
-        entry = self.produced.get(id(t))
-        if entry is None or entry[2]() is not t or entry[1] != self.depth:
+        entry = self.by_depth.get(self.depth, {}).get(id(t))
+        if entry is None or entry[1]() is not t:
             return None
         return entry[0]
 
@@ -579,11 +524,11 @@ class _Readers(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if self.produced and name not in _NOT_READS:
-            self.count(
-                args[:1] if name in _SHAPE_OF_OTHERS else args, {} if name in _SHAPE_OF_OTHERS else kwargs
-            )
+        if self.by_depth.get(self.depth):  # ops inside a leaf layer read nothing recorded here
+            name = getattr(func, "__name__", "")
+            if name not in _NOT_READS:
+                shape_only = name in _SHAPE_OF_OTHERS
+                self.count(args[:1] if shape_only else args, {} if shape_only else kwargs)
         return func(*args, **kwargs)
 
 
@@ -618,8 +563,7 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
             if isinstance(out, torch.Tensor) and path not in rec.out_shapes:
                 rec.out_shapes[path] = tuple(out.shape)
                 rec.out_ids[path] = id(out)
-                if id(out) not in readers.produced:  # an Identity passes its input on: keep the producer
-                    readers.produced[id(out)] = (path, readers.depth, weakref.ref(out))
+                readers.produce(path, out)
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
@@ -638,59 +582,3 @@ def _run_recording(model: nn.Module, inputs: Sequence[Any], rec: Recording) -> A
     # Eval mode: the outputs are what a fold must reproduce, and shapes do not depend on it.
     with torch.no_grad(), buffers_restored(model), eval_modes(model):
         return model(*inputs)
-
-
-def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
-    """Record shape and dtype of every node (``meta['tensor_meta']``) by running gm once."""
-    try:
-        run_quietly(gm, lambda: _ShapeRecorder(gm).run(*inputs))
-    except Exception as exc:
-        raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Like torch.fx's ShapeProp, without printing tracebacks on failure."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
-        result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
-        return result
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # bnrewrite/
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
-
-
-def source_line(node: fx.Node) -> str | None:
-    """``file:line`` of the user's code that created this node, when the graph recorded it."""
-    trace = node.meta.get("stack_trace")
-    if not trace:
-        return None
-    frames = [f for f in _FRAME.findall(trace) if not f[0].startswith((_TORCH_DIR, _OWN_DIR))]
-    if not frames:
-        return None
-    path, line, _func = frames[-1]
-    return f"{path}:{line}"
-
-
-def node_shape(node: fx.Node) -> tuple[int, ...] | None:
-    """The output shape of a node when shape propagation or export recorded it."""
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return tuple(int(s) for s in meta.shape)
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        try:
-            return tuple(int(s) for s in val.shape)
-        except (TypeError, ValueError):  # symbolic sizes
-            return tuple(int(s) if isinstance(s, int) else -1 for s in val.shape)
-    return None
-
-
-def node_rank(node: fx.Node) -> int | None:
-    shape = node_shape(node)
-    return None if shape is None else len(shape)

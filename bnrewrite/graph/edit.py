@@ -15,6 +15,8 @@ import torch
 from torch import fx, nn
 
 _TORCH_SLOTS = frozenset(nn.Module().__dict__)  # torch's own attributes of every module
+_HOOK_SLOTS = tuple(n for n in _TORCH_SLOTS if "hooks" in n and isinstance(nn.Module().__dict__[n], dict))
+_CONTAINERS = (list, tuple, dict)
 
 
 def _holds_module(value: Any, depth: int = 3) -> bool:
@@ -55,12 +57,20 @@ def shallow_copy(module: nn.Module) -> nn.Module:
         new._parameters = dict(module._parameters)
         new._buffers = dict(module._buffers)
         new._modules = dict(module._modules)
+    for name in _HOOK_SLOTS:
+        if name in module.__dict__:
+            new.__dict__[name] = type(module.__dict__[name])()  # hooks stay with their object
+    if _plain_torch(module):
+        return new
     for name, value in module.__dict__.items():
-        if "hooks" in name and isinstance(value, dict):
-            new.__dict__[name] = type(value)()  # hooks stay with the object they were put on
-        elif name not in _TORCH_SLOTS and _holds_module(value):
+        if type(value) in _CONTAINERS and name not in _TORCH_SLOTS and _holds_module(value):
             new.__dict__[name] = _copy_container(value)
     return new
+
+
+def _plain_torch(module: nn.Module) -> bool:
+    """torch's own layers keep their children only as registered children."""
+    return type(module).__module__.startswith("torch.nn.")
 
 
 # Where a module is held: ("module", parent, name) a registered child; ("attr", parent, name) a
@@ -149,8 +159,10 @@ class Editor:
                     if child is not None:
                         holders.setdefault(id(child), []).append(("module", m, name))
                         stack.append(child)
-                for name, value in m.__dict__.items():
-                    if name in _TORCH_SLOTS or not _holds_module(value):
+                for name, value in () if _plain_torch(m) else m.__dict__.items():
+                    if not isinstance(value, _CONTAINERS + (nn.Module,)) or name in _TORCH_SLOTS:
+                        continue
+                    if not _holds_module(value):
                         continue
                     for child, keys in _contained(value, ()):
                         where = ("item", m, name, keys) if keys else ("attr", m, name)

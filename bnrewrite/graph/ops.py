@@ -8,11 +8,17 @@ names, so the rest of bnrewrite reads arguments by name and never by dialect.
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx
+
+from ..errors import BnrewriteError
+from ..runtime import error_reason, run_quietly
 
 aten = torch.ops.aten
 
@@ -204,3 +210,68 @@ def is_noop_cast(node: fx.Node) -> bool:
         return False
     before, after = _dtype(node.args[0]), _dtype(node)
     return before is not None and before == after
+
+
+# -- node helpers: module paths, source lines, shapes ---------------------------------------------
+
+
+def stack_path(entry: Any) -> str:
+    """A module path from an ``nn_module_stack`` entry (torch.export marks repeated calls of a
+    module as ``path@1``; that suffix is no part of the path)."""
+    return re.sub(r"@\d+$", "", str(entry))
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # bnrewrite/
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def source_line(node: fx.Node) -> str | None:
+    """``file:line`` of the user's code that created this node, when the graph recorded it."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = [f for f in _FRAME.findall(trace) if not f[0].startswith((_TORCH_DIR, _OWN_DIR))]
+    if not frames:
+        return None
+    path, line, _func = frames[-1]
+    return f"{path}:{line}"
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The output shape of a node when shape propagation or export recorded it."""
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except (TypeError, ValueError):  # symbolic sizes
+            return tuple(int(s) if isinstance(s, int) else -1 for s in val.shape)
+    return None
+
+
+def node_rank(node: fx.Node) -> int | None:
+    shape = node_shape(node)
+    return None if shape is None else len(shape)
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """Record shape and dtype of every node (``meta['tensor_meta']``) by running gm once."""
+    try:
+        run_quietly(gm, lambda: _ShapeRecorder(gm).run(*inputs))
+    except Exception as exc:
+        raise BnrewriteError(f"the model failed on the example inputs: {error_reason(exc)}") from exc
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Like torch.fx's ShapeProp, without printing tracebacks on failure."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result

@@ -8,11 +8,15 @@ tensors; graph exporters drop it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import networkx as nx
 from torch import fx
 
-from .capture import Capture, node_shape, source_line
-from .ops import target_name
+from .ops import node_shape, source_line, target_name
+
+if TYPE_CHECKING:
+    from .capture import Capture
 
 
 def node_attributes(region, node: fx.Node) -> dict[str, object]:

@@ -17,8 +17,8 @@ import torch
 from torch import fx, nn
 
 from ..graph import ops
-from ..graph.capture import node_shape
 from ..graph.norms import BNSite, LayerSite, layer_site
+from ..graph.ops import node_shape
 from ..graph.reshapes import chain_back, chain_forward, reshape_kind, track, value_readers
 from ..select import Selector
 from . import fold_cost

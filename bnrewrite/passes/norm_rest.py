@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from ..graph.capture import Region, stack_path
+from ..graph.capture import Region
+from ..graph.ops import stack_path
 
 
 @dataclass

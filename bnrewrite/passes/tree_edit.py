@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..diagnostics import Action
-from ..graph.capture import Capture, Region, stack_path
+from ..graph.capture import Capture, Region
 from ..graph.edit import Editor, Holder, held, put
 from ..graph.norms import (
     is_batchnorm_module,
@@ -37,6 +37,7 @@ from ..graph.norms import (
     is_plain_norm_module,
     norm_with_stats,
 )
+from ..graph.ops import stack_path
 from ..local_checks import GraphCheck, LayerCheck, LocalCheck, SlotCheck, StillRuns
 from .fold_bn import Applied
 from .fold_plan import PRECEDING
@@ -415,6 +416,8 @@ def _checks(unit: Unit, editor: Editor) -> list[LocalCheck]:
             absorbed.setdefault(spec.path, []).extend(spec.absorbed)
         elif spec.path in replaced:
             e = replaced[spec.path]
+            if type(e.new) is nn.Identity and is_plain_norm_module(e.old):
+                continue  # torch's own BatchNorm replaced by nothing: the layer check covers it
             affine = spec.affine if spec.mode == "inverse" else None
             checks.append(SlotCheck(spec.path, e.new, e.old, affine, axis=spec.axis))
     for path, steps in absorbed.items():

@@ -10,8 +10,9 @@ from torch import fx, nn
 
 from .. import codes
 from ..diagnostics import Diagnostic
-from ..graph.capture import Capture, Region, source_line
+from ..graph.capture import Capture, Region
 from ..graph.norms import BNSite, OtherNormSite
+from ..graph.ops import source_line
 
 
 @dataclass

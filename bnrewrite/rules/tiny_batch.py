@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..diagnostics import Diagnostic
-from ..graph.capture import node_shape
+from ..graph.ops import node_shape
 from .context import RuleContext
 
 CODE = "BN008"
