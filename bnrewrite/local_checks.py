@@ -102,8 +102,9 @@ def _eps(t: torch.Tensor) -> float:
     return float(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
 
 
-def _mismatch(got: Any, want: Any, magnitude: float, fan_in: int) -> str | None:
-    """Why ``got`` is not ``want`` up to rounding, or None."""
+def _mismatch(got: Any, want: Any, magnitude: Any, fan_in: int, extra: float = 0.0) -> str | None:
+    """Why ``got`` is not ``want`` up to rounding, or None. ``magnitude`` (a number or a 0-d
+    tensor) and ``extra``: other sizes the rounding scales with (a value before its shift)."""
     if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor):
         return None if got == want else "the output changed"
     if got.shape != want.shape:
@@ -113,7 +114,12 @@ def _mismatch(got: Any, want: Any, magnitude: float, fan_in: int) -> str | None:
     w, g = want, got.to(want.dtype)
     if not w.numel():
         return None
-    diff, w_max, g_max = torch.stack([(g - w).abs().max(), w.abs().max(), g.abs().max()]).tolist()
+    mag = (
+        magnitude.to(w.dtype).reshape(()) if isinstance(magnitude, torch.Tensor) else w.new_tensor(magnitude)
+    )
+    diff, w_max, g_max, magnitude = torch.stack(
+        [(g - w).abs().max(), w.abs().max(), g.abs().max(), mag]
+    ).tolist()
     if diff != diff or diff == float("inf"):  # NaN/Inf somewhere: compare where the reference is finite
         finite = torch.isfinite(w)
         if not torch.equal(finite, torch.isfinite(g)):
@@ -122,7 +128,7 @@ def _mismatch(got: Any, want: Any, magnitude: float, fan_in: int) -> str | None:
             return None
         g, w = g[finite], w[finite]
         diff, w_max, g_max = torch.stack([(g - w).abs().max(), w.abs().max(), g.abs().max()]).tolist()
-    scale = max(w_max, g_max, magnitude)
+    scale = max(w_max, g_max, magnitude if magnitude == magnitude else 0.0) + extra
     tol = _MARGIN * _eps(got) * math.sqrt(max(fan_in, 1)) * scale + 1e-30
     if diff > tol:
         return f"differs by {diff:.3g} (rounding allows {tol:.3g})"
@@ -196,6 +202,11 @@ class LayerCheck(LocalCheck):
         self.reference = bare_copy(new, old_params)
         self.absorbed = absorbed
         self.axis = 1 if isinstance(new, _ConvNd) else -1
+        self._views: dict[tuple[Any, ...], torch.Tensor] = {}
+        shifts = [
+            float(t.abs().max()) for side, _s, t in absorbed if side == "post" and t is not None and t.numel()
+        ]
+        self.shift_max = max(shifts, default=0.0)
 
     def install(self) -> list[Any]:
         return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
@@ -206,21 +217,31 @@ class LayerCheck(LocalCheck):
             return
         with torch.no_grad():
             x, out = _sample(self.new, args[0], out, bool(args[1:] or kwargs))
-            magnitude = 0.0
             for side, s, t in reversed(self.absorbed):
                 if side == "pre":
-                    x = _affine(x, s, t, self.axis)
+                    x = self._affine(x, s, t)
             y = self.reference(x, *args[1:], **kwargs)
+            magnitude: Any = 0.0
             for side, s, t in self.absorbed:
                 if side == "post":
-                    y = _affine(y, s, None, self.axis)
-                    magnitude = max(magnitude, float(y.abs().max()) if y.numel() else 0.0)
+                    y = self._affine(y, s, None)
+                    magnitude = y.abs().max()  # the scaled value before the shift (cancellation)
                     if t is not None:
-                        y = y + _channel_view(t, y, self.axis)
-                        magnitude = max(magnitude, float(t.abs().max()) if t.numel() else 0.0)
-            problem = _mismatch(out, _cropped(y, out), magnitude, _fan_in(self.new))
+                        y = y + self._view(t, y)
+            problem = _mismatch(out, _cropped(y, out), magnitude, _fan_in(self.new), self.shift_max)
         if problem:
             self.fail(f"the folded layer {problem}")
+
+    def _view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        key = (id(t), like.dtype, like.device, like.dim())
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = _channel_view(t, like, self.axis)
+        return view
+
+    def _affine(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        y = x * self._view(s, x)
+        return y + self._view(t, x) if t is not None else y
 
 
 _ELEMENTWISE = (

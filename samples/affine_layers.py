@@ -67,7 +67,10 @@ def build() -> nn.Module:
         for m in model.modules():
             if isinstance(m, (Affine, LayerScale)):
                 for p in m.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p is not getattr(m, "beta", None) else 0.0))
+                    p.copy_(
+                        torch.randn(p.shape, generator=g) * 0.5
+                        + (1.0 if p is not getattr(m, "beta", None) else 0.0)
+                    )
     return model.eval()
 
 

@@ -50,7 +50,9 @@ class FunctionalFrozenBN(nn.Module):
             self.register_buffer(name, torch.full((n,), value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 class FrozenBackbone(nn.Module):

@@ -500,6 +500,21 @@ class _Readers(TorchFunctionMode):
         self.rec = rec
         self.depth = 0
         self.by_depth: dict[int, dict[int, tuple[str, Any]]] = {}  # depth -> id -> (path, weakref)
+        self.paused: list[bool] = []  # per open module call: whether this mode was taken off the stack
+
+    def pause(self) -> bool:
+        """Take this mode off the torch-function stack while a leaf layer runs (the ops inside a
+        layer without children read nothing recorded): only if it is on top."""
+        if torch._C._len_torch_function_stack() == 0:
+            return False
+        top = torch._C._pop_torch_function_stack()
+        if top is not self:
+            torch._C._push_on_torch_function_stack(top)
+            return False
+        return True
+
+    def resume(self) -> None:
+        torch._C._push_on_torch_function_stack(self)
 
     def produce(self, path: str, t: torch.Tensor) -> None:
         at = self.by_depth.setdefault(self.depth, {})
@@ -545,7 +560,11 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
         if not path:
             continue
 
-        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path) -> None:
+        leaf = not module._modules
+
+        def pre(
+            _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path, leaf: bool = leaf
+        ) -> None:
             rec.calls[path] += 1
             if path in keep and path not in rec.inputs:
                 rec.inputs[path] = (tuple(args), dict(kwargs))
@@ -553,8 +572,11 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
                 rec.in_ids[path] = id(args[0])
             readers.count(args, kwargs)
             readers.depth += 1
+            readers.paused.append(leaf and readers.pause())
 
-        def post(_m: nn.Module, args: Any, out: Any, path: str = path) -> None:
+        def post(_m: nn.Module, args: Any, out: Any, path: str = path, leaf: bool = leaf) -> None:
+            if readers.paused and readers.paused.pop():
+                readers.resume()
             readers.depth -= 1
             if args and out is args[0] and isinstance(out, torch.Tensor):  # passed on (eval Dropout):
                 owner = readers.owner(out)  # its consumer reads the producer's output, not this call
@@ -573,6 +595,9 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
     except Exception as exc:
         raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
     finally:
+        while readers.paused:  # a layer that raised never reached its post-hook
+            if readers.paused.pop():
+                readers.resume()
         for h in handles:
             h.remove()
     return rec

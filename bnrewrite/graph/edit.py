@@ -160,7 +160,7 @@ class Editor:
                         holders.setdefault(id(child), []).append(("module", m, name))
                         stack.append(child)
                 for name, value in () if _plain_torch(m) else m.__dict__.items():
-                    if not isinstance(value, _CONTAINERS + (nn.Module,)) or name in _TORCH_SLOTS:
+                    if not isinstance(value, (*_CONTAINERS, nn.Module)) or name in _TORCH_SLOTS:
                         continue
                     if not _holds_module(value):
                         continue
