@@ -117,6 +117,19 @@ def inventory(
     return entries
 
 
+def _apply_verdicts(entries: list[NormEntry], planned: dict[str, Action]) -> None:
+    """The plan's verdict for every BatchNorm it folds (or turns into a scale-and-shift)."""
+    for entry in entries:
+        action = planned.get(entry.node or "")
+        if action is not None:
+            entry.verdict, entry.target, entry.reason_code, entry.reason = (
+                action.kind,
+                action.target,
+                action.code,
+                action.detail,
+            )
+
+
 def analyze(
     model: Any,
     example_inputs: Any = None,
@@ -138,14 +151,21 @@ def analyze(
         cap.ensure_shapes()
     bns, others = find_norms(cap)
     report = Report("analyze", name or type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
-    # The verdicts come from a dry-run fold on a separate capture (folding runs to a fixed
-    # point, so a BatchNorm may become foldable after another one is folded).
-    dry = fold(model, cap.example_inputs, leaf_modules=leaf_modules, check_trace=True).report
-    report.norms = inventory(cap, bns, others, {a.node: a for a in dry.actions if a.node})
+    # Inventory and rules read the graphs as captured; then the fold's own plan runs on the same
+    # capture (no second capture, no weights computed, no proof) and gives the verdicts, so they
+    # are the ones a fold applies (to a fixed point: a BatchNorm may fold once another one has).
+    report.norms = inventory(cap, bns, others, {})
     ctx = RuleContext(cap, to_networkx(cap), bns, others)
     selected = RULES if rules is None else {c: RULES[c] for c in rules}
     for rule in selected.values():
         report.diagnostics.extend(rule(ctx))
+    plan = fold(model, cap.example_inputs, cap=cap, leaf_modules=leaf_modules, dry_run=True).report
+    _apply_verdicts(report.norms, {a.node: a for a in plan.actions if a.node})
+    refused = {d.node: d for d in plan.diagnostics if d.code == "FD207" and d.node}
+    for entry in report.norms:  # the eager run contradicts the graph: a fold would not apply it
+        if entry.node in refused:
+            entry.verdict, entry.target, entry.reason_code = NOT_FOLDABLE, None, "FD207"
+            entry.reason = refused[entry.node].message
     if select or types:
         chosen = Selector.of(select, types)
         report.norms = [n for n in report.norms if chosen.matches(n.module_path, n.kind)]

@@ -278,7 +278,9 @@ def analyze(
 @handles_errors
 def fold(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the folded model.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write the folded model.")
+    ] = None,
     weights: WeightsOpt = None,
     input_shape: ShapeOpt = None,
     verify: Annotated[
@@ -317,12 +319,30 @@ def fold(
             "on another backend.",
         ),
     ] = True,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Show what would be folded and which modules would change; write nothing."
+        ),
+    ] = False,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from .api import fold_to_file
+    from .fold import fold as fold_model
 
+    if output is None and not dry_run:
+        raise UsageError("fold needs -o OUT (or --dry-run to only show the plan)")
     progress.enable(progress.wanted(quiet=as_json))
     loaded, inputs = _load(model, weights, trust_pickle, input_shape)
+    if dry_run:
+        plan = fold_model(
+            loaded.model, inputs, dry_run=True, record_sources=True, eval_mode=eval_mode, select=select, types=type_,
+            leaf_modules=leaf or (), bn_to_affine=bn_to_affine, speed_check=speed_check,
+        ).report  # fmt: skip
+        plan.model = loaded.source
+        _emit(plan, as_json)
+        return
+    assert output is not None
     report = fold_to_file(
         loaded,
         output,

@@ -83,6 +83,7 @@ def fold(
     cap: Capture | None = None,
     bn_to_affine: bool = False,
     speed_check: bool = True,
+    dry_run: bool = False,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
 
@@ -105,7 +106,10 @@ def fold(
     ``bn_to_affine=True`` asks for a per-channel scale-and-shift (for backends without BN).
     ``speed_check`` (on by default) times the one fold that can make a layer slower (a
     transposed conv gaining a bias) on this machine and keeps the BatchNorm where it would (FD108);
-    switch it off when the model will run elsewhere.
+    switch it off when the model will run elsewhere. ``dry_run=True`` returns the plan without
+    changing anything: the model given, and a report whose actions say what a fold would do and
+    whose ``extra['plan']`` lists every module edit and graph replacement (no weights computed,
+    no proof run).
     """
     with gc_paused():
         return _fold(
@@ -122,6 +126,7 @@ def fold(
             cap,
             bn_to_affine,
             speed_check,
+            dry_run,
         )
 
 
@@ -152,6 +157,7 @@ def _fold(
     cap: Capture | None,
     bn_to_affine: bool,
     speed_check: bool,
+    dry_run: bool = False,
 ) -> RewriteResult:
     selector = Selector.of(select, types) if (select or types) else None
     own_capture = cap is None
@@ -169,16 +175,31 @@ def _fold(
     policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector)
     if isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule)):
         for region in cap.regions:
-            rf = fold_region(region, rank_of, policy, inplace=inplace)
+            rf = fold_region(region, rank_of, policy, inplace=inplace and not dry_run, compile=not dry_run)
             report.actions.extend(rf.actions)
             report.diagnostics.extend(rf.diagnostics)
         report.diagnostics.extend(opaque_diagnostics(cap))
+        if dry_run:
+            report.extra["plan"] = [
+                {"folds": [a.module_path or a.node for a in report.actions], "graph": "<root>"}
+            ]
+            return RewriteResult(model, report)
         return RewriteResult(assemble(cap, inplace=inplace), report)
-    proving = prove and cap.recording is not None and cap.example_inputs is not None
+    proving = prove and not dry_run and cap.recording is not None and cap.example_inputs is not None
     opaque = opaque_diagnostics(cap)
     result = fold_into_tree(
-        cap, rank_of, report, policy, inplace=inplace, keep_old=proving, release_graphs=own_capture
+        cap,
+        rank_of,
+        report,
+        policy,
+        inplace=inplace and not dry_run,
+        keep_old=proving,
+        release_graphs=own_capture,
+        dry_run=dry_run,
     )
+    if dry_run:
+        report.diagnostics.extend(opaque)
+        return RewriteResult(model, report)
     if proving:
         assert cap.recording is not None and cap.example_inputs is not None
         outcome = prove_units(result.current, cap.example_inputs, cap.recording.outputs, result.units)

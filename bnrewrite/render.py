@@ -106,8 +106,24 @@ def render_report(report: Report, console: Console) -> None:
         style = "green" if v.get("passed") else "bold red"
         console.print(Text.assemble("Verification: ", (str(v.get("summary", "")), style)))
     for key, value in report.extra.items():
+        if key == "plan" and isinstance(value, list):
+            console.print(_t(f"plan ({len(value)} edits, nothing changed):"))
+            for step in value:
+                console.print(_t(f"  {describe_step(step)}"))
+            continue
         text = describe_proof(value) if key == "proof" and isinstance(value, dict) else value
         console.print(_t(f"{key}: {text}"))
+
+
+def describe_step(step: dict[str, Any]) -> str:
+    """One planned edit in words."""
+    folds = ", ".join(str(f) for f in step.get("folds", []))
+    if "graph" in step:
+        return (
+            f"{step['graph']} becomes its folded graph (folds {folds}): {'; '.join(step.get('reasons', []))}"
+        )
+    modules = ", ".join(f"{p} -> {m}" for p, m in step.get("modules", {}).items())
+    return f"fold {folds}: {modules}; new weights in {', '.join(step.get('weights', [])) or '-'}"
 
 
 def render_summary(outcomes: list[tuple[str, Any, str | None]], lint: Any, console: Console) -> None:

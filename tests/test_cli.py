@@ -234,3 +234,12 @@ def test_report_tables_print_paths_and_messages_literally():
     for literal in ("layers[0].bn", "folds into [red]x[/]", "stays: output['a'] [dim]", "heads[1]"):
         assert literal in text
     assert "proof: passed: 3 local checks, 2 forward passes" in text and "{" not in text
+
+
+def test_fold_dry_run_writes_nothing(tmp_path):
+    result = run("fold", "samples.bn_act:build", "--dry-run", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert len(data["extra"]["plan"]) == 4 and data["actions"]
+    assert not list(tmp_path.iterdir())
+    assert run("fold", "samples.bn_act:build").exit_code == 2  # neither -o nor --dry-run

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from .. import codes
 from ..diagnostics import Diagnostic, Report
@@ -75,13 +75,18 @@ def fold_into_tree(
     inplace: bool,
     keep_old: bool,
     release_graphs: bool = False,
+    dry_run: bool = False,
 ) -> TreeResult:
     """Fold every region, express the folds as tree edits, apply them; see the module doc.
 
-    ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made."""
+    ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made.
+    ``dry_run``: stop at the plan (``report.extra['plan']``): no weights computed, nothing
+    captured again, nothing applied."""
     units, needs, diagnostics, pending = _plan_regions(cap, rank_of, inplace and not keep_old, policy)
     graphs = _graph_scopes(needs, units)
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
+    if dry_run:
+        return _plan_only(cap, report, units, needs, graphs, diagnostics)
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
     root_graph = None
     for path, reasons in graphs.items():
@@ -101,19 +106,70 @@ def fold_into_tree(
     bind(units, Editor(root, inplace=inplace))
     for u in units:
         u.apply()
-    for u in units:
-        for path, why in u.graph_rests:
-            diagnostics.append(
-                Diagnostic(
-                    "FD104",
-                    codes.get("FD104").severity,
-                    f"{path}: replaced by the folded graph of its forward ({why})",
-                    None,
-                    path,
-                )
-            )
+    diagnostics.extend(_rest_notes(units))
     report.diagnostics.extend(diagnostics)
     return TreeResult(root, units, root_graph)
+
+
+def _rest_notes(units: list[Unit]) -> list[Diagnostic]:
+    """FD104 for every norm module whose rest of forward becomes a graph."""
+    return [
+        Diagnostic(
+            "FD104",
+            codes.get("FD104").severity,
+            f"{path}: replaced by the folded graph of its forward ({why})",
+            None,
+            path,
+        )
+        for u in units
+        for path, why in u.graph_rests
+    ]
+
+
+def _plan_only(
+    cap: Capture,
+    report: Report,
+    units: list[Unit],
+    needs: list[tuple[str, str, Applied, Region]],
+    graphs: dict[str, list[str]],
+    diagnostics: list[Diagnostic],
+) -> TreeResult:
+    """The plan as plain data (module paths, no graph), with the report a fold would give."""
+    plan: list[dict[str, Any]] = []
+    for u in units:
+        plan.append(
+            {
+                "folds": [a.module_path or a.node for a in u.actions],
+                "modules": {e.name: _describe_module(e.new) for e in u.edits if isinstance(e, _ModuleEdit)},
+                "weights": sorted({e.name for e in u.edits if not isinstance(e, _ModuleEdit)}),
+            }
+        )
+    for path, reasons in graphs.items():
+        inside = [a.action.module_path or a.action.node for p, _w, a, _r in needs if covers(path, p)]
+        plan.append({"folds": inside, "graph": path or "<root>", "reasons": reasons})
+        diagnostics.append(
+            Diagnostic(
+                "FD104",
+                codes.get("FD104").severity,
+                f"{path or '<root>'}: would be replaced by its folded graph ({'; '.join(reasons)})",
+                None,
+                path or None,
+            )
+        )
+    diagnostics.extend(_rest_notes(units))
+    report.diagnostics.extend(diagnostics)
+    report.actions.extend(a for u in units for a in u.actions)
+    report.actions.extend(a.action for _p, _w, a, _r in needs)
+    report.extra["plan"] = plan
+    return TreeResult(cap.model, [], None)
+
+
+def _describe_module(module: nn.Module) -> str:
+    if isinstance(module, nn.Sequential):
+        return f"Sequential({', '.join(type(m).__name__ for m in module)})"
+    if isinstance(module, fx.GraphModule):
+        return "graph of the rest of its forward"
+    return type(module).__name__
 
 
 def _plan_regions(

@@ -176,3 +176,29 @@ def test_without_inputs_the_tree_is_folded_and_the_report_says_it_was_not_run():
     model, _ = load_sample("resnet")
     folded, report = fold(model)
     assert type(folded) is type(model) and report.extra["proof"]["passed"] is None
+
+
+def test_dry_run_returns_the_plan_and_changes_nothing():
+    model, inputs = load_sample("bn_act")
+    snap = state_snapshot(model)
+    same, report = fold(model, inputs, dry_run=True)
+    assert same is model and type(model.stem.bn).__name__ == "BatchNormAct2d"
+    assert_unchanged(model, snap)
+    plan = report.extra["plan"]
+    assert plan[0] == {
+        "folds": ["stem.bn"],
+        "modules": {"stem.bn": "Sequential(ReLU)"},
+        "weights": ["stem.conv"],
+    }
+    assert "proof" not in report.extra  # nothing ran
+    _, real = fold(model, inputs)
+    assert [(a.module_path, a.code) for a in real.actions] == [
+        (a.module_path, a.code) for a in report.actions
+    ]
+
+
+def test_dry_run_names_the_graph_replacements():
+    model, inputs = load_sample("functional_bn")
+    _, report = fold(model, inputs, dry_run=True)
+    assert report.extra["plan"][0]["graph"] == "<root>"
+    assert any(d.code == "FD104" and "would be replaced" in d.message for d in report.diagnostics)
