@@ -143,12 +143,12 @@ def analyze(
     """Inventory every normalization layer and lint the model for BatchNorm pitfalls.
 
     ``model`` may be an ``nn.Module`` (traced whole, or in its traceable parts), a
-    ``GraphModule`` or an ``ExportedProgram``. With ``example_inputs`` shapes are propagated,
-    which some verdicts (Linear -> BatchNorm1d) and rules (batch size) need.
+    ``GraphModule`` or an ``ExportedProgram``. With ``example_inputs`` the capture records one
+    eager pass (call counts, shapes) as ``fold`` does, and shapes are propagated only where a
+    verdict (Linear -> BatchNorm1d) or a rule (batch size) needs one. The verdicts are the plan
+    ``fold`` applies, computed on the same capture: no second capture, no weights, no proof.
     """
-    cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True, check_trace=True)
-    if cap.example_inputs is not None:
-        cap.ensure_shapes()
+    cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
     bns, others = find_norms(cap)
     report = Report("analyze", name or type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     # Inventory and rules read the graphs as captured; then the fold's own plan runs on the same

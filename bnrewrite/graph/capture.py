@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -134,8 +136,16 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
-        self.record_stack_traces = sources
+        self.sources = sources  # fx's own stack traces cost a traceback per node: see create_node
         self.failed_in: tuple[str, nn.Module] | None = None
+
+    def create_node(
+        self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None, type_expr: Any = None
+    ) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.sources and kind in ("call_module", "call_function", "call_method"):
+            node.meta["stack_trace"] = _user_frames()
+        return node
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
@@ -167,6 +177,24 @@ class _Tracer(fx.Tracer):
         ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+_OWN_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_TORCH_PACKAGE = os.path.dirname(torch.__file__) + os.sep
+
+
+def _user_frames(limit: int = 4) -> str:
+    """The innermost frames of the user's code that is being traced, in traceback's format
+    (``File "x.py", line N, in f``): what :func:`~bnrewrite.graph.ops.source_line` reads. A walk
+    of the live frames, not a formatted traceback per node."""
+    frames = []
+    frame = sys._getframe(2)
+    while frame is not None and len(frames) < limit:
+        path = frame.f_code.co_filename
+        if not path.startswith((_OWN_PACKAGE, _TORCH_PACKAGE)) and not path.startswith("<"):
+            frames.append(f'  File "{path}", line {frame.f_lineno}, in {frame.f_code.co_name}')
+        frame = frame.f_back
+    return "\n".join(reversed(frames))
 
 
 def _trace(
