@@ -183,7 +183,7 @@ _OWN_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 _TORCH_PACKAGE = os.path.dirname(torch.__file__) + os.sep
 
 
-def _user_frames(limit: int = 4) -> str:
+def _user_frames(limit: int = 1) -> str:
     """The innermost frames of the user's code that is being traced, in traceback's format
     (``File "x.py", line N, in f``): what :func:`~bnrewrite.graph.ops.source_line` reads. A walk
     of the live frames, not a formatted traceback per node."""

@@ -119,3 +119,49 @@ def test_a_lookalike_that_is_not_affine_gets_a_diagnostic_and_an_inventory_entry
     entry = next(n for n in analyze(model, (x,)).norms if n.module_path == "frozen_bn")
     assert entry.reason_code == "FD208" and entry.verdict == "not-foldable"
     assert isinstance(folded, nn.Module) and not isinstance(folded, fx.GraphModule)
+
+
+class Spelled(nn.Module):
+    """A frozen BatchNorm written one of many ways; all compute the same per-channel affine map."""
+
+    def __init__(self, c: int, spelling: str) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.spelling = spelling
+        self.register_buffer("weight", torch.rand(c, generator=g) + 0.5)
+        self.register_buffer("bias", torch.randn(c, generator=g))
+        self.register_buffer("running_mean", torch.randn(c, generator=g))
+        self.register_buffer("running_var", torch.rand(c, generator=g) + 0.5)
+
+    def forward(self, x):
+        w, b = self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1)
+        m, v = self.running_mean[None, :, None, None], self.running_var[None, :, None, None]
+        if self.spelling == "sqrt":
+            return (x - m) / torch.sqrt(v + 1e-5) * w + b
+        if self.spelling == "pow":
+            return (x - m) * (v + 1e-5).pow(-0.5) * w + b
+        if self.spelling == "division":
+            scale = w / (v + 1e-5) ** 0.5
+            return x * scale + (b - m * scale)
+        scale = w * torch.rsqrt(v + 1e-5)  # addcmul
+        return torch.addcmul(b - m * scale, x, scale)
+
+
+class SpelledNet(nn.Module):
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = Spelled(4, spelling)
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)))
+
+
+@pytest.mark.parametrize("spelling", ["sqrt", "pow", "division", "addcmul"])
+def test_every_spelling_folds_in_both_capture_dialects(spelling):
+    model = SpelledNet(spelling).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for src in (model, torch.export.export(model, (x,))):
+        folded, report = fold(src, (x,))
+        assert [(a.module_path, a.code) for a in report.actions] == [("norm", "FD101")], spelling
+        close_to_float64(model, folded, (x,))
