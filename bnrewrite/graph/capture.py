@@ -14,24 +14,21 @@ model: graphs share its tensors but own their module containers, and every run r
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import os
-import sys
-import weakref
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
 
 from ..diagnostics import OpaquePart
 from ..errors import BnrewriteError
-from ..runtime import buffers_restored, error_reason, eval_modes, torch_output_silenced
-from .norms import is_norm_module, is_plain_norm_module
+from ..runtime import buffers_restored, eval_modes, torch_output_silenced
+from ..runtime import error_reason as _reason
 from .ops import propagate_shapes, stack_path
+from .recording import Recording, record_run
+from .tracer import Tracer, make_graph_module
+from .tracer import trace_module as _trace
 
 
 @dataclass
@@ -67,23 +64,6 @@ class Region:
         if self.path and local:
             return f"{self.path}.{local}"
         return self.path or local
-
-
-@dataclass
-class Recording:
-    """What one eager pass over the model saw: per module path, how often it was called, the
-    first call's inputs (only for the paths asked for) and output shape; and the outputs."""
-
-    calls: Counter[str] = field(default_factory=Counter)
-    inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
-    out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    outputs: Any = None  # in eval mode
-    in_ids: dict[str, int] = field(default_factory=dict)  # id() of the first call's first input
-    out_ids: dict[str, int] = field(default_factory=dict)  # id() of the first call's output
-    # How many consumers read the first call's output: module calls given it, and ops on it in
-    # the code that called the module (not ops inside those modules). A fold that changes a
-    # layer's output is only right when the one consumer the graph shows is the only one.
-    readers: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -129,115 +109,8 @@ class Capture:
         return ok
 
 
-class _Tracer(fx.Tracer):
-    """symbolic_trace's tracer, plus user leaves and norm modules kept as single calls."""
-
-    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], sources: bool) -> None:
-        super().__init__()
-        self.leaf_types = leaf_types
-        self.leaf_paths = leaf_paths
-        self.sources = sources  # fx's own stack traces cost a traceback per node: see create_node
-        self.failed_in: tuple[str, nn.Module] | None = None
-
-    def create_node(
-        self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None, type_expr: Any = None
-    ) -> fx.Node:
-        node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        if self.sources and kind in ("call_module", "call_function", "call_method"):
-            node.meta["stack_trace"] = _user_frames()
-        return node
-
-    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:  # the innermost module whose code could not be traced
-                self.failed_in = (self.path_of_module(m), m)
-            raise
-
-    def leaf_hint(self) -> str:
-        """Where a ``--leaf`` would help: tracing failed inside a module without norm layers."""
-        if self.failed_in is None:
-            return ""
-        path, m = self.failed_in
-        if not path or any(is_norm_module(x) for x in m.modules()):
-            return ""
-        return f" (inside {path}: --leaf {type(m).__name__} keeps it as one call and may make this part traceable)"
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) is nn.Identity:  # an absorbed BatchNorm: no node at all
-            return False
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
-        if is_plain_norm_module(m):
-            return True  # a norm that does more than normalize is traced through
-        if self.leaf_paths and (
-            type(m).__name__ in self.leaf_paths
-            or any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_paths)
-        ):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-_OWN_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_TORCH_PACKAGE = os.path.dirname(torch.__file__) + os.sep
-
-
-def _user_frames(limit: int = 1) -> str:
-    """The innermost frames of the user's code that is being traced, in traceback's format
-    (``File "x.py", line N, in f``): what :func:`~bnrewrite.graph.ops.source_line` reads. A walk
-    of the live frames, not a formatted traceback per node."""
-    frames = []
-    frame = sys._getframe(2)
-    while frame is not None and len(frames) < limit:
-        path = frame.f_code.co_filename
-        if not path.startswith((_OWN_PACKAGE, _TORCH_PACKAGE)) and not path.startswith("<"):
-            frames.append(f'  File "{path}", line {frame.f_lineno}, in {frame.f_code.co_name}')
-        frame = frame.f_back
-    return "\n".join(reversed(frames))
-
-
-def _trace(
-    module: nn.Module,
-    tracer: _Tracer,
-    concrete_args: dict[str, Any] | None,
-) -> fx.GraphModule:
-    tracer.failed_in = None
-    try:
-        graph = tracer.trace(module, concrete_args=concrete_args)
-    except Exception as exc:
-        raise TraceFailed(_reason(exc) + tracer.leaf_hint()) from exc
-    gm = make_graph_module(tracer.root, graph, type(module).__name__)
-    gm.training = module.training  # the root's own flag; submodules are shared as they are
-    return gm
-
-
-class TraceFailed(Exception):
-    """symbolic_trace failed; the message is the reason as reported (with a --leaf hint)."""
-
-    is_reason = True
-
-
-_reason = error_reason  # the module-private name the capture code uses
-
-
 def _is_aten(gm: fx.GraphModule) -> bool:
     return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
-
-
-def make_graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
-    """A GraphModule that generates and compiles its Python code on first use, not now.
-
-    A rewrite edits the graph right after capture, so compiling here would be thrown away: the
-    lazy module compiles once, after the rewrite (torch's own _LazyGraphModule; plain
-    GraphModule where it is unavailable).
-    """
-    try:
-        from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
-    except ImportError:  # pragma: no cover - older torch
-        return fx.GraphModule(root, graph, name)
-    with _use_lazy_graph_module(True):
-        return _make_graph_module(root, graph, name)
 
 
 def compile_now(gm: fx.GraphModule) -> None:
@@ -310,7 +183,7 @@ def capture(
 
     leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
     leaf_paths = {x for x in leaf_modules if isinstance(x, str)}
-    tracer = _Tracer(leaf_types, leaf_paths, record_sources)
+    tracer = Tracer(leaf_types, leaf_paths, record_sources)
     cap = _capture_module(model, inputs, tracer, concrete_args, check_trace)
     cap.leaf_modules = tuple(leaf_modules)
     return cap
@@ -319,7 +192,7 @@ def capture(
 def _capture_module(
     model: nn.Module,
     inputs: tuple[Any, ...] | None,
-    tracer: _Tracer,
+    tracer: Tracer,
     concrete_args: dict[str, Any] | None,
     check_trace: bool,
 ) -> Capture:
@@ -360,7 +233,7 @@ def capture_submodule(cap: Capture, path: str) -> Region | None:
     module = cap.model.get_submodule(path) if path else cap.model
     leaf_types = tuple(x for x in cap.leaf_modules if isinstance(x, type))
     leaf_paths = {x for x in cap.leaf_modules if isinstance(x, str)}
-    tracer = _Tracer(leaf_types, leaf_paths, True)
+    tracer = Tracer(leaf_types, leaf_paths, True)
     rec = None
     if cap.example_inputs is not None and path:
         rec = record_run(cap.model, cap.example_inputs, keep={path})
@@ -386,7 +259,7 @@ def _is_container(m: nn.Module) -> bool:
 
 
 def _plan_parts(
-    module: nn.Module, path: str, tracer: _Tracer, plan: list[tuple[str, nn.Module, fx.GraphModule | str]]
+    module: nn.Module, path: str, tracer: Tracer, plan: list[tuple[str, nn.Module, fx.GraphModule | str]]
 ) -> None:
     """The frontier: the largest fx-traceable parts, and the untraceable modules above them
     (each with the tracer's reason), in an order where a module comes before its children."""
@@ -409,7 +282,7 @@ def _capture_part(
     module: nn.Module,
     path: str,
     traced: fx.GraphModule | str,
-    tracer: _Tracer,
+    tracer: Tracer,
     regions: list[Region],
     opaque: list[OpaquePart],
     rec: Recording | None,
@@ -509,129 +382,3 @@ def _check(
     return (
         None if same else "traced graph differs from eager execution (tracing silently took another branch)"
     )
-
-
-# Tensor accessors that read no values: not consumers.
-_NOT_READS = frozenset(
-    {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "data_ptr",
-     "element_size", "__len__", "get_device", "is_complex", "__format__", "__repr__", "zeros_like",
-     "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"}
-)  # fmt: skip
-_SHAPE_OF_OTHERS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})  # read only args[0]
-
-
-class _Readers(TorchFunctionMode):
-    """Counts, in an eager run, the consumers of each module's output (see Recording.readers)."""
-
-    def __init__(self, rec: Recording) -> None:
-        super().__init__()
-        self.rec = rec
-        self.depth = 0
-        self.by_depth: dict[int, dict[int, tuple[str, Any]]] = {}  # depth -> id -> (path, weakref)
-        self.paused: list[bool] = []  # per open module call: whether this mode was taken off the stack
-
-    def pause(self) -> bool:
-        """Take this mode off the torch-function stack while a leaf layer runs (the ops inside a
-        layer without children read nothing recorded): only if it is on top."""
-        if torch._C._len_torch_function_stack() == 0:
-            return False
-        top = torch._C._pop_torch_function_stack()
-        if top is not self:
-            torch._C._push_on_torch_function_stack(top)
-            return False
-        return True
-
-    def resume(self) -> None:
-        torch._C._push_on_torch_function_stack(self)
-
-    def produce(self, path: str, t: torch.Tensor) -> None:
-        at = self.by_depth.setdefault(self.depth, {})
-        if id(t) not in at:  # an Identity passes its input on: keep the producer
-            at[id(t)] = (path, weakref.ref(t))
-
-    def owner(self, t: Any) -> str | None:
-        """The module path whose output ``t`` is, when produced at the current depth."""
-        entry = self.by_depth.get(self.depth, {}).get(id(t))
-        if entry is None or entry[1]() is not t:
-            return None
-        return entry[0]
-
-    def count(self, args: Any, kwargs: Any) -> None:
-        for value in (*args, *kwargs.values()):
-            items = value if isinstance(value, (list, tuple)) else (value,)
-            for t in items:
-                if isinstance(t, torch.Tensor):
-                    path = self.owner(t)
-                    if path is not None:
-                        self.rec.readers[path] += 1
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if self.by_depth.get(self.depth):  # ops inside a leaf layer read nothing recorded here
-            name = getattr(func, "__name__", "")
-            if name not in _NOT_READS:
-                shape_only = name in _SHAPE_OF_OTHERS
-                self.count(args[:1] if shape_only else args, {} if shape_only else kwargs)
-        return func(*args, **kwargs)
-
-
-def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None = None) -> Recording:
-    """One eager pass in eval mode: every module's call count and first output shape, the first
-    inputs (args and kwargs) of the modules in ``keep``, the consumers of each module's first
-    output, and the model's outputs. Modules registered under several paths count every call
-    under each of them."""
-    rec = Recording()
-    handles = []
-    keep = keep or set()
-    readers = _Readers(rec)
-    for path, module in model.named_modules(remove_duplicate=False):
-        if not path:
-            continue
-
-        leaf = not module._modules
-
-        def pre(
-            _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path, leaf: bool = leaf
-        ) -> None:
-            rec.calls[path] += 1
-            if path in keep and path not in rec.inputs:
-                rec.inputs[path] = (tuple(args), dict(kwargs))
-            if args and path not in rec.in_ids:
-                rec.in_ids[path] = id(args[0])
-            readers.count(args, kwargs)
-            readers.depth += 1
-            readers.paused.append(leaf and readers.pause())
-
-        def post(_m: nn.Module, args: Any, out: Any, path: str = path, leaf: bool = leaf) -> None:
-            if readers.paused and readers.paused.pop():
-                readers.resume()
-            readers.depth -= 1
-            if args and out is args[0] and isinstance(out, torch.Tensor):  # passed on (eval Dropout):
-                owner = readers.owner(out)  # its consumer reads the producer's output, not this call
-                if owner is not None:
-                    rec.readers[owner] -= 1
-            if isinstance(out, torch.Tensor) and path not in rec.out_shapes:
-                rec.out_shapes[path] = tuple(out.shape)
-                rec.out_ids[path] = id(out)
-                readers.produce(path, out)
-
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post))
-    try:
-        with readers:
-            rec.outputs = _run_recording(model, inputs, rec)
-    except Exception as exc:
-        raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
-    finally:
-        while readers.paused:  # a layer that raised never reached its post-hook
-            if readers.paused.pop():
-                readers.resume()
-        for h in handles:
-            h.remove()
-    return rec
-
-
-def _run_recording(model: nn.Module, inputs: Sequence[Any], rec: Recording) -> Any:
-    # Eval mode: the outputs are what a fold must reproduce, and shapes do not depend on it.
-    with torch.no_grad(), buffers_restored(model), eval_modes(model):
-        return model(*inputs)

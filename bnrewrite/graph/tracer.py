@@ -1,0 +1,120 @@
+"""The tracer behind every ``symbolic_trace`` capture: plain norm layers and the user's leaves
+kept as single calls, absorbed BatchNorms (``nn.Identity``) traced through, the module whose
+code failed remembered for a ``--leaf`` hint, and cheap source lines for diagnostics."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..runtime import error_reason
+from .norms import is_norm_module, is_plain_norm_module
+
+
+class Tracer(fx.Tracer):
+    """symbolic_trace's tracer, plus user leaves and norm modules kept as single calls."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], sources: bool) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+        self.sources = sources  # fx's own stack traces cost a traceback per node: see create_node
+        self.failed_in: tuple[str, nn.Module] | None = None
+
+    def create_node(
+        self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None, type_expr: Any = None
+    ) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.sources and kind in ("call_module", "call_function", "call_method"):
+            node.meta["stack_trace"] = _user_frames()
+        return node
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module whose code could not be traced
+                self.failed_in = (self.path_of_module(m), m)
+            raise
+
+    def leaf_hint(self) -> str:
+        """Where a ``--leaf`` would help: tracing failed inside a module without norm layers."""
+        if self.failed_in is None:
+            return ""
+        path, m = self.failed_in
+        if not path or any(is_norm_module(x) for x in m.modules()):
+            return ""
+        return f" (inside {path}: --leaf {type(m).__name__} keeps it as one call and may make this part traceable)"
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) is nn.Identity:  # an absorbed BatchNorm: no node at all
+            return False
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if is_plain_norm_module(m):
+            return True  # a norm that does more than normalize is traced through
+        if self.leaf_paths and (
+            type(m).__name__ in self.leaf_paths
+            or any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_paths)
+        ):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+_OWN_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_TORCH_PACKAGE = os.path.dirname(torch.__file__) + os.sep
+
+
+def _user_frames(limit: int = 1) -> str:
+    """The innermost frames of the user's code that is being traced, in traceback's format
+    (``File "x.py", line N, in f``): what :func:`~bnrewrite.graph.ops.source_line` reads. A walk
+    of the live frames, not a formatted traceback per node."""
+    frames = []
+    frame = sys._getframe(2)
+    while frame is not None and len(frames) < limit:
+        path = frame.f_code.co_filename
+        if not path.startswith((_OWN_PACKAGE, _TORCH_PACKAGE)) and not path.startswith("<"):
+            frames.append(f'  File "{path}", line {frame.f_lineno}, in {frame.f_code.co_name}')
+        frame = frame.f_back
+    return "\n".join(reversed(frames))
+
+
+def trace_module(
+    module: nn.Module,
+    tracer: Tracer,
+    concrete_args: dict[str, Any] | None,
+) -> fx.GraphModule:
+    tracer.failed_in = None
+    try:
+        graph = tracer.trace(module, concrete_args=concrete_args)
+    except Exception as exc:
+        raise TraceFailed(error_reason(exc) + tracer.leaf_hint()) from exc
+    gm = make_graph_module(tracer.root, graph, type(module).__name__)
+    gm.training = module.training  # the root's own flag; submodules are shared as they are
+    return gm
+
+
+class TraceFailed(Exception):
+    """symbolic_trace failed; the message is the reason as reported (with a --leaf hint)."""
+
+    is_reason = True
+
+
+def make_graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """A GraphModule that generates and compiles its Python code on first use, not now.
+
+    A rewrite edits the graph right after capture, so compiling here would be thrown away: the
+    lazy module compiles once, after the rewrite (torch's own _LazyGraphModule; plain
+    GraphModule where it is unavailable).
+    """
+    try:
+        from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
+    except ImportError:  # pragma: no cover - older torch
+        return fx.GraphModule(root, graph, name)
+    with _use_lazy_graph_module(True):
+        return _make_graph_module(root, graph, name)
