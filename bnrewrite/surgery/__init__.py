@@ -1,0 +1,16 @@
+"""Norm surgery: swap, insert, remove and fix norm layers, each reporting whether the function
+is preserved.
+
+Module norms are replaced copy-on-write in the user's own module tree, so the result keeps the
+model's class (and stays trainable as before); functional/ATen BatchNorms and insertions are
+rewritten in the traced graph, and only the regions that needed it become GraphModules. An
+exact rewrite is verified numerically on the example inputs; a function-changing one reports the
+measured output deviation.
+"""
+
+from .fix import FIXABLE, fix
+from .insert import identity_batchnorm, insert
+from .remove import remove
+from .swap import swap
+
+__all__ = ["FIXABLE", "fix", "identity_batchnorm", "insert", "remove", "swap"]

@@ -1,0 +1,101 @@
+"""``remove``: strip the selected norm layers, keeping whatever else their forward does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ..diagnostics import Action, Report
+from ..fold import RewriteResult
+from ..graph.norms import (
+    bn_site,
+    other_norm_site,
+)
+from ..select import Selector
+from .rewriter import (
+    Rewriter,
+    _capture,
+    _opaque_modules,
+    collapse,
+    measure,
+    owned_norm,
+)
+
+# -- remove --------------------------------------------------------------------------------------
+
+
+def remove(
+    model: Any,
+    *,
+    select: str | Iterable[str] | None = None,
+    types: Iterable[str | type] | None = None,
+    example_inputs: Any = None,
+    leaf_modules: Iterable[type | str] = (),
+) -> RewriteResult:
+    """Strip the selected norm layers (all of them without a selector); report the output change."""
+    selector = Selector.of(select, types)
+    cap = _capture(model, example_inputs, leaf_modules)
+    report = Report("remove", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
+    rw = Rewriter(
+        cap,
+        report,
+        redo=lambda sub, x, at: (
+            remove(sub, select=selector.under(at), example_inputs=x, leaf_modules=leaf_modules).model
+        ),
+    )
+    done: set[str] = set()
+    for region in cap.regions:
+        for node in list(region.gm.graph.nodes):
+            if node.op not in ("call_module", "call_function"):
+                continue
+            site = bn_site(region, node)
+            other = None if site is not None else other_norm_site(region, node)
+            if site is None and other is None:
+                continue
+            path = region.module_path(node)
+            kind = site.kind if site is not None else other.kind  # type: ignore[union-attr]
+            if not selector.matches(path, kind):
+                continue
+            if node.op == "call_module":
+                if path not in done:
+                    done.add(path or "")
+                    rw.replace_module(path or "", nn.Identity())
+                    report.actions.append(
+                        Action("remove", region.qualify(node.name), path, f"{kind} removed", exact=False)
+                    )
+                continue
+            assert site is not None and site.input is not None
+            owned = owned_norm(rw, region, site)
+            if owned is not None:
+                owner, rest = owned
+                if owner not in done:
+                    done.add(owner)
+                    collapse(region, owner, site, rest)
+                    rw.replace_module(owner, rest.module)
+                    kept = f"; keeps the rest of its forward ({rest.describe()})" if rest.kept else ""
+                    report.actions.append(
+                        Action(
+                            "remove", region.qualify(node.name), owner, f"{kind} removed{kept}", exact=False
+                        )
+                    )
+                continue
+            rw.editor(region, node)
+            site.node.replace_all_uses_with(site.input)
+            graph = region.gm.graph
+            if site.node is not site.call:
+                graph.erase_node(site.node)
+            graph.erase_node(site.call)
+            report.actions.append(
+                Action("remove", region.qualify(node.name), path, f"{kind} removed", exact=False)
+            )
+    for path, module in _opaque_modules(cap):
+        if path not in done and selector.matches(path, type(module).__name__):
+            rw.replace_module(path, nn.Identity())
+            report.actions.append(
+                Action("remove", None, path, f"{type(module).__name__} removed", exact=False)
+            )
+    result = rw.build()
+    measure(report, model, result, cap.example_inputs)
+    return RewriteResult(result, report)
