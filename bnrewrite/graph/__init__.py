@@ -1,7 +1,8 @@
 """Graph capture and the views that rules and passes work on."""
 
 from .capture import Capture, Region, capture, clone_graph_module
-from .norms import BNSite, LayerSite, OtherNormSite, bn_site, layer_site, other_norm_site
+from .layers import LayerSite, layer_site
+from .norms import BNSite, OtherNormSite, bn_site, other_norm_site
 from .ops import node_shape, source_line
 from .view import to_networkx
 

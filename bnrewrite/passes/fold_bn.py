@@ -28,7 +28,8 @@ from ..diagnostics import Action, Diagnostic
 from ..graph import ops
 from ..graph.capture import Region, compile_now
 from ..graph.edit import Editor, shallow_copy
-from ..graph.norms import BNSite, LayerSite, bn_site, fetch_attr
+from ..graph.layers import LayerSite
+from ..graph.norms import BNSite, bn_site, fetch_attr
 from ..graph.ops import source_line
 from ..nn import ChannelAffine
 from . import fold_math

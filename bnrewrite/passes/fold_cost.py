@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..graph import ops
-from ..graph.norms import LayerSite
+from ..graph.layers import LayerSite
 
 MARGIN = 1.03  # timing noise: a fold within 3 % of the original counts as no slower
 MAX_ELEMENTS = 1 << 18  # inputs are shrunk to at most this many elements for timing

@@ -17,7 +17,8 @@ import torch
 from torch import fx, nn
 
 from ..graph import ops
-from ..graph.norms import BNSite, LayerSite, layer_site
+from ..graph.layers import LayerSite, layer_site
+from ..graph.norms import BNSite
 from ..graph.ops import node_shape
 from ..graph.reshapes import chain_back, chain_forward, reshape_kind, track, value_readers
 from ..select import Selector

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..diagnostics import Diagnostic
-from ..graph.norms import layer_site
+from ..graph.layers import layer_site
 from .context import RuleContext
 
 CODE = "BN001"

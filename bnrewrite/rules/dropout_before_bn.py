@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..diagnostics import Diagnostic
-from ..graph.norms import is_dropout
+from ..graph.layers import is_dropout
 from .context import RuleContext
 
 CODE = "BN006"

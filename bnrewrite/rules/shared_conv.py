@@ -9,7 +9,7 @@ from torch import fx
 
 from ..diagnostics import Diagnostic
 from ..graph import ops
-from ..graph.norms import layer_site
+from ..graph.layers import layer_site
 from .context import RuleContext
 
 CODE = "BN010"

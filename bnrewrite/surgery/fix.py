@@ -10,9 +10,9 @@ from ..errors import UsageError
 from ..fold import RewriteResult
 from ..graph.capture import Region
 from ..graph.edit import shallow_copy
+from ..graph.layers import layer_site
 from ..graph.norms import (
     bn_site,
-    layer_site,
 )
 from ..graph.reshapes import value_readers
 from ..select import Selector

@@ -12,9 +12,9 @@ from ..diagnostics import Action, Report
 from ..errors import UsageError
 from ..fold import RewriteResult
 from ..graph.capture import Region
+from ..graph.layers import layer_site
 from ..graph.norms import (
     bn_site,
-    layer_site,
     other_norm_site,
 )
 from ..graph.ops import node_shape
