@@ -13,7 +13,7 @@ from .graph.capture import Capture, Region, capture
 from .graph.norms import BNSite, OtherNormSite, find_norms, lookalikes, opaque_norms, other_norm_family
 from .graph.ops import source_line, target_name
 from .graph.view import to_networkx
-from .passes.fold_plan import NOT_FOLDABLE, decide, rank_lookup
+from .passes.fold_plan import NOT_FOLDABLE, decide, shape_lookup
 from .rules import RULES, RuleContext
 from .select import Selector
 
@@ -56,7 +56,7 @@ def inventory(
     cap: Capture, bns: list[BNSite], others: list[OtherNormSite], folded: dict[str, Action]
 ) -> list[NormEntry]:
     """One entry per norm layer; BatchNorm verdicts are those a fold of the model applies."""
-    rank_of = rank_lookup(cap)
+    rank_of = shape_lookup(cap)
     entries = []
     for site in bns:
         action = folded.get(site.name)

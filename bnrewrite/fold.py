@@ -16,7 +16,7 @@ from .graph.capture import Capture, capture, compile_now
 from .graph.edit import Editor, shallow_copy
 from .graph.norms import lookalikes, opaque_norms, other_norm_family
 from .passes.fold_bn import fold_region
-from .passes.fold_plan import FoldPolicy, rank_lookup
+from .passes.fold_plan import FoldPolicy, shape_lookup
 from .passes.fold_tree import fold_into_tree
 from .proof import prove as prove_units
 from .select import Selector
@@ -171,7 +171,7 @@ def _fold(
         )
     report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     report.extra["capture"] = cap.how
-    rank_of = rank_lookup(cap)
+    rank_of = shape_lookup(cap)
     policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector)
     if isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule)):
         for region in cap.regions:

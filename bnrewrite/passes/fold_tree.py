@@ -20,7 +20,7 @@ from ..errors import BnrewriteError
 from ..graph.capture import Capture, Region, capture_submodule, compile_now
 from ..graph.edit import Editor, shallow_copy
 from .fold_bn import Applied, fold_region
-from .fold_plan import FoldPolicy, RankOf, rank_lookup
+from .fold_plan import FoldPolicy, RankOf, shape_lookup
 from .tree_edit import TreePlanner, Unit, _ModuleEdit, bind, common_prefix, covers
 
 
@@ -242,7 +242,7 @@ def _graph_unit(
     if region is None:
         raise BnrewriteError(f"{path or '<root>'}: cannot be captured alone to carry a graph-only fold")
     sub = Capture(region.gm, [region], example_inputs=region.inputs)
-    rf = fold_region(region, rank_lookup(sub), policy, compile=True)
+    rf = fold_region(region, shape_lookup(sub), policy, compile=True)
     region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
     compile_now(region.gm)
     region.gm.training = (cap.model.get_submodule(path) if path else cap.model).training

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..diagnostics import Diagnostic
-from ..passes.fold_plan import rank_lookup
+from ..passes.fold_plan import shape_lookup
 from .context import RuleContext
 
 CODE = "BN008"
@@ -14,7 +14,7 @@ CODE = "BN008"
 def check(ctx: RuleContext) -> Iterator[Diagnostic]:
     if ctx.cap.example_inputs is None:
         return
-    shape_of = rank_lookup(ctx.cap).shape  # type: ignore[attr-defined]
+    shape_of = shape_lookup(ctx.cap).shape  # type: ignore[attr-defined]
     for site in ctx.bn_sites:
         if not site.training or site.input is None:
             continue

@@ -1,0 +1,136 @@
+"""What a fold decision is: the verdicts, the user's fold policy, one BatchNorm's decision as
+data, and the shape lookup every decision reads (recorded shapes first, propagation only when
+one is missing)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..graph.layers import LayerSite
+from ..graph.norms import BNSite
+from ..graph.ops import node_shape
+from ..select import Selector
+
+PRECEDING = "fold-into-preceding"
+FOLLOWING = "fold-into-following"
+SCALE_SHIFT = "scale-shift"
+NOT_FOLDABLE = "not-foldable"
+
+
+@dataclass(frozen=True)
+class FoldPolicy:
+    """What the user asked of a fold, handed unchanged from ``fold`` down to every decision:
+    fold training-mode BNs as if in eval mode, turn unabsorbable BNs into a scale-and-shift,
+    time folds that give a transposed conv a bias (FD108), and which BNs to touch at all."""
+
+    eval_mode: bool = False
+    bn_to_affine: bool = False
+    speed_check: bool = True
+    selector: Selector | None = None
+
+
+@dataclass
+class Decision:
+    site: BNSite
+    verdict: str
+    code: str
+    reason: str
+    producer: LayerSite | None = None
+    consumers: list[LayerSite] = field(default_factory=list)
+    entries: list[fx.Node] = field(default_factory=list)  # nodes whose input becomes the BN input
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    producers: list[LayerSite] = field(default_factory=list)  # concat pieces / sum terms
+    slices: list[tuple[int, int]] = field(default_factory=list)  # concat: channels of each piece
+    combine: str | None = None  # "cat" | "sum" | "reshape" for folds beyond the direct neighbour
+    shift_into: int = 0  # sum: the term whose bias takes the shift (the others keep theirs)
+
+    @property
+    def target(self) -> str | None:
+        if self.verdict == PRECEDING and self.producers:
+            return ", ".join(p.module_path or p.name for p in self.producers)
+        if self.verdict == PRECEDING and self.producer is not None:
+            return self.producer.module_path or self.producer.name
+        if self.verdict == FOLLOWING:
+            return ", ".join(c.module_path or c.name for c in self.consumers)
+        return None
+
+
+def stats_problem(site: BNSite) -> str | None:
+    """Why the stored statistics or affine parameters cannot be used, if they cannot."""
+    if site.affine is not None:
+        finite = all(bool(torch.isfinite(t).all()) for t in site.affine)
+        return None if finite else "its evaluated scale or shift has NaN/Inf values"
+    var, mean = site.running_var, site.running_mean
+    if var is not None and not bool(torch.isfinite(var).all()):
+        return "running_var has NaN/Inf values"
+    if var is not None and bool((var < 0).any()):
+        return "running_var has negative values"
+    for name, t in (("running_mean", mean), ("weight", site.weight), ("bias", site.bias)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return f"{name} has NaN/Inf values"
+    return None
+
+
+def out_channels(layer: LayerSite) -> int:
+    assert layer.weight is not None
+    if layer.kind == "conv_transpose":
+        return int(layer.weight.shape[1]) * layer.groups
+    return int(layer.weight.shape[0])
+
+
+def in_channels(layer: LayerSite) -> int:
+    assert layer.weight is not None
+    if layer.kind == "conv_transpose":
+        return int(layer.weight.shape[0])
+    if layer.kind == "linear":
+        return int(layer.weight.shape[1])
+    return int(layer.weight.shape[1]) * layer.groups
+
+
+RankOf = Callable[[fx.Node], "int | None"]
+
+
+def label(layer: LayerSite) -> str:
+    return layer.module_path or layer.name
+
+
+class ShapeLookup:
+    """Shapes of graph values: recorded by the graph or by the capture's eager pass (module
+    calls); shape propagation runs only the first time a shape is needed that neither has.
+    Calling it gives the rank (what most decisions need)."""
+
+    def __init__(self, cap: Any) -> None:
+        self.cap = cap
+
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        shape = node_shape(node)
+        rec = getattr(self.cap, "recording", None)
+        if shape is None and rec is not None and node.op == "call_module":
+            region = next((r for r in self.cap.regions if r.gm.graph is node.graph), None)
+            if region is not None:
+                shape = rec.out_shapes.get(
+                    f"{region.path}.{node.target}" if region.path else str(node.target)
+                )
+        if shape is None and self.cap.example_inputs is not None:
+            self.cap.ensure_shapes()
+            shape = node_shape(node)
+        return shape
+
+    def __call__(self, node: fx.Node) -> int | None:
+        shape = self.shape(node)
+        return None if shape is None else len(shape)
+
+
+def shape_lookup(cap: Any) -> ShapeLookup:
+    return ShapeLookup(cap)
+
+
+def shape_of(rank_of: RankOf, node: fx.Node) -> tuple[int, ...] | None:
+    """The node's shape through a lookup that knows shapes, else as the graph recorded it."""
+    shape = getattr(rank_of, "shape", None)
+    return shape(node) if shape is not None else node_shape(node)
