@@ -84,87 +84,81 @@ def _check_preceding(site: BNSite, rank_of: RankOf) -> tuple[LayerSite | None, t
     return layer, None
 
 
-def _check_following(
-    site: BNSite, rank_of: RankOf
-) -> tuple[list[LayerSite], list[fx.Node], tuple[str, str] | None]:
+Note = tuple[str, str]  # (code, message)
+
+
+def _check_following(site: BNSite, rank_of: RankOf) -> tuple[list[LayerSite], list[fx.Node], Note | None]:
+    """Every reader of the BatchNorm's output is a layer (through a copying pad or reshapes)
+    that can absorb it: (layers, the entry node of each, why not)."""
     users = list(site.node.users)
-    if not users:
-        return [], [], None
     layers: list[LayerSite] = []
     entries: list[fx.Node] = []
     for entry in users:
         if not entry.args or entry.args[0] is not site.node or site.node in entry.args[1:]:
             return [], [], None
-        user = entry
-        reshaped = False
-        # A reflect/replicate/circular pad commutes with the per-channel affine: look through it.
-        if ops.is_copying_pad(entry) and len(entry.users) == 1:
-            user = next(iter(entry.users))
-            if not user.args or user.args[0] is not entry:
-                return [], [], None
-        elif reshape_kind(entry) is not None:  # BN -> reshapes -> Linear
-            chain = [entry, *chain_forward(entry)]
-            end = chain[-1]
-            user = next(iter(end.users)) if len(end.users) == 1 else end
-            if user is end or not user.args or user.args[0] is not end:
-                return [], [], None
-            shape = shape_of(rank_of, end)
-            axis = track(chain, 1, lambda n: shape_of(rank_of, n))
-            if shape is None or axis != len(shape) - 1:
-                if layer_site(site.region, user) is not None:
-                    return (
-                        [],
-                        [],
-                        (
-                            "FD202",
-                            "after the reshapes the BN's channel axis is not the Linear's feature axis",
-                        ),
-                    )
-                return [], [], None
-            reshaped = True
-        layer = layer_site(site.region, user)
+        user, reshaped, note = _following_layer(site, entry, rank_of)
+        layer = layer_site(site.region, user) if user is not None else None
         if layer is None:
-            return [], [], None
-        name = label(layer)
-        if not layer.constant or layer.weight is None:
-            return [], [], ("FD204", f"{name} has weights computed in the graph")
-        if in_channels(layer) != site.num_features:
-            return (
-                [],
-                [],
-                (
-                    "FD202",
-                    f"{name} has {in_channels(layer)} input channels, BN has {site.num_features}",
-                ),
-            )
-        if layer.kind == "conv" and layer.zero_pads():
-            return [], [], ("FD201", f"following {name} pads with zeros")
-        if layer.kind == "conv_transpose" and (
-            any(k != 1 for k in layer.kernel)
-            or any(s != 1 for s in layer.stride)
-            or (not isinstance(layer.padding, str) and any(int(p) != 0 for p in layer.padding))
-        ):
-            return [], [], ("FD206", f"following {name} is a transposed conv with kernel/stride > 1")
-        if layer.kind == "linear" and (reshaped or site.axis == -1):
-            pass  # the axis was followed through the reshapes above, or is the last dim
-        elif layer.kind != "linear" and site.axis == -1 and rank_of(site.node) != 2:
-            return [], [], ("FD202", f"{site.kind} scales the last dim; {name}'s channels are dim 1")
-        elif layer.kind == "linear":
-            rank = rank_of(site.node)
-            if rank is None:
-                return (
-                    [],
-                    [],
-                    (
-                        "FD202",
-                        f"rank of the BN output unknown, needed for {name}: pass example inputs",
-                    ),
-                )
-            if rank != 2:
-                return [], [], ("FD202", f"BN output has rank {rank}; {name} acts on the last dim")
+            return [], [], note
+        note = _refuses_following(site, layer, reshaped, rank_of)
+        if note is not None:
+            return [], [], note
         layers.append(layer)
         entries.append(entry)
     return layers, entries, None
+
+
+def _following_layer(
+    site: BNSite, entry: fx.Node, rank_of: RankOf
+) -> tuple[fx.Node | None, bool, Note | None]:
+    """The node that may be the layer reading ``entry``: itself, the reader of a copying pad
+    (reflect/replicate/circular commute with a per-channel affine), or the reader of a reshape
+    chain that keeps the channel axis as the feature axis. (node, through reshapes, why not)."""
+    if ops.is_copying_pad(entry) and len(entry.users) == 1:
+        user = next(iter(entry.users))
+        return (user, False, None) if user.args and user.args[0] is entry else (None, False, None)
+    if reshape_kind(entry) is None:
+        return entry, False, None
+    chain = [entry, *chain_forward(entry)]  # BN -> reshapes -> Linear
+    end = chain[-1]
+    user = next(iter(end.users)) if len(end.users) == 1 else end
+    if user is end or not user.args or user.args[0] is not end:
+        return None, False, None
+    shape = shape_of(rank_of, end)
+    axis = track(chain, 1, lambda n: shape_of(rank_of, n))
+    if shape is None or axis != len(shape) - 1:
+        why = ("FD202", "after the reshapes the BN's channel axis is not the Linear's feature axis")
+        return None, False, why if layer_site(site.region, user) is not None else None
+    return user, True, None
+
+
+def _refuses_following(site: BNSite, layer: LayerSite, reshaped: bool, rank_of: RankOf) -> Note | None:
+    """Why ``layer`` cannot absorb the BatchNorm before it, or None."""
+    name = label(layer)
+    if not layer.constant or layer.weight is None:
+        return "FD204", f"{name} has weights computed in the graph"
+    if in_channels(layer) != site.num_features:
+        return "FD202", f"{name} has {in_channels(layer)} input channels, BN has {site.num_features}"
+    if layer.kind == "conv" and layer.zero_pads():
+        return "FD201", f"following {name} pads with zeros"
+    if layer.kind == "conv_transpose" and (
+        any(k != 1 for k in layer.kernel)
+        or any(s != 1 for s in layer.stride)
+        or (not isinstance(layer.padding, str) and any(int(p) != 0 for p in layer.padding))
+    ):
+        return "FD206", f"following {name} is a transposed conv with kernel/stride > 1"
+    if layer.kind == "linear" and (reshaped or site.axis == -1):
+        return None  # the axis was followed through the reshapes, or is the last dim
+    if layer.kind != "linear":
+        if site.axis == -1 and rank_of(site.node) != 2:
+            return "FD202", f"{site.kind} scales the last dim; {name}'s channels are dim 1"
+        return None
+    rank = rank_of(site.node)
+    if rank is None:
+        return "FD202", f"rank of the BN output unknown, needed for {name}: pass example inputs"
+    if rank != 2:
+        return "FD202", f"BN output has rank {rank}; {name} acts on the last dim"
+    return None
 
 
 def decide(
