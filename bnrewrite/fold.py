@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ from .graph.edit import Editor, shallow_copy
 from .graph.norms import lookalikes, opaque_norms, other_norm_family
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import FoldPolicy, shape_lookup
-from .passes.fold_tree import fold_into_tree
+from .passes.fold_tree import TreeResult, fold_into_tree
 from .proof import prove as prove_units
 from .select import Selector
 
@@ -111,23 +112,23 @@ def fold(
     whose ``extra['plan']`` lists every module edit and graph replacement (no weights computed,
     no proof run).
     """
+    selector = Selector.of(select, types) if (select or types) else None
+    policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector)
+    run = FoldRun(inplace, tuple(leaf_modules), record_sources, check_trace, prove, dry_run)
     with gc_paused():
-        return _fold(
-            model,
-            example_inputs,
-            inplace,
-            eval_mode,
-            leaf_modules,
-            record_sources,
-            check_trace,
-            prove,
-            select,
-            types,
-            cap,
-            bn_to_affine,
-            speed_check,
-            dry_run,
-        )
+        return _fold(model, example_inputs, policy, run, cap)
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    """How one fold runs (as opposed to what it folds, the :class:`FoldPolicy`)."""
+
+    inplace: bool
+    leaf_modules: tuple[type | str, ...]
+    record_sources: bool
+    check_trace: bool
+    prove: bool
+    dry_run: bool
 
 
 @contextlib.contextmanager
@@ -144,85 +145,85 @@ def gc_paused() -> Iterator[None]:
 
 
 def _fold(
-    model: Any,
-    example_inputs: Any,
-    inplace: bool,
-    eval_mode: bool,
-    leaf_modules: Iterable[type | str],
-    record_sources: bool,
-    check_trace: bool,
-    prove: bool,
-    select: str | Iterable[str] | None,
-    types: Iterable[str | type] | None,
-    cap: Capture | None,
-    bn_to_affine: bool,
-    speed_check: bool,
-    dry_run: bool = False,
+    model: Any, example_inputs: Any, policy: FoldPolicy, run: FoldRun, cap: Capture | None
 ) -> RewriteResult:
-    selector = Selector.of(select, types) if (select or types) else None
     own_capture = cap is None
     if cap is None:
         cap = capture(
             model,
             example_inputs,
-            leaf_modules=leaf_modules,
-            record_sources=record_sources,
-            check_trace=check_trace,
+            leaf_modules=run.leaf_modules,
+            record_sources=run.record_sources,
+            check_trace=run.check_trace,
         )
     report = Report("fold", type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     report.extra["capture"] = cap.how
     rank_of = shape_lookup(cap)
-    policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector)
     if isinstance(cap.model, (torch.export.ExportedProgram, fx.GraphModule)):
-        for region in cap.regions:
-            rf = fold_region(region, rank_of, policy, inplace=inplace and not dry_run, compile=not dry_run)
-            report.actions.extend(rf.actions)
-            report.diagnostics.extend(rf.diagnostics)
-        report.diagnostics.extend(opaque_diagnostics(cap))
-        if dry_run:
-            report.extra["plan"] = [
-                {"folds": [a.module_path or a.node for a in report.actions], "graph": "<root>"}
-            ]
-            return RewriteResult(model, report)
-        return RewriteResult(assemble(cap, inplace=inplace), report)
-    proving = prove and not dry_run and cap.recording is not None and cap.example_inputs is not None
+        return _fold_graph(model, cap, rank_of, policy, run, report)
+    proving = run.prove and not run.dry_run and cap.recording is not None and cap.example_inputs is not None
     opaque = opaque_diagnostics(cap)
+    inplace = run.inplace and not run.dry_run
     result = fold_into_tree(
         cap,
         rank_of,
         report,
         policy,
-        inplace=inplace and not dry_run,
+        inplace=inplace,
         keep_old=proving,
         release_graphs=own_capture,
-        dry_run=dry_run,
+        dry_run=run.dry_run,
     )
-    if dry_run:
+    if run.dry_run:
         report.diagnostics.extend(opaque)
         return RewriteResult(model, report)
     if proving:
-        assert cap.recording is not None and cap.example_inputs is not None
-        outcome = prove_units(result.current, cap.example_inputs, cap.recording.outputs, result.units)
-        result.drop([u for u, _ in outcome.undone])
-        report.extra["proof"] = outcome.to_dict(eager_passes=cap.eager_passes)
-        unproven = [u.label for u in result.units if not u.proven]
-        if unproven:  # the example inputs never reached these modules
-            report.extra["proof"]["not_run"] = unproven
-        for unit, why in outcome.undone:
-            for a in unit.actions:
-                report.diagnostics.append(
-                    Diagnostic(
-                        "FD207",
-                        codes.get("FD207").severity,
-                        f"{a.module_path or a.node}: fold undone: {why.problem}",
-                        a.node,
-                        a.module_path,
-                    )
-                )
-    elif prove:
+        _prove(cap, result, report)
+        if inplace:
+            result.commit_inplace()
+    elif run.prove:
         report.extra["proof"] = {"passed": None, "note": "no example inputs: the result was not run"}
-    if inplace and proving:
-        result.commit_inplace()
     report.actions.extend(a for u in result.units for a in u.actions)
     report.diagnostics.extend(opaque)
     return RewriteResult(result.current(), report)
+
+
+def _fold_graph(
+    model: Any, cap: Capture, rank_of: Any, policy: FoldPolicy, run: FoldRun, report: Report
+) -> RewriteResult:
+    """A GraphModule or ExportedProgram: folded as the graph it is, and returned as one."""
+    for region in cap.regions:
+        rf = fold_region(
+            region, rank_of, policy, inplace=run.inplace and not run.dry_run, compile=not run.dry_run
+        )
+        report.actions.extend(rf.actions)
+        report.diagnostics.extend(rf.diagnostics)
+    report.diagnostics.extend(opaque_diagnostics(cap))
+    if run.dry_run:
+        report.extra["plan"] = [
+            {"folds": [a.module_path or a.node for a in report.actions], "graph": "<root>"}
+        ]
+        return RewriteResult(model, report)
+    return RewriteResult(assemble(cap, inplace=run.inplace), report)
+
+
+def _prove(cap: Capture, result: TreeResult, report: Report) -> None:
+    """Run the proof, drop what it undid, and say so (FD207)."""
+    assert cap.recording is not None and cap.example_inputs is not None
+    outcome = prove_units(result.current, cap.example_inputs, cap.recording.outputs, result.units)
+    result.drop([u for u, _ in outcome.undone])
+    report.extra["proof"] = outcome.to_dict(eager_passes=cap.eager_passes)
+    unproven = [u.label for u in result.units if not u.proven]
+    if unproven:  # the example inputs never reached these modules
+        report.extra["proof"]["not_run"] = unproven
+    for unit, why in outcome.undone:
+        for a in unit.actions:
+            report.diagnostics.append(
+                Diagnostic(
+                    "FD207",
+                    codes.get("FD207").severity,
+                    f"{a.module_path or a.node}: fold undone: {why.problem}",
+                    a.node,
+                    a.module_path,
+                )
+            )

@@ -132,13 +132,7 @@ class _RegionFolder:
         self.pending.clear()
 
     def _decide(self, site: BNSite) -> Decision:
-        return decide(
-            site,
-            self.rank_of,
-            eval_mode=self.policy.eval_mode,
-            bn_to_affine=self.policy.bn_to_affine,
-            speed_check=self.policy.speed_check,
-        )
+        return decide(site, self.rank_of, self.policy)
 
     def _site(self, node: fx.Node) -> BNSite | None:
         if getattr(node, "_erased", False) or node.op not in ("call_module", "call_function"):

@@ -161,18 +161,14 @@ def _refuses_following(site: BNSite, layer: LayerSite, reshaped: bool, rank_of: 
     return None
 
 
-def decide(
-    site: BNSite,
-    rank_of: RankOf,
-    *,
-    eval_mode: bool = False,
-    bn_to_affine: bool = False,
-    speed_check: bool = True,
-) -> Decision:
-    """The fold decision for one BatchNorm site. One that no neighbour can absorb stays a
-    BatchNorm (a fold must never add work) unless ``bn_to_affine`` asks for a scale-and-shift.
-    ``speed_check``: a fold that would give a transposed conv a bias is timed first and refused
-    (FD108) where it measures slower than the BatchNorm it replaces (see ``fold_cost``)."""
+def decide(site: BNSite, rank_of: RankOf, policy: FoldPolicy | None = None) -> Decision:
+    """The fold decision for one BatchNorm site under the user's ``policy``. One that no
+    neighbour can absorb stays a BatchNorm (a fold must never add work) unless the policy asks
+    for a scale-and-shift (``bn_to_affine``). With ``speed_check``, a fold that would give a
+    transposed conv a bias is timed first and refused (FD108) where it measures slower than the
+    BatchNorm it replaces (see ``fold_cost``)."""
+    policy = policy or FoldPolicy()
+    eval_mode, bn_to_affine, speed_check = policy.eval_mode, policy.bn_to_affine, policy.speed_check
     d = _decide(site, rank_of, eval_mode, bn_to_affine)
     if not speed_check or bn_to_affine or d.verdict not in (PRECEDING, FOLLOWING):
         return d
