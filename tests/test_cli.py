@@ -201,7 +201,7 @@ def test_text_in_square_brackets_is_printed_literally(monkeypatch):
     def broken(*_a, **_k):
         raise BnrewriteError("ONNX export needs the onnx extra: pip install 'bnrewrite[onnx]'")
 
-    monkeypatch.setattr(cli, "_load", broken)
+    monkeypatch.setattr(cli.base, "_load", broken)
     result = runner.invoke(app, ["fold", "samples.resnet:build", "-o", "never.pt2"])
     assert result.exit_code == 1
     assert "pip install 'bnrewrite[onnx]'" in result.output

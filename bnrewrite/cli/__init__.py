@@ -1,0 +1,10 @@
+"""The ``bnrewrite`` command line: parse, call the API, render the report.
+
+Every failure is one line on stderr with exit code 2 (usage) or 1 (failure); ``--debug`` shows
+the traceback instead.
+"""
+
+from . import analyze, fold, surgery  # noqa: F401  (each registers its commands on the app)
+from .base import app, main
+
+__all__ = ["app", "main"]

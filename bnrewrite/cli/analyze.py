@@ -1,0 +1,132 @@
+"""``bnrewrite analyze``: inventory and lint findings for one or several models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .. import progress
+from ..errors import BnrewriteError, UsageError
+from . import base
+from .base import (
+    JsonOpt,
+    LeafOpt,
+    SelectOpt,
+    ShapeOpt,
+    TrustOpt,
+    TypeOpt,
+    WeightsOpt,
+    app,
+    handles_errors,
+    out,
+)
+
+
+@app.command()
+@handles_errors
+def analyze(
+    models: Annotated[
+        list[str],
+        typer.Argument(help="One or more models: .pt2 files, package.module:factory specs, pickled modules."),
+    ],
+    weights: WeightsOpt = None,
+    input_shape: ShapeOpt = None,
+    as_json: JsonOpt = False,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="Output: text (default), json (as --json) or sarif (SARIF 2.1.0)."),
+    ] = None,
+    fail_on: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-on",
+            help="Exit 1 when findings at or above this severity exist: error|warning|info|never "
+            "(default: the config's fail-on, else error).",
+        ),
+    ] = None,
+    only_codes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only-codes", help="Report only these codes or code prefixes (repeatable, or comma-separated)."
+        ),
+    ] = None,
+    ignore_codes: Annotated[
+        list[str] | None,
+        typer.Option("--ignore-codes", help="Never report these codes or code prefixes (repeatable)."),
+    ] = None,
+    per_module_ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--per-module-ignore", help="GLOB:CODE[,CODE]: accept these codes in matching module paths."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="pyproject.toml to read [tool.bnrewrite] from (default: found upward)."
+        ),
+    ] = None,
+    no_config: Annotated[
+        bool, typer.Option("--no-config", help="Ignore any [tool.bnrewrite] table.")
+    ] = False,
+    trust_pickle: TrustOpt = False,
+    select: SelectOpt = None,
+    type_: TypeOpt = None,
+    leaf: LeafOpt = None,
+) -> None:
+    """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls.
+
+    Several models give one summary table and one exit code over all of them."""
+    from ..analyze import analyze as run
+    from ..config import load_config
+    from ..render import render_report, render_summary, to_json
+    from ..sarif import to_sarif
+    from .. import __version__
+
+    kind = (fmt or ("json" if as_json else "text")).lower()
+    if kind not in ("text", "json", "sarif"):
+        raise UsageError(f"--format {fmt!r}: expected text, json or sarif")
+    lint = load_config(config, search=not no_config).overridden(
+        report=only_codes, ignore=ignore_codes, per_module_ignores=per_module_ignore, fail_on=fail_on
+    )
+    progress.enable(progress.wanted(quiet=kind != "text"))
+    outcomes: list[tuple[str, Any, str | None]] = []
+    for spec in progress.track(models, "models analyzed") if len(models) > 1 else models:
+        try:
+            loaded, inputs = base._load(spec, weights, trust_pickle, input_shape)
+            report = run(
+                loaded.model, inputs, name=loaded.source, select=select, types=type_, leaf_modules=leaf or ()
+            )
+        except BnrewriteError as exc:
+            if len(models) == 1:
+                raise
+            outcomes.append((spec, None, str(exc)))
+            continue
+        outcomes.append((spec, lint.filter(report), None))
+    reports = [r for _, r, _ in outcomes if r is not None]
+    if kind == "sarif":
+        print(to_json(to_sarif(reports, __version__)))
+    elif kind == "json":
+        if len(models) == 1:
+            print(to_json(reports[0].to_dict()))
+        else:
+            items = [r.to_dict() if r is not None else {"model": m, "error": e} for m, r, e in outcomes]
+            print(
+                to_json(
+                    {
+                        "schema_version": reports[0].to_dict()["schema_version"] if reports else 1,
+                        "command": "analyze",
+                        "models": items,
+                    }
+                )
+            )
+    else:
+        for _, report, _ in outcomes:
+            if report is not None:
+                render_report(report, out)
+        if len(models) > 1:
+            render_summary(outcomes, lint, out)
+    if any(e is not None for _, _, e in outcomes) or any(lint.fails(r) for r in reports):
+        raise typer.Exit(1)

@@ -1,0 +1,167 @@
+"""The command-line app: options shared by every command, one-line errors, loading, output."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from ..errors import BnrewriteError
+
+app = typer.Typer(
+    name="bnrewrite",
+    help="Analyze, fold and rewrite normalization layers of PyTorch models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_state: dict[str, Any] = {"debug": False, "imports": [], "auto_import": True}
+# No markup anywhere: messages, module paths and model text are printed literally; styles come
+# from rich Text objects only (see render.py).
+out = Console(soft_wrap=False, width=160, markup=False)
+err = Console(stderr=True, markup=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelArg = Annotated[
+    str, typer.Argument(help="A .pt2 file, a package.module:factory spec, or a pickled module.")
+]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option("--weights", "-w", help="state_dict (.pt/.pth/.safetensors) for a factory spec."),
+]
+ShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--input-shape", "-s", help="Example input shape, e.g. 1,3,224,224 (repeat per input)."),
+]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow unpickling a whole module (runs code from the file).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+SelectOpt = Annotated[
+    list[str] | None,
+    typer.Option("--select", help="Only layers whose dotted path matches this glob (repeatable)."),
+]
+TypeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--type", help="Only layers of this kind, e.g. BatchNorm2d, F.batch_norm (repeatable)."),
+]
+LeafOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--leaf",
+        help="Keep this module as one call when tracing: class name or dotted-path glob (repeatable).",
+    ),
+]
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="Output format: pt2, onnx, py, json, graphml, dot, svg.")
+]
+
+
+def _quiet() -> None:
+    if not _state["debug"]:
+        warnings.filterwarnings("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
+
+
+def handles_errors(fn: F) -> F:
+    """Turn every failure into one line on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet()
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BnrewriteError as exc:
+            if _state["debug"]:
+                raise
+            err.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _state["debug"]:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            err.print(
+                Text.assemble(
+                    ("error:", "bold red"),
+                    f" internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                ),
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library warnings.")] = False,
+    imports: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--import",
+            help="Import this module before loading a .pt2 (it registers a pytree type the program's "
+            "inputs/outputs use, e.g. a ModelOutput dataclass); repeatable.",
+        ),
+    ] = None,
+    no_import: Annotated[
+        bool,
+        typer.Option(
+            "--no-import", help="Never import a module named in a .pt2 file to register its pytree types."
+        ),
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+    _state["imports"] = list(imports or [])
+    _state["auto_import"] = not no_import
+    if debug:
+        import os
+
+        os.environ["BNREWRITE_DEBUG"] = "1"
+
+
+def _load(model: str, weights: Path | None, trust_pickle: bool, shapes: list[str] | None) -> tuple[Any, Any]:
+    from ..io import inputs_for, load
+
+    loaded = load(
+        model,
+        weights=weights,
+        trust_pickle=trust_pickle,
+        imports=_state["imports"],
+        auto_import=_state["auto_import"],
+    )
+    return loaded, inputs_for(loaded, shapes)
+
+
+def _emit(report: Any, as_json: bool) -> None:
+    from ..render import render_report, to_json
+
+    if as_json:
+        print(to_json(report.to_dict()))
+    else:
+        render_report(report, out)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    sys.exit(0)
