@@ -7,17 +7,10 @@ from typing import Any
 
 from .diagnostics import Report
 from .errors import UsageError, VerificationError
-from .export import (
-    MODEL_FORMATS,
-    check_output,
-    diff_view,
-    export,
-    format_of,
-    graph_view,
-    to_dot,
-    write_dot_and_svg,
-)
+from .export import export
+from .files import MODEL_FORMATS, check_output, format_of
 from .fold import fold
+from .graph_files import diff_view, graph_view, to_dot, write_dot_and_svg
 from .io import Loaded
 from .verify import verify
 

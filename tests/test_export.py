@@ -12,7 +12,8 @@ import torch
 
 from bnrewrite import fold
 from bnrewrite.errors import BnrewriteError
-from bnrewrite.export import diff_view, export, graph_view, to_dot
+from bnrewrite.export import export
+from bnrewrite.graph_files import diff_view, graph_view, to_dot
 from bnrewrite.io import load
 from tests.conftest import load_sample
 

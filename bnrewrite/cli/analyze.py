@@ -79,11 +79,11 @@ def analyze(
     """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls.
 
     Several models give one summary table and one exit code over all of them."""
+    from .. import __version__
     from ..analyze import analyze as run
     from ..config import load_config
     from ..render import render_report, render_summary, to_json
     from ..sarif import to_sarif
-    from .. import __version__
 
     kind = (fmt or ("json" if as_json else "text")).lower()
     if kind not in ("text", "json", "sarif"):
