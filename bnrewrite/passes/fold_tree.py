@@ -19,9 +19,10 @@ from ..diagnostics import Diagnostic, Report
 from ..errors import BnrewriteError
 from ..graph.capture import Capture, Region, capture_submodule, compile_now
 from ..graph.edit import Editor, shallow_copy
+from .bind import bind
 from .fold_bn import Applied, fold_region
 from .fold_plan import FoldPolicy, RankOf, shape_lookup
-from .tree_edit import TreePlanner, Unit, _ModuleEdit, bind, common_prefix, covers
+from .tree_edit import TreePlanner, Unit, _ModuleEdit, common_prefix, covers
 
 
 class TreeResult:

@@ -1,0 +1,85 @@
+"""Bind planned units to the result tree: resolve every deferred edit against the copy-on-write
+tree (wherever a module is held), remember what each replaces so the proof can undo it, and give
+each unit its local checks (:mod:`~bnrewrite.local_checks`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..graph.edit import Editor, held
+from ..graph.norms import (
+    is_plain_norm_module,
+)
+from ..local_checks import GraphCheck, LayerCheck, LocalCheck, SlotCheck, StillRuns
+from .tree_edit import _MODULE, _PARAM, Edit, Unit, _ModuleEdit, _ParamEdit
+
+
+def bind(units: list[Unit], editor: Editor) -> None:
+    """Resolve deferred edits against the result tree (copy-on-write through ``editor``),
+    record what each replaces, so every unit can be applied and undone, and give each unit its
+    local checks (:mod:`~bnrewrite.local_checks`)."""
+    for unit in units:
+        bound: list[Edit] = []
+        for e in unit.edits:
+            if isinstance(e, _ModuleEdit):  # wherever the module is held
+                for holder in editor.holders(e.name):
+                    bound.append(Edit(holder[1], _MODULE, holder[2], held(holder), e.new, holder, e.name))
+            elif isinstance(e, _ParamEdit):
+                owner = editor.own(e.name)
+                weight, bias = e.new()
+                for pname, value in (("weight", weight), ("bias", bias)):
+                    old = owner._parameters.get(pname)
+                    if value is None or value is old:
+                        continue
+                    grad = old.requires_grad if old is not None else owner._parameters["weight"].requires_grad
+                    new = (
+                        value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=grad)
+                    )
+                    bound.append(Edit(owner, _PARAM, pname, old, new, path=e.name))
+            else:
+                bound.append(e)
+        unit.edits = bound
+        unit.checks = _checks(unit, editor)
+
+
+def _checks(unit: Unit, editor: Editor) -> list[LocalCheck]:
+    """The unit's local checks, bound to the result tree's modules."""
+    checks: list[LocalCheck] = []
+    watched: dict[int, tuple[str, nn.Module]] = {}
+    replaced: dict[str, Edit] = {}
+    params: dict[str, dict[str, torch.Tensor | None]] = {}
+    owners: dict[str, nn.Module] = {}
+    for e in unit.edits:
+        if e.kind == _MODULE and isinstance(e.old, nn.Module):
+            watched.setdefault(id(e.old), (e.path, e.old))
+            replaced.setdefault(e.path, e)
+        elif e.kind == _PARAM:
+            params.setdefault(e.path, {})[e.name] = e.old
+            owners[e.path] = e.owner
+            original = editor.original_of(e.owner)
+            if original is not e.owner:
+                watched.setdefault(id(original), (e.path, original))
+    if watched:
+        checks.append(StillRuns(unit.label, list(watched.values())))
+    if unit.graph_path:  # a module replaced by its folded graph: the root's is the global check
+        if unit.graph_path in replaced:
+            e = replaced[unit.graph_path]
+            checks.append(GraphCheck(unit.label, e.new, e.old))
+        return checks
+    absorbed: dict[str, list[Any]] = {}
+    for spec in unit.specs:
+        if spec.kind == "layer":
+            absorbed.setdefault(spec.path, []).extend(spec.absorbed)
+        elif spec.path in replaced:
+            e = replaced[spec.path]
+            if type(e.new) is nn.Identity and is_plain_norm_module(e.old):
+                continue  # torch's own BatchNorm replaced by nothing: the layer check covers it
+            affine = spec.affine if spec.mode == "inverse" else None
+            checks.append(SlotCheck(spec.path, e.new, e.old, affine, axis=spec.axis))
+    for path, steps in absorbed.items():
+        if path in owners:
+            checks.append(LayerCheck(path, owners[path], params[path], steps))
+    return checks
