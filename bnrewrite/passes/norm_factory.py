@@ -62,6 +62,18 @@ def _in_class(rank: int | None) -> type[nn.Module]:
     return {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}[rank]
 
 
+@dataclass
+class _Source:
+    """What every builder reads of the BatchNorm it replaces."""
+
+    site: BNSite
+    c: int
+    shape: tuple[int, ...] | None
+    rank: int | None
+    spatial: int | None
+    ref: torch.Tensor | None
+
+
 def from_batchnorm(
     site: BNSite,
     to: str,
@@ -74,98 +86,124 @@ def from_batchnorm(
     c = site.num_features
     if c is None:
         raise SwapRefused("number of channels unknown")
-    affine = site.weight is not None or site.bias is not None
     rank = len(shape) if shape is not None else None
     spatial = math.prod(shape[2:]) if shape is not None and len(shape) > 2 else (1 if rank == 2 else None)
     ref = site.weight if site.weight is not None else site.running_mean
-    eps = site.eps
+    src = _Source(site, c, shape, rank, spatial, ref)
     if to == "gn":
-        g = groups or default_groups(c)
-        if c % g:
-            raise SwapRefused(f"{g} groups do not divide {c} channels")
-        per_group = (c // g) * spatial if spatial is not None else None
-        if per_group is not None and per_group <= 1:
-            raise SwapRefused(
-                f"GroupNorm({g}, {c}) on input shape {shape} normalizes {per_group} value per group: "
-                "the output would be the bias alone"
-            )
-        if per_group is None and c // g <= 1:
-            raise SwapRefused(
-                f"GroupNorm({g}, {c}) has one channel per group and the input shape is unknown: pass example inputs"
-            )
-        new = nn.GroupNorm(g, c, eps=eps, affine=True)
-        _copy_affine(new, site.weight, site.bias)
-        return Built(
-            _like(new, ref),
-            False,
-            f"GroupNorm({g}, {c}): per-sample statistics over groups of {c // g} channels",
-        )
+        return _to_group_norm(src, groups)
     if to == "ln":
-        if ln_dims not in LN_DIMS:
-            raise SwapRefused(f"--ln-dims {ln_dims!r}: expected chw or c")
-        if rank == 2 or ln_dims == "c":
-            new = ChannelwiseLayerNorm(c, eps=eps)
-            _copy_affine(new, site.weight, site.bias)
-            dims = "the channel dim at each position (LayerNorm over C)"
-        else:
-            if spatial is not None and c * spatial <= 1:
-                raise SwapRefused(f"LayerNorm over a single value (input shape {shape})")
-            new = nn.GroupNorm(1, c, eps=eps, affine=True)
-            _copy_affine(new, site.weight, site.bias)
-            dims = "channels and spatial dims together (GroupNorm(1, C) = LayerNorm over C,H,W)"
-        return Built(_like(new, ref), False, f"normalizes {dims}")
+        return _to_layer_norm(src, ln_dims)
     if to == "in":
-        if spatial is not None and spatial <= 1:
-            raise SwapRefused(
-                f"InstanceNorm over one spatial position (input shape {shape}) outputs only the bias"
-            )
-        cls = _in_class(rank)
-        new = cls(c, eps=eps, affine=affine)
-        _copy_affine(new, site.weight, site.bias)
-        return Built(_like(new, ref), False, "per-sample, per-channel statistics over spatial dims")
+        return _to_instance_norm(src)
     if to == "frozen":
-        if site.running_mean is None or site.running_var is None:
-            raise SwapRefused("no running statistics to freeze (track_running_stats=False)")
-        new = FrozenBatchNorm(c, eps=eps)
-        with torch.no_grad():
+        return _to_frozen(src)
+    if to in ("sync", "bn"):
+        return _to_batch_norm(src, to)
+    raise SwapRefused(f"unknown target {to!r}; expected one of {', '.join(TARGETS)}")
+
+
+def _to_group_norm(src: _Source, groups: int | None) -> Built:
+    site, c, spatial = src.site, src.c, src.spatial
+    g = groups or default_groups(c)
+    if c % g:
+        raise SwapRefused(f"{g} groups do not divide {c} channels")
+    per_group = (c // g) * spatial if spatial is not None else None
+    if per_group is not None and per_group <= 1:
+        raise SwapRefused(
+            f"GroupNorm({g}, {c}) on input shape {src.shape} normalizes {per_group} value per group: "
+            "the output would be the bias alone"
+        )
+    if per_group is None and c // g <= 1:
+        raise SwapRefused(
+            f"GroupNorm({g}, {c}) has one channel per group and the input shape is unknown: pass example inputs"
+        )
+    new = nn.GroupNorm(g, c, eps=site.eps, affine=True)
+    _copy_affine(new, site.weight, site.bias)
+    return Built(
+        _like(new, src.ref),
+        False,
+        f"GroupNorm({g}, {c}): per-sample statistics over groups of {c // g} channels",
+    )
+
+
+def _to_layer_norm(src: _Source, ln_dims: str) -> Built:
+    site, c = src.site, src.c
+    if ln_dims not in LN_DIMS:
+        raise SwapRefused(f"--ln-dims {ln_dims!r}: expected chw or c")
+    if src.rank == 2 or ln_dims == "c":
+        new: nn.Module = ChannelwiseLayerNorm(c, eps=site.eps)
+        dims = "the channel dim at each position (LayerNorm over C)"
+    else:
+        if src.spatial is not None and c * src.spatial <= 1:
+            raise SwapRefused(f"LayerNorm over a single value (input shape {src.shape})")
+        new = nn.GroupNorm(1, c, eps=site.eps, affine=True)
+        dims = "channels and spatial dims together (GroupNorm(1, C) = LayerNorm over C,H,W)"
+    _copy_affine(new, site.weight, site.bias)
+    return Built(_like(new, src.ref), False, f"normalizes {dims}")
+
+
+def _to_instance_norm(src: _Source) -> Built:
+    site = src.site
+    if src.spatial is not None and src.spatial <= 1:
+        raise SwapRefused(
+            f"InstanceNorm over one spatial position (input shape {src.shape}) outputs only the bias"
+        )
+    affine = site.weight is not None or site.bias is not None
+    new = _in_class(src.rank)(src.c, eps=site.eps, affine=affine)
+    _copy_affine(new, site.weight, site.bias)
+    return Built(_like(new, src.ref), False, "per-sample, per-channel statistics over spatial dims")
+
+
+def _to_frozen(src: _Source) -> Built:
+    site = src.site
+    if site.running_mean is None or site.running_var is None:
+        raise SwapRefused("no running statistics to freeze (track_running_stats=False)")
+    new = FrozenBatchNorm(src.c, eps=site.eps)
+    with torch.no_grad():
+        new.running_mean.copy_(site.running_mean.detach())
+        new.running_var.copy_(site.running_var.detach())
+        if site.weight is not None:
+            new.weight.copy_(site.weight.detach())
+        if site.bias is not None:
+            new.bias.copy_(site.bias.detach())
+    return Built(_like(new, src.ref), True, "fixed statistics and affine: eval-mode BatchNorm in every mode")
+
+
+def _to_batch_norm(src: _Source, to: str) -> Built:
+    site = src.site
+    if (
+        to == "bn"
+        and site.module is not None
+        and not isinstance(site.module, nn.SyncBatchNorm)
+        and not site.frozen
+    ):
+        raise SwapRefused("already a BatchNorm")
+    momentum = getattr(site.module, "momentum", 0.1) if site.module is not None else 0.1
+    affine = site.weight is not None or site.bias is not None
+    options = {
+        "eps": site.eps,
+        "momentum": momentum,
+        "affine": affine,
+        "track_running_stats": site.tracks_stats,
+    }
+    if to == "sync":
+        new: nn.Module = nn.SyncBatchNorm(src.c, **options)
+    elif src.rank is None:
+        raise SwapRefused(
+            "the input rank is unknown, so BatchNorm1d/2d/3d cannot be chosen: pass example inputs"
+        )
+    else:
+        new = _bn_class(src.rank)(src.c, **options)
+    with torch.no_grad():
+        if site.tracks_stats:
             new.running_mean.copy_(site.running_mean.detach())
             new.running_var.copy_(site.running_var.detach())
-            if site.weight is not None:
-                new.weight.copy_(site.weight.detach())
-            if site.bias is not None:
-                new.bias.copy_(site.bias.detach())
-        return Built(_like(new, ref), True, "fixed statistics and affine: eval-mode BatchNorm in every mode")
-    if to in ("sync", "bn"):
-        if (
-            to == "bn"
-            and site.module is not None
-            and not isinstance(site.module, nn.SyncBatchNorm)
-            and not site.frozen
-        ):
-            raise SwapRefused("already a BatchNorm")
-        momentum = getattr(site.module, "momentum", 0.1) if site.module is not None else 0.1
-        if to == "sync":
-            new = nn.SyncBatchNorm(
-                c, eps=eps, momentum=momentum, affine=affine, track_running_stats=site.tracks_stats
-            )
-        else:
-            if rank is None:
-                raise SwapRefused(
-                    "the input rank is unknown, so BatchNorm1d/2d/3d cannot be chosen: pass example inputs"
-                )
-            new = _bn_class(rank)(
-                c, eps=eps, momentum=momentum, affine=affine, track_running_stats=site.tracks_stats
-            )
-        with torch.no_grad():
-            if site.tracks_stats:
-                new.running_mean.copy_(site.running_mean.detach())
-                new.running_var.copy_(site.running_var.detach())
-                if site.num_batches_tracked is not None:
-                    new.num_batches_tracked.copy_(site.num_batches_tracked)
-        _copy_affine(new, site.weight, site.bias)
-        new.train(site.training)
-        return Built(_like(new, ref), True, "same statistics and affine: identical in eval mode")
-    raise SwapRefused(f"unknown target {to!r}; expected one of {', '.join(TARGETS)}")
+            if site.num_batches_tracked is not None:
+                new.num_batches_tracked.copy_(site.num_batches_tracked)
+    _copy_affine(new, site.weight, site.bias)
+    new.train(site.training)
+    return Built(_like(new, src.ref), True, "same statistics and affine: identical in eval mode")
 
 
 def to_batchnorm(module: nn.Module, *, shape: tuple[int, ...] | None) -> Built:
