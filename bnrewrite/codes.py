@@ -6,7 +6,7 @@ BatchNorm cannot be folded into a neighbour. Codes are never renumbered or reuse
 
 from __future__ import annotations
 
-from .diagnostics import Code, Severity
+from .diagnostics import Code, Diagnostic, Severity
 from .errors import UsageError
 
 _W, _E, _I = Severity.WARNING, Severity.ERROR, Severity.INFO
@@ -327,3 +327,14 @@ def get(code: str) -> Code:
     if key not in CODES:
         raise UsageError(f"unknown code {code!r}; known codes: {', '.join(sorted(CODES))}")
     return CODES[key]
+
+
+def finding(
+    code: str,
+    message: str,
+    node: str | None = None,
+    module_path: str | None = None,
+    source: str | None = None,
+) -> Diagnostic:
+    """A diagnostic with the catalogued severity of ``code``."""
+    return Diagnostic(code, get(code).severity, message, node, module_path, source)

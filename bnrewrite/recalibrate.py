@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import codes, progress
-from .diagnostics import Action, Diagnostic, Report
+from . import progress
+from .codes import finding
+from .diagnostics import Action, Report
 from .errors import BnrewriteError, UsageError
 from .fold import RewriteResult
 from .graph.edit import shallow_copy
@@ -98,15 +99,29 @@ def recalibrate(
     selector = Selector.of(select, types)
     result = copy_tree(model)
     report = Report("recalibrate", type(model).__name__)
+    stats = _selected_norms(result, selector, report)
+    count = _run_batches(result, batches, stats)
+    use_dist = _distributed() if distributed is None else distributed
+    if use_dist and not _distributed():
+        raise UsageError("distributed=True but torch.distributed is not initialized")
+    total = _write_statistics(stats, count, use_dist, report)
+    report.extra["batches"] = total
+    report.extra["distributed"] = use_dist
+    return RewriteResult(result, report)
+
+
+def _selected_norms(
+    result: nn.Module, selector: Selector, report: Report
+) -> dict[str, tuple[nn.Module, _Stats]]:
+    """The norms to recalibrate, each with an accumulator; SW001 for those without statistics."""
     stats: dict[str, tuple[nn.Module, _Stats]] = {}
     for path, m in result.named_modules():
         if not norm_with_stats(m) or not selector.matches(path, type(m).__name__):
             continue
         if not getattr(m, "track_running_stats", True) or m.running_mean is None:
             report.add(
-                Diagnostic(
+                finding(
                     "SW001",
-                    codes.get("SW001").severity,
                     f"{path}: no running statistics to recalibrate (track_running_stats=False)",
                     None,
                     path,
@@ -118,6 +133,14 @@ def recalibrate(
         raise BnrewriteError(
             f"no BatchNorm with running statistics matches the selection ({selector.describe()})"
         )
+    return stats
+
+
+def _run_batches(
+    result: nn.Module, batches: Iterable[Any], stats: dict[str, tuple[nn.Module, _Stats]]
+) -> int:
+    """Run every batch with the selected norms in training mode (batch statistics) and the rest
+    in eval mode; each norm's accumulator sees the input of its own batch_norm call."""
     modes = {id(m): m.training for m in result.modules()}
     result.eval()
     by_buffer: dict[int, _Stats] = {}
@@ -143,28 +166,27 @@ def recalibrate(
     finally:
         for m in result.modules():
             m.train(modes[id(m)])
-    use_dist = _distributed() if distributed is None else distributed
-    if use_dist and not _distributed():
-        raise UsageError("distributed=True but torch.distributed is not initialized")
+    return count
+
+
+def _write_statistics(
+    stats: dict[str, tuple[nn.Module, _Stats]], count: int, use_dist: bool, report: Report
+) -> int:
+    """Exact mean and unbiased variance from the sums (all-reduced across ranks in one
+    collective); returns the number of batches seen in all."""
     flat = torch.cat(
         [s.sums.flatten() for _, s in stats.values()] + [torch.tensor([float(count)], dtype=torch.float64)]
     )
     if use_dist:
         torch.distributed.all_reduce(flat)  # one collective for every layer's sums
-    sizes = [s.sums.numel() for _, s in stats.values()]
-    *parts, total_batches = flat.split([*sizes, 1])
+    *parts, total_batches = flat.split([*(s.sums.numel() for _, s in stats.values()), 1])
+    total = int(total_batches.item())
     for (path, (m, s)), part in zip(stats.items(), parts):
         sums = part.view_as(s.sums)
         n = float(sums[0, 0])
         if n < 2:
             report.add(
-                Diagnostic(
-                    "SW001",
-                    codes.get("SW001").severity,
-                    f"{path}: saw {int(n)} value(s) per channel; need at least 2",
-                    None,
-                    path,
-                )
+                finding("SW001", f"{path}: saw {int(n)} value(s) per channel; need at least 2", None, path)
             )
             continue
         mean = sums[1] / n
@@ -173,19 +195,10 @@ def recalibrate(
             m.running_mean.copy_(mean.to(m.running_mean.dtype))
             m.running_var.copy_(var.to(m.running_var.dtype))
             if getattr(m, "num_batches_tracked", None) is not None:
-                m.num_batches_tracked.fill_(int(total_batches.item()))
-        report.actions.append(
-            Action(
-                "recalibrate",
-                None,
-                path,
-                f"statistics from {int(n)} values per channel over {int(total_batches.item())} batches",
-                exact=False,
-            )
-        )
-    report.extra["batches"] = int(total_batches.item())
-    report.extra["distributed"] = use_dist
-    return RewriteResult(result, report)
+                m.num_batches_tracked.fill_(total)
+        detail = f"statistics from {int(n)} values per channel over {total} batches"
+        report.actions.append(Action("recalibrate", None, path, detail, exact=False))
+    return total
 
 
 def read_batches(path: str, batch_size: int | None = None) -> list[Any]:
