@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 
-from . import codes
+from .codes import finding
 from .diagnostics import Diagnostic, Report
 from .graph.capture import Capture, capture, compile_now
 from .graph.edit import Editor, shallow_copy
@@ -48,18 +48,16 @@ def opaque_diagnostics(cap: Capture) -> list[Diagnostic]:
     """FD203 for every BatchNorm-like module that only untraceable code calls, FD208 for every
     module that looks like a norm or an affine layer but computes no per-channel affine map."""
     return [
-        Diagnostic(
+        finding(
             "FD208",
-            codes.get("FD208").severity,
             f"{lk.module_path}: not folded: looks like a norm or affine layer ({lk.kind}), but {lk.reason}",
             None,
             lk.module_path,
         )
         for lk in lookalikes(cap)
     ] + [
-        Diagnostic(
+        finding(
             "FD203",
-            codes.get("FD203").severity,
             f"{o.module_path}: not folded: called from untraceable code in {o.where}: {o.reason}",
             None,
             o.module_path,
@@ -219,9 +217,8 @@ def _prove(cap: Capture, result: TreeResult, report: Report) -> None:
     for unit, why in outcome.undone:
         for a in unit.actions:
             report.diagnostics.append(
-                Diagnostic(
+                finding(
                     "FD207",
-                    codes.get("FD207").severity,
                     f"{a.module_path or a.node}: fold undone: {why.problem}",
                     a.node,
                     a.module_path,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .. import codes
+from ..codes import finding
 from ..diagnostics import Action, Diagnostic
 from ..graph import ops
 from ..graph.capture import Region, compile_now
@@ -247,9 +247,8 @@ class _RegionFolder:
             what = f"not folded, stays as it is ({site.kind}, one op)"
         for code, message in d.notes or [(d.code, d.reason)]:
             self.diagnostics.append(
-                Diagnostic(
+                finding(
                     code,
-                    codes.get(code).severity,
                     f"{site.module_path or site.name}: {what}: {message}",
                     site.name,
                     site.module_path,

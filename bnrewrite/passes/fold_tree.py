@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from .. import codes
+from ..codes import finding
 from ..diagnostics import Diagnostic, Report
 from ..errors import BnrewriteError
 from ..graph.capture import Capture, Region, capture_submodule, compile_now
@@ -115,9 +115,8 @@ def fold_into_tree(
 def _rest_notes(units: list[Unit]) -> list[Diagnostic]:
     """FD104 for every norm module whose rest of forward becomes a graph."""
     return [
-        Diagnostic(
+        finding(
             "FD104",
-            codes.get("FD104").severity,
             f"{path}: replaced by the folded graph of its forward ({why})",
             None,
             path,
@@ -149,9 +148,8 @@ def _plan_only(
         inside = [a.action.module_path or a.action.node for p, _w, a, _r in needs if covers(path, p)]
         plan.append({"folds": inside, "graph": path or "<root>", "reasons": reasons})
         diagnostics.append(
-            Diagnostic(
+            finding(
                 "FD104",
-                codes.get("FD104").severity,
                 f"{path or '<root>'}: would be replaced by its folded graph ({'; '.join(reasons)})",
                 None,
                 path or None,
@@ -195,9 +193,8 @@ def _plan_regions(
         units.extend(region_units)
         for a, why in planner.contradicted:
             diagnostics.append(
-                Diagnostic(
+                finding(
                     "FD207",
-                    codes.get("FD207").severity,
                     f"{a.action.module_path or a.action.node}: fold not applied: {why}",
                     a.action.node,
                     a.action.module_path,
@@ -250,9 +247,8 @@ def _graph_unit(
     why = "; ".join(reasons)
     diagnostics.extend(rf.diagnostics)
     diagnostics.append(
-        Diagnostic(
+        finding(
             "FD104",
-            codes.get("FD104").severity,
             f"{path or '<root>'}: replaced by its folded graph (a module edit cannot express: {why})",
             None,
             path or None,

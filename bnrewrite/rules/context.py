@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 from torch import fx, nn
 
-from .. import codes
+from ..codes import finding
 from ..diagnostics import Diagnostic
 from ..graph.capture import Capture, Region
 from ..graph.norms import BNSite, OtherNormSite
@@ -26,9 +26,8 @@ class RuleContext:
         """A diagnostic for ``node``: its code's severity, node name, module path, source line."""
         path = existing_path(self.cap.model, region.module_path(node))
         where = path or region.qualify(node.name)
-        return Diagnostic(
+        return finding(
             code,
-            codes.get(code).severity,
             f"{where}: {message}",
             region.qualify(node.name),
             path,

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .. import codes as catalogue
-from ..diagnostics import Diagnostic, Report
+from ..codes import finding
+from ..diagnostics import Report
 from ..errors import VerificationError
 from ..graph.capture import Capture, Region, capture, capture_submodule, compile_now
 from ..graph.edit import Editor, shallow_copy
@@ -104,9 +104,8 @@ class Rewriter:
             "a functional norm or an inserted layer is a graph edit that the module tree cannot express"
         )
         self.report.add(
-            Diagnostic(
+            finding(
                 "FD104",
-                catalogue.get("FD104").severity,
                 f"{path or '<root>'}: replaced by its rewritten graph ({why})",
                 None,
                 path or None,
@@ -120,11 +119,7 @@ class Rewriter:
 def _refused(
     report: Report, where: str | None, node: str | None, message: str, source: str | None = None
 ) -> None:
-    report.add(
-        Diagnostic(
-            "SW001", catalogue.get("SW001").severity, f"{where or node}: {message}", node, where, source
-        )
-    )
+    report.add(finding("SW001", f"{where or node}: {message}", node, where, source))
 
 
 def _eval_outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
@@ -160,9 +155,8 @@ def measure(report: Report, original: Any, result: nn.Module, inputs: tuple[Any,
         worst_rel = max(worst_rel, diff / scale if scale else diff)
     report.extra["deviation"] = {"max_abs": worst_abs, "max_rel": worst_rel}
     report.add(
-        Diagnostic(
+        finding(
             "SW002",
-            catalogue.get("SW002").severity,
             f"the rewrite changes the eval-mode output: max abs deviation {worst_abs:.3g} (relative {worst_rel:.3g})",
         )
     )
