@@ -23,54 +23,59 @@ from .base import (
     out,
 )
 
+ModelsArg = Annotated[
+    list[str],
+    typer.Argument(help="One or more models: .pt2 files, package.module:factory specs, pickled modules."),
+]
+OutputFormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", help="Output: text (default), json (as --json) or sarif (SARIF 2.1.0)."),
+]
+FailOnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fail-on",
+        help="Exit 1 when findings at or above this severity exist: error|warning|info|never "
+        "(default: the config's fail-on, else error).",
+    ),
+]
+OnlyCodesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--only-codes", help="Report only these codes or code prefixes (repeatable, or comma-separated)."
+    ),
+]
+IgnoreCodesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--ignore-codes", help="Never report these codes or code prefixes (repeatable)."),
+]
+PerModuleOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--per-module-ignore", help="GLOB:CODE[,CODE]: accept these codes in matching module paths."
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="pyproject.toml to read [tool.bnrewrite] from (default: found upward)."),
+]
+NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore any [tool.bnrewrite] table.")]
+
 
 @app.command()
 @handles_errors
 def analyze(
-    models: Annotated[
-        list[str],
-        typer.Argument(help="One or more models: .pt2 files, package.module:factory specs, pickled modules."),
-    ],
+    models: ModelsArg,
     weights: WeightsOpt = None,
     input_shape: ShapeOpt = None,
     as_json: JsonOpt = False,
-    fmt: Annotated[
-        str | None,
-        typer.Option("--format", help="Output: text (default), json (as --json) or sarif (SARIF 2.1.0)."),
-    ] = None,
-    fail_on: Annotated[
-        str | None,
-        typer.Option(
-            "--fail-on",
-            help="Exit 1 when findings at or above this severity exist: error|warning|info|never "
-            "(default: the config's fail-on, else error).",
-        ),
-    ] = None,
-    only_codes: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--only-codes", help="Report only these codes or code prefixes (repeatable, or comma-separated)."
-        ),
-    ] = None,
-    ignore_codes: Annotated[
-        list[str] | None,
-        typer.Option("--ignore-codes", help="Never report these codes or code prefixes (repeatable)."),
-    ] = None,
-    per_module_ignore: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--per-module-ignore", help="GLOB:CODE[,CODE]: accept these codes in matching module paths."
-        ),
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config", help="pyproject.toml to read [tool.bnrewrite] from (default: found upward)."
-        ),
-    ] = None,
-    no_config: Annotated[
-        bool, typer.Option("--no-config", help="Ignore any [tool.bnrewrite] table.")
-    ] = False,
+    fmt: OutputFormatOpt = None,
+    fail_on: FailOnOpt = None,
+    only_codes: OnlyCodesOpt = None,
+    ignore_codes: IgnoreCodesOpt = None,
+    per_module_ignore: PerModuleOpt = None,
+    config: ConfigOpt = None,
+    no_config: NoConfigOpt = False,
     trust_pickle: TrustOpt = False,
     select: SelectOpt = None,
     type_: TypeOpt = None,
@@ -79,11 +84,8 @@ def analyze(
     """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls.
 
     Several models give one summary table and one exit code over all of them."""
-    from .. import __version__
     from ..analyze import analyze as run
     from ..config import load_config
-    from ..render import render_report, render_summary, to_json
-    from ..sarif import to_sarif
 
     kind = (fmt or ("json" if as_json else "text")).lower()
     if kind not in ("text", "json", "sarif"):
@@ -105,28 +107,30 @@ def analyze(
             outcomes.append((spec, None, str(exc)))
             continue
         outcomes.append((spec, lint.filter(report), None))
+    _print(outcomes, kind, lint, several=len(models) > 1)
+    reports = [r for _, r, _ in outcomes if r is not None]
+    if any(e is not None for _, _, e in outcomes) or any(lint.fails(r) for r in reports):
+        raise typer.Exit(1)
+
+
+def _print(outcomes: list[tuple[str, Any, str | None]], kind: str, lint: Any, *, several: bool) -> None:
+    """The reports as SARIF, JSON (one report, or a ``models`` list) or tables and a summary."""
+    from .. import __version__
+    from ..render import render_report, render_summary, to_json
+    from ..sarif import to_sarif
+
     reports = [r for _, r, _ in outcomes if r is not None]
     if kind == "sarif":
         print(to_json(to_sarif(reports, __version__)))
+    elif kind == "json" and not several:
+        print(to_json(reports[0].to_dict()))
     elif kind == "json":
-        if len(models) == 1:
-            print(to_json(reports[0].to_dict()))
-        else:
-            items = [r.to_dict() if r is not None else {"model": m, "error": e} for m, r, e in outcomes]
-            print(
-                to_json(
-                    {
-                        "schema_version": reports[0].to_dict()["schema_version"] if reports else 1,
-                        "command": "analyze",
-                        "models": items,
-                    }
-                )
-            )
+        items = [r.to_dict() if r is not None else {"model": m, "error": e} for m, r, e in outcomes]
+        version = reports[0].to_dict()["schema_version"] if reports else 1
+        print(to_json({"schema_version": version, "command": "analyze", "models": items}))
     else:
         for _, report, _ in outcomes:
             if report is not None:
                 render_report(report, out)
-        if len(models) > 1:
+        if several:
             render_summary(outcomes, lint, out)
-    if any(e is not None for _, _, e in outcomes) or any(lint.fails(r) for r in reports):
-        raise typer.Exit(1)

@@ -28,58 +28,65 @@ from .base import (
     out,
 )
 
+FoldOutputOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Where to write the folded model.")
+]
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="Check the result numerically; write nothing if it fails.")
+]
+EvalOpt = Annotated[bool, typer.Option("--eval", help="Fold BatchNorms in training mode as if in eval mode.")]
+DynamicBatchOpt = Annotated[
+    bool, typer.Option("--dynamic-batch", help="Export with a dynamic batch dimension.")
+]
+GraphOpt = Annotated[
+    Path | None, typer.Option("--graph", help="Also write a before/after picture (.svg or .dot).")
+]
+BnToAffineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--bn-to-affine",
+        help="Turn BatchNorms no neighbour can absorb into a per-channel scale-and-shift "
+        "(for backends without BatchNorm); by default they stay BatchNorm.",
+    ),
+]
+SpeedCheckOpt = Annotated[
+    bool,
+    typer.Option(
+        "--speed-check/--no-speed-check",
+        help="Time folds that give a transposed conv a bias on this machine and keep the "
+        "BatchNorm where the fold would be slower (FD108). Switch off when the model runs "
+        "on another backend.",
+    ),
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="Show what would be folded and which modules would change; write nothing."
+    ),
+]
+
 
 @app.command()
 @handles_errors
 def fold(
     model: ModelArg,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Where to write the folded model.")
-    ] = None,
+    output: FoldOutputOpt = None,
     weights: WeightsOpt = None,
     input_shape: ShapeOpt = None,
-    verify: Annotated[
-        bool, typer.Option("--verify", help="Check the result numerically; write nothing if it fails.")
-    ] = False,
-    eval_mode: Annotated[
-        bool, typer.Option("--eval", help="Fold BatchNorms in training mode as if in eval mode.")
-    ] = False,
+    verify: VerifyOpt = False,
+    eval_mode: EvalOpt = False,
     fmt: FormatOpt = None,
-    dynamic_batch: Annotated[
-        bool, typer.Option("--dynamic-batch", help="Export with a dynamic batch dimension.")
-    ] = False,
-    graph: Annotated[
-        Path | None, typer.Option("--graph", help="Also write a before/after picture (.svg or .dot).")
-    ] = None,
+    dynamic_batch: DynamicBatchOpt = False,
+    graph: GraphOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     select: SelectOpt = None,
     type_: TypeOpt = None,
     leaf: LeafOpt = None,
-    bn_to_affine: Annotated[
-        bool,
-        typer.Option(
-            "--bn-to-affine",
-            help="Turn BatchNorms no neighbour can absorb into a per-channel scale-and-shift "
-            "(for backends without BatchNorm); by default they stay BatchNorm.",
-        ),
-    ] = False,
-    speed_check: Annotated[
-        bool,
-        typer.Option(
-            "--speed-check/--no-speed-check",
-            help="Time folds that give a transposed conv a bias on this machine and keep the "
-            "BatchNorm where the fold would be slower (FD108). Switch off when the model runs "
-            "on another backend.",
-        ),
-    ] = True,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run", help="Show what would be folded and which modules would change; write nothing."
-        ),
-    ] = False,
+    bn_to_affine: BnToAffineOpt = False,
+    speed_check: SpeedCheckOpt = True,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from ..api import fold_to_file
@@ -89,11 +96,16 @@ def fold(
         raise UsageError("fold needs -o OUT (or --dry-run to only show the plan)")
     progress.enable(progress.wanted(quiet=as_json))
     loaded, inputs = base._load(model, weights, trust_pickle, input_shape)
+    options = {
+        "eval_mode": eval_mode,
+        "select": select,
+        "types": type_,
+        "leaf_modules": leaf or (),
+        "bn_to_affine": bn_to_affine,
+        "speed_check": speed_check,
+    }
     if dry_run:
-        plan = fold_model(
-            loaded.model, inputs, dry_run=True, record_sources=True, eval_mode=eval_mode, select=select, types=type_,
-            leaf_modules=leaf or (), bn_to_affine=bn_to_affine, speed_check=speed_check,
-        ).report  # fmt: skip
+        plan = fold_model(loaded.model, inputs, dry_run=True, record_sources=True, **options).report
         plan.model = loaded.source
         _emit(plan, as_json)
         return
@@ -103,16 +115,11 @@ def fold(
         output,
         inputs,
         verify=verify,
-        eval_mode=eval_mode,
         fmt=fmt,
         dynamic_batch=dynamic_batch,
         graph=graph,
         force=force,
-        select=select,
-        types=type_,
-        leaf_modules=leaf or (),
-        bn_to_affine=bn_to_affine,
-        speed_check=speed_check,
+        **options,
     )
     _emit(report, as_json)
 

@@ -187,26 +187,31 @@ def fix_cmd(
     )
 
 
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Calibration batches: a .pt file (tensor or list of batches), .safetensors, or "
+        "pkg.mod:make_loader (a factory returning any iterable of batches, e.g. a DataLoader).",
+    ),
+]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Split a single tensor into batches of this size.")
+]
+MaxBatchesOpt = Annotated[
+    int | None,
+    typer.Option("--max-batches", help="Use at most this many batches (in total, over all ranks)."),
+]
+
+
 @app.command("recalibrate")
 @handles_errors
 def recalibrate_cmd(
     model: ModelArg,
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data",
-            help="Calibration batches: a .pt file (tensor or list of batches), .safetensors, or "
-            "pkg.mod:make_loader (a factory returning any iterable of batches, e.g. a DataLoader).",
-        ),
-    ],
+    data: DataOpt,
     output: OutputOpt,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Split a single tensor into batches of this size.")
-    ] = None,
-    max_batches: Annotated[
-        int | None,
-        typer.Option("--max-batches", help="Use at most this many batches (in total, over all ranks)."),
-    ] = None,
+    batch_size: BatchSizeOpt = None,
+    max_batches: MaxBatchesOpt = None,
     select: SelectOpt = None,
     type_: TypeOpt = None,
     weights: WeightsOpt = None,
@@ -216,13 +221,11 @@ def recalibrate_cmd(
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Re-estimate BatchNorm statistics from data (exact; under torchrun each rank takes a shard)."""
-    import itertools
     import os
 
     import torch
 
     from ..api import rewrite_to_file
-    from ..calibration import calibration_batches
     from ..recalibrate import recalibrate
 
     if batch_size is not None and batch_size < 1:
@@ -233,14 +236,7 @@ def recalibrate_cmd(
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     progress.enable(progress.wanted(quiet=as_json or rank != 0))
     try:
-        shard = calibration_batches(
-            data, batch_size=batch_size, max_batches=max_batches, rank=rank, world_size=world
-        )
-        first = next(shard, None)
-        if first is None and world == 1:
-            raise BnrewriteError(f"--data {data}: holds no calibration batch")
-        # a rank without batches still takes part in the all-reduce (it adds nothing)
-        batches = itertools.chain([first], shard) if first is not None else iter(())
+        batches, first = _shard(data, batch_size, max_batches, rank, world)
         loaded, _ = base._load(model, weights, trust_pickle, None)
         inputs = None if first is None else tuple(first) if isinstance(first, (list, tuple)) else (first,)
         report = rewrite_to_file(
@@ -257,3 +253,21 @@ def recalibrate_cmd(
             torch.distributed.destroy_process_group()
     if rank == 0:
         _emit(report, as_json)
+
+
+def _shard(
+    data: str, batch_size: int | None, max_batches: int | None, rank: int, world: int
+) -> tuple[Any, Any]:
+    """This rank's batches (an iterator) and its first batch (for example inputs), or None."""
+    import itertools
+
+    from ..calibration import calibration_batches
+
+    shard = calibration_batches(
+        data, batch_size=batch_size, max_batches=max_batches, rank=rank, world_size=world
+    )
+    first = next(shard, None)
+    if first is None and world == 1:
+        raise BnrewriteError(f"--data {data}: holds no calibration batch")
+    # a rank without batches still takes part in the all-reduce (it adds nothing)
+    return (itertools.chain([first], shard) if first is not None else iter(())), first
