@@ -15,6 +15,7 @@ Layers shared between call sites get a folded copy per site, so other sites are 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,14 @@ class Applied:
     # layer now computes s * layer(x) + t along its channel axis, ("pre", s, t) layer(s * x + t).
     absorbed: list[tuple[str, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     bn_affine: tuple[torch.Tensor, torch.Tensor] | None = None  # the BatchNorm's eval scale, shift
+
+
+def _preceding(kind: str, groups: int, s: Any, t: Any, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+    return fold_math.into_preceding(kind, w, b, groups, s, t)
+
+
+def _following(kind: str, groups: int, s: Any, t: Any, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+    return fold_math.into_following(kind, w, b, groups, s, t)
 
 
 class _RegionFolder:
@@ -148,66 +157,58 @@ class _RegionFolder:
         site = d.site
         scale, shift = site.eval_affine()
         equiv = site.node.meta.get(EQUIV, site.node.name)
-        layers: list[tuple[fx.Node, _Slot, str | None]] = []
-        absorbed: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+        assert site.input is not None and site.call is not None
         if d.verdict == PRECEDING:
-            producers = d.producers or [d.producer]
-            for i, layer in enumerate(producers):
-                assert layer is not None and layer.weight is not None
-                s_i, t_i = scale, shift
-                if d.combine == "cat":  # each piece absorbs its channels
-                    lo, hi = d.slices[i]
-                    s_i, t_i = scale[lo:hi], shift[lo:hi]
-                elif d.combine == "sum" and i != d.shift_into:  # the scale into every term, the shift once
-                    t_i = None
-                absorbed.append(("post", s_i, t_i))
-                layers.append(
-                    self._write_layer(
-                        layer,
-                        lambda w, b, k=layer.kind, g=layer.groups, s=s_i, t=t_i: fold_math.into_preceding(
-                            k, w, b, g, s, t
-                        ),
-                    )
-                )
-                self._tag(layer.node, d)
-            assert site.input is not None
+            layers, absorbed, targets = self._into_preceding(d, scale, shift)
             site.node.replace_all_uses_with(site.input)  # the layer, or the cat/sum/reshape over it
             site.input.meta[EQUIV] = equiv
-            targets = [p for p in producers if p is not None]
         else:
-            assert site.input is not None
-            for layer, entry in zip(d.consumers, d.entries):
-                assert layer.weight is not None
-                layers.append(
-                    self._write_layer(
-                        layer,
-                        lambda w, b, k=layer.kind, g=layer.groups: fold_math.into_following(
-                            k, w, b, g, scale, shift
-                        ),
-                    )
-                )
-                entry.args = (site.input, *entry.args[1:])
-                self._tag(layer.node, d)
-                absorbed.append(("pre", scale, shift))
-            targets = d.consumers
-        assert site.call is not None
+            layers, absorbed, targets = self._into_following(d, scale, shift)
         bn_call = site.call
         bn_attrs = [str(n.target) for n in bn_call.all_input_nodes if n.op == "get_attr"]
         self._erase_bn(site)
-        action = Action(
-            d.verdict,
-            site.name,
-            site.module_path,
-            d.reason,
-            target=", ".join(t.region.module_path(t.node) or t.name for t in targets),
-            code=d.code,
-        )
+        target = ", ".join(t.region.module_path(t.node) or t.name for t in targets)
+        action = Action(d.verdict, site.name, site.module_path, d.reason, target=target, code=d.code)
         self.actions.append(action)
-        self.applied.append(
-            Applied(
-                d, action, bn_call, layers, bn_attrs=bn_attrs, absorbed=absorbed, bn_affine=(scale, shift)
-            )
+        applied = Applied(
+            d, action, bn_call, layers, bn_attrs=bn_attrs, absorbed=absorbed, bn_affine=(scale, shift)
         )
+        self.applied.append(applied)
+
+    def _into_preceding(
+        self, d: Decision, scale: torch.Tensor, shift: torch.Tensor
+    ) -> tuple[list[Any], list[Any], list[LayerSite]]:
+        """Every producer absorbs its part: its slice of a concatenation, the scale of a sum (the
+        shift into one term only), or the whole BatchNorm."""
+        layers, absorbed = [], []
+        producers = [p for p in (d.producers or [d.producer]) if p is not None]
+        for i, layer in enumerate(producers):
+            assert layer.weight is not None
+            s_i, t_i = scale, shift
+            if d.combine == "cat":  # each piece absorbs its channels
+                lo, hi = d.slices[i]
+                s_i, t_i = scale[lo:hi], shift[lo:hi]
+            elif d.combine == "sum" and i != d.shift_into:  # the scale into every term, the shift once
+                t_i = None
+            absorbed.append(("post", s_i, t_i))
+            compute = functools.partial(_preceding, layer.kind, layer.groups, s_i, t_i)
+            layers.append(self._write_layer(layer, compute))
+            self._tag(layer.node, d)
+        return layers, absorbed, producers
+
+    def _into_following(
+        self, d: Decision, scale: torch.Tensor, shift: torch.Tensor
+    ) -> tuple[list[Any], list[Any], list[LayerSite]]:
+        """Every following layer absorbs the BatchNorm and reads its input instead."""
+        layers, absorbed = [], []
+        for layer, entry in zip(d.consumers, d.entries):
+            assert layer.weight is not None
+            compute = functools.partial(_following, layer.kind, layer.groups, scale, shift)
+            layers.append(self._write_layer(layer, compute))
+            entry.args = (d.site.input, *entry.args[1:])
+            self._tag(layer.node, d)
+            absorbed.append(("pre", scale, shift))
+        return layers, absorbed, d.consumers
 
     def _apply_scale_shift(self, d: Decision) -> None:
         site = d.site
