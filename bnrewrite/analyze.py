@@ -57,64 +57,38 @@ def inventory(
 ) -> list[NormEntry]:
     """One entry per norm layer; BatchNorm verdicts are those a fold of the model applies."""
     rank_of = shape_lookup(cap)
-    entries = []
-    for site in bns:
-        action = folded.get(site.name)
-        if action is not None:
-            verdict, target, code, reason = action.kind, action.target, action.code, action.detail
-        else:
-            d = decide(site, rank_of)
-            verdict, target, code, reason = d.verdict, d.target, d.code, d.reason
-        entries.append(
-            NormEntry(
-                site.name,
-                site.module_path,
-                site.kind,
-                "affine" if site.is_affine_layer else ("frozen" if site.frozen else "batch"),
-                _describe(site.region, site.input),
-                _after(site.region, site.node),
-                verdict,
-                target,
-                code,
-                reason,
-                source_line(site.call),
-            )
-        )
-    for o in others:
-        entries.append(
-            NormEntry(
-                o.name,
-                o.module_path,
-                o.kind,
-                o.family,
-                _describe(
-                    o.region, o.node.args[0] if o.node.args and isinstance(o.node.args[0], fx.Node) else None
-                ),
-                _after(o.region, o.node),
-                "not-applicable",
-                None,
-                "FD205",
-                f"{o.family} norm computes statistics per input: nothing to fold",
-                source_line(o.node),
-            )
-        )
+    entries = [_bn_entry(site, folded.get(site.name), rank_of) for site in bns]
+    entries += [_other_entry(o) for o in others]
     entries.extend(opaque_norm_entries(cap))
     for lk in lookalikes(cap):
+        why = f"looks like a norm or affine layer, but {lk.reason}"
         entries.append(
-            NormEntry(
-                None,
-                lk.module_path,
-                lk.kind,
-                "affine",
-                None,
-                [],
-                NOT_FOLDABLE,
-                None,
-                "FD208",
-                f"looks like a norm or affine layer, but {lk.reason}",
-            )
+            NormEntry(None, lk.module_path, lk.kind, "affine", None, [], NOT_FOLDABLE, None, "FD208", why)
         )
     return entries
+
+
+def _bn_entry(site: BNSite, action: Action | None, rank_of: Any) -> NormEntry:
+    if action is not None:
+        verdict, target, code, reason = action.kind, action.target, action.code, action.detail
+    else:
+        d = decide(site, rank_of)
+        verdict, target, code, reason = d.verdict, d.target, d.code, d.reason
+    family = "affine" if site.is_affine_layer else ("frozen" if site.frozen else "batch")
+    before, after = _describe(site.region, site.input), _after(site.region, site.node)
+    return NormEntry(
+        site.name, site.module_path, site.kind, family, before, after, verdict, target, code, reason,
+        source_line(site.call),
+    )  # fmt: skip
+
+
+def _other_entry(o: OtherNormSite) -> NormEntry:
+    first = o.node.args[0] if o.node.args and isinstance(o.node.args[0], fx.Node) else None
+    why = f"{o.family} norm computes statistics per input: nothing to fold"
+    return NormEntry(
+        o.name, o.module_path, o.kind, o.family, _describe(o.region, first), _after(o.region, o.node),
+        "not-applicable", None, "FD205", why, source_line(o.node),
+    )  # fmt: skip
 
 
 def _apply_verdicts(entries: list[NormEntry], planned: dict[str, Action]) -> None:

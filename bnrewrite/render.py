@@ -61,22 +61,7 @@ def render_report(report: Report, console: Console) -> None:
             t.add_row(_t(o.module_path or "<root>"), _t(o.module_type), _t(o.reason))
         console.print(t)
     if report.norms:
-        t = Table(title=f"Normalization layers ({len(report.norms)})", title_justify="left")
-        for col in ("layer", "kind", "before", "after", "verdict", "reason"):
-            t.add_column(col, overflow="fold")
-        for n in report.norms:
-            reason = _t(n.reason)
-            if n.reason_code and f"({n.reason_code})" not in n.reason:
-                reason.append(f" ({n.reason_code})", style="dim")
-            t.add_row(
-                _t(n.module_path or n.node or "?"),
-                _t(n.kind),
-                _t(n.before or "-"),
-                _t(", ".join(n.after) or "-"),
-                _t(n.verdict, _VERDICT_STYLE.get(n.verdict, "")),
-                reason,
-            )
-        console.print(t)
+        console.print(_norms_table(report))
     elif report.command == "analyze":
         console.print("No normalization layers found.")
     if report.actions:
@@ -113,6 +98,26 @@ def render_report(report: Report, console: Console) -> None:
             continue
         text = describe_proof(value) if key == "proof" and isinstance(value, dict) else value
         console.print(_t(f"{key}: {text}"))
+
+
+def _norms_table(report: Report) -> Table:
+    """One row per norm layer: where it sits, its verdict and the reason."""
+    t = Table(title=f"Normalization layers ({len(report.norms)})", title_justify="left")
+    for col in ("layer", "kind", "before", "after", "verdict", "reason"):
+        t.add_column(col, overflow="fold")
+    for n in report.norms:
+        reason = _t(n.reason)
+        if n.reason_code and f"({n.reason_code})" not in n.reason:
+            reason.append(f" ({n.reason_code})", style="dim")
+        t.add_row(
+            _t(n.module_path or n.node or "?"),
+            _t(n.kind),
+            _t(n.before or "-"),
+            _t(", ".join(n.after) or "-"),
+            _t(n.verdict, _VERDICT_STYLE.get(n.verdict, "")),
+            reason,
+        )
+    return t
 
 
 def describe_step(step: dict[str, Any]) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from ..diagnostics import Action, Report
 from ..fold import RewriteResult
+from ..graph.capture import Region
 from ..graph.norms import (
     bn_site,
     other_norm_site,
@@ -48,48 +49,8 @@ def remove(
     done: set[str] = set()
     for region in cap.regions:
         for node in list(region.gm.graph.nodes):
-            if node.op not in ("call_module", "call_function"):
-                continue
-            site = bn_site(region, node)
-            other = None if site is not None else other_norm_site(region, node)
-            if site is None and other is None:
-                continue
-            path = region.module_path(node)
-            kind = site.kind if site is not None else other.kind  # type: ignore[union-attr]
-            if not selector.matches(path, kind):
-                continue
-            if node.op == "call_module":
-                if path not in done:
-                    done.add(path or "")
-                    rw.replace_module(path or "", nn.Identity())
-                    report.actions.append(
-                        Action("remove", region.qualify(node.name), path, f"{kind} removed", exact=False)
-                    )
-                continue
-            assert site is not None and site.input is not None
-            owned = owned_norm(rw, region, site)
-            if owned is not None:
-                owner, rest = owned
-                if owner not in done:
-                    done.add(owner)
-                    collapse(region, owner, site, rest)
-                    rw.replace_module(owner, rest.module)
-                    kept = f"; keeps the rest of its forward ({rest.describe()})" if rest.kept else ""
-                    report.actions.append(
-                        Action(
-                            "remove", region.qualify(node.name), owner, f"{kind} removed{kept}", exact=False
-                        )
-                    )
-                continue
-            rw.editor(region, node)
-            site.node.replace_all_uses_with(site.input)
-            graph = region.gm.graph
-            if site.node is not site.call:
-                graph.erase_node(site.node)
-            graph.erase_node(site.call)
-            report.actions.append(
-                Action("remove", region.qualify(node.name), path, f"{kind} removed", exact=False)
-            )
+            if node.op in ("call_module", "call_function"):
+                _remove_node(rw, report, region, node, selector, done)
     for path, module in _opaque_modules(cap):
         if path not in done and selector.matches(path, type(module).__name__):
             rw.replace_module(path, nn.Identity())
@@ -99,3 +60,43 @@ def remove(
     result = rw.build()
     measure(report, model, result, cap.example_inputs)
     return RewriteResult(result, report)
+
+
+def _remove_node(
+    rw: Rewriter, report: Report, region: Region, node: fx.Node, selector: Selector, done: set[str]
+) -> None:
+    """Remove the norm ``node`` applies, if selected: a module becomes ``nn.Identity`` (or the
+    rest of its forward), a functional norm leaves the graph."""
+    site = bn_site(region, node)
+    other = None if site is not None else other_norm_site(region, node)
+    if site is None and other is None:
+        return
+    path = region.module_path(node)
+    kind = site.kind if site is not None else other.kind  # type: ignore[union-attr]
+    if not selector.matches(path, kind):
+        return
+    name = region.qualify(node.name)
+    if node.op == "call_module":
+        if path not in done:
+            done.add(path or "")
+            rw.replace_module(path or "", nn.Identity())
+            report.actions.append(Action("remove", name, path, f"{kind} removed", exact=False))
+        return
+    assert site is not None and site.input is not None
+    owned = owned_norm(rw, region, site)
+    if owned is not None:
+        owner, rest = owned
+        if owner not in done:
+            done.add(owner)
+            collapse(region, owner, site, rest)
+            rw.replace_module(owner, rest.module)
+            kept = f"; keeps the rest of its forward ({rest.describe()})" if rest.kept else ""
+            report.actions.append(Action("remove", name, owner, f"{kind} removed{kept}", exact=False))
+        return
+    rw.editor(region, node)
+    site.node.replace_all_uses_with(site.input)
+    graph = region.gm.graph
+    if site.node is not site.call:
+        graph.erase_node(site.node)
+    graph.erase_node(site.call)
+    report.actions.append(Action("remove", name, path, f"{kind} removed", exact=False))

@@ -12,12 +12,13 @@ from ..errors import UsageError
 from ..fold import RewriteResult
 from ..graph.capture import Region
 from ..graph.norms import (
+    BNSite,
     bn_site,
     module_bn_site,
     other_norm_site,
 )
 from ..graph.ops import node_shape, source_line
-from ..passes.norm_factory import TARGETS, SwapRefused, from_batchnorm, to_batchnorm
+from ..passes.norm_factory import TARGETS, Built, SwapRefused, from_batchnorm, to_batchnorm
 from ..select import Selector
 from .rewriter import (
     Rewriter,
@@ -116,23 +117,11 @@ def _swap_node(
     inp = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     shape = node_shape(inp) if inp is not None else None
     try:
-        if to == "bn":
-            if site is not None:
-                built = from_batchnorm(site, "bn", shape=shape)
-            elif not module_node:
-                raise SwapRefused(
-                    f"functional {kind} has no stored affine to carry over; swap it in the model code"
-                )
-            else:
-                built = to_batchnorm(region.gm.get_submodule(str(node.target)), shape=shape)
-        else:
-            if site is None:
-                return  # only BatchNorms are swapped to other norms
-            if site.module is not None and to == "sync" and isinstance(site.module, nn.SyncBatchNorm):
-                return
-            built = from_batchnorm(site, to, shape=shape, groups=groups, ln_dims=ln_dims)
+        built = _build(region, node, site, kind, to, shape, groups, ln_dims)
     except SwapRefused as exc:
         _refused(report, path, region.qualify(node.name), str(exc), source_line(node))
+        return
+    if built is None:
         return
     owned = owned_norm(rw, region, site) if (site is not None and not module_node) else None
     if owned is not None:
@@ -156,15 +145,35 @@ def _swap_node(
         name = rw.editor(region, node).free_name(f"{node.name}_{to}")
         new = _insert_module_node(rw, region, site.input, name, built.module)  # type: ignore[arg-type]
         _erase_bn(region, site, new)
-    report.actions.append(
-        Action(
-            "swap",
-            region.qualify(node.name),
-            path,
-            f"{kind} -> {type(built.module).__name__}: {built.note}",
-            exact=built.exact,
-        )
-    )
+    detail = f"{kind} -> {type(built.module).__name__}: {built.note}"
+    report.actions.append(Action("swap", region.qualify(node.name), path, detail, exact=built.exact))
+
+
+def _build(
+    region: Region,
+    node: fx.Node,
+    site: BNSite | None,
+    kind: str,
+    to: str,
+    shape: tuple[int, ...] | None,
+    groups: int | None,
+    ln_dims: str,
+) -> Built | None:
+    """The new norm for the one ``node`` applies (None: nothing to swap); SwapRefused with why."""
+    module_node = node.op == "call_module"
+    if to == "bn":
+        if site is not None:
+            return from_batchnorm(site, "bn", shape=shape)
+        if not module_node:
+            raise SwapRefused(
+                f"functional {kind} has no stored affine to carry over; swap it in the model code"
+            )
+        return to_batchnorm(region.gm.get_submodule(str(node.target)), shape=shape)
+    if site is None:
+        return None  # only BatchNorms are swapped to other norms
+    if site.module is not None and to == "sync" and isinstance(site.module, nn.SyncBatchNorm):
+        return None
+    return from_batchnorm(site, to, shape=shape, groups=groups, ln_dims=ln_dims)
 
 
 def _swap_module_without_graph(
