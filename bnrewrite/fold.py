@@ -13,9 +13,11 @@ from torch import fx, nn
 
 from .codes import finding
 from .diagnostics import Diagnostic, Report
-from .graph.capture import Capture, capture, compile_now
+from .graph.capture import capture
+from .graph.captured import Capture
 from .graph.edit import Editor, shallow_copy
 from .graph.norms import lookalikes, opaque_norms, other_norm_family
+from .graph.tracer import compile_now
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import FoldPolicy, shape_lookup
 from .passes.fold_tree import TreeResult, fold_into_tree

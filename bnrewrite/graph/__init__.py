@@ -1,9 +1,11 @@
 """Graph capture and the views that rules and passes work on."""
 
-from .capture import Capture, Region, capture, clone_graph_module
+from .capture import capture
+from .captured import Capture, Region
 from .layers import LayerSite, layer_site
 from .norms import BNSite, OtherNormSite, bn_site, other_norm_site
 from .ops import node_shape, source_line
+from .tracer import clone_graph_module
 from .view import to_networkx
 
 __all__ = [

@@ -26,7 +26,7 @@ from torch import fx
 
 from ..precision import Float64Everywhere
 from . import ops as graph_ops
-from .ops import node_shape, propagate_shapes, stack_path
+from .ops import node_shape, propagate_shapes, reads_only_stored, stack_path
 
 _META = "bnrewrite_affine"  # region.gm.meta key: (sites by output node, rejects by module path)
 
@@ -97,8 +97,6 @@ def _looks_like_norm(kind: str, path: str, region: Any) -> bool:
 def _with_coefficients(nodes: list[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
     """The group plus the ops that compute its coefficients from stored tensors alone (indexing
     or reshaping a buffer may be recorded outside the module's stack)."""
-    from .norms import reads_only_stored
-
     members = set(nodes)
     todo = list(nodes)
     while todo:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,113 +24,10 @@ from ..diagnostics import OpaquePart
 from ..errors import BnrewriteError
 from ..runtime import buffers_restored, eval_modes, torch_output_silenced
 from ..runtime import error_reason as _reason
-from .ops import propagate_shapes, stack_path
+from .captured import Capture, Region
 from .recording import Recording, record_run
-from .tracer import Tracer, make_graph_module
+from .tracer import Tracer, _is_aten, clone_graph_module
 from .tracer import trace_module as _trace
-
-
-@dataclass
-class Region:
-    """One captured graph and where it sits in the original model."""
-
-    path: str
-    gm: fx.GraphModule
-    dialect: str
-    inputs: tuple[Any, ...] | None = None
-    shapes_known: bool = False
-
-    def qualify(self, name: str) -> str:
-        """A node name unique across regions."""
-        return f"{self.path}/{name}" if self.path else name
-
-    def module_path(self, node: fx.Node) -> str | None:
-        """The dotted path, in the original model, of the module this node belongs to."""
-        local: str | None = None
-        if node.op == "call_module":
-            local = str(node.target)
-        elif node.op == "get_attr":
-            local = str(node.target).rpartition(".")[0]
-        else:
-            stack = node.meta.get("nn_module_stack")
-            if stack:
-                local = stack_path(list(stack.values())[-1][0])
-            else:  # functional call on stored tensors: the module that owns them
-                attrs = [n for n in node.all_input_nodes if n.op == "get_attr"]
-                local = str(attrs[-1].target).rpartition(".")[0] if attrs else None
-        if local is None:
-            return self.path or None
-        if self.path and local:
-            return f"{self.path}.{local}"
-        return self.path or local
-
-
-@dataclass
-class Capture:
-    """The graphs of a model plus the parts that could not be captured."""
-
-    model: Any
-    regions: list[Region]
-    opaque: list[OpaquePart] = field(default_factory=list)
-    example_inputs: tuple[Any, ...] | None = None
-    recording: Recording | None = None
-    how: str = "symbolic_trace"  # symbolic_trace | torch.export | parts | program | graph
-    leaf_modules: tuple[type | str, ...] = ()
-    eager_passes: int = 0  # forward passes of the whole model run to capture it (recordings)
-
-    def __post_init__(self) -> None:
-        if self.recording is not None and not self.eager_passes:
-            self.eager_passes = 1
-
-    @property
-    def dialect(self) -> str:
-        return self.regions[0].dialect if self.regions else "module"
-
-    @property
-    def whole(self) -> bool:
-        """True when the whole model is a single graph."""
-        return len(self.regions) == 1 and self.regions[0].path == ""
-
-    def ensure_shapes(self) -> bool:
-        """Propagate shapes through every region that has example inputs; True if all did."""
-        ok = True
-        for region in self.regions:
-            if region.shapes_known:
-                continue
-            if region.dialect == "aten":
-                region.shapes_known = True
-                continue
-            if region.inputs is None:
-                ok = False
-                continue
-            propagate_shapes(region.gm, region.inputs)
-            region.shapes_known = True
-        return ok
-
-
-def _is_aten(gm: fx.GraphModule) -> bool:
-    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
-
-
-def compile_now(gm: fx.GraphModule) -> None:
-    """Regenerate and compile gm's code now (a lazy GraphModule would wait for its first call,
-    and until then its ``forward`` signature is a generic stub that confuses torch.export)."""
-    gm.recompile()  # a plain GraphModule compiles here; a lazy one only marks itself stale
-    real = getattr(gm, "real_recompile", None)
-    if real is not None:
-        real()
-
-
-def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule with its own graph and containers, sharing gm's tensors (no deepcopy)."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    graph._codegen = gm.graph._codegen
-    new = make_graph_module(gm, graph, type(gm).__name__)
-    new.meta = dict(getattr(gm, "meta", {}))
-    new.training = gm.training
-    return new
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...] | None:

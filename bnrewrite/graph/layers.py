@@ -15,7 +15,7 @@ from . import ops
 from .norms import _tensor_arg
 
 if TYPE_CHECKING:
-    from .capture import Region
+    from .captured import Region
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from . import ops
 
 if TYPE_CHECKING:
-    from .capture import Capture, Region
+    from .captured import Capture, Region
 
 _STAT_NAMES = ("weight", "bias", "running_mean", "running_var")
 
@@ -229,7 +229,7 @@ def bn_site(region: Region, node: fx.Node) -> BNSite | None:
     if node.op == "call_method" or node.target not in ops.BN_TARGETS:
         return affine_site(region, node)
     kind, names, tuple_out = ops.BN_TARGETS[node.target]
-    if reads_only_stored(ops.bind(node, names).get("input")):
+    if ops.reads_only_stored(ops.bind(node, names).get("input")):
         return None  # normalizes a parameter (weight standardization), not activations
     out = node
     if tuple_out:
@@ -298,26 +298,6 @@ def _has_module(gm: fx.GraphModule, path: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def reads_only_stored(value: Any, limit: int = 64) -> bool:
-    """True when ``value`` is computed from stored tensors alone (parameters, buffers,
-    constants), never from the model's inputs: e.g. ``self.weight.reshape(1, out, -1)``."""
-    if not isinstance(value, fx.Node):
-        return False
-    seen: set[fx.Node] = set()
-    todo = [value]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder" or len(seen) > limit:
-            return False
-        if n.op == "call_module":
-            return False  # a module applied to it: treat as activations
-        todo.extend(n.all_input_nodes)
-    return any(n.op == "get_attr" for n in seen)
 
 
 def other_norm_site(region: Region, node: fx.Node) -> OtherNormSite | None:

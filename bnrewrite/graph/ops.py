@@ -275,3 +275,23 @@ class _ShapeRecorder(fx.Interpreter):
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _extract_tensor_metadata(result)
         return result
+
+
+def reads_only_stored(value: Any, limit: int = 64) -> bool:
+    """True when ``value`` is computed from stored tensors alone (parameters, buffers,
+    constants), never from the model's inputs: e.g. ``self.weight.reshape(1, out, -1)``."""
+    if not isinstance(value, fx.Node):
+        return False
+    seen: set[fx.Node] = set()
+    todo = [value]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" or len(seen) > limit:
+            return False
+        if n.op == "call_module":
+            return False  # a module applied to it: treat as activations
+        todo.extend(n.all_input_nodes)
+    return any(n.op == "get_attr" for n in seen)

@@ -118,3 +118,28 @@ def make_graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphMo
         return fx.GraphModule(root, graph, name)
     with _use_lazy_graph_module(True):
         return _make_graph_module(root, graph, name)
+
+
+def _is_aten(gm: fx.GraphModule) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+
+def compile_now(gm: fx.GraphModule) -> None:
+    """Regenerate and compile gm's code now (a lazy GraphModule would wait for its first call,
+    and until then its ``forward`` signature is a generic stub that confuses torch.export)."""
+    gm.recompile()  # a plain GraphModule compiles here; a lazy one only marks itself stale
+    real = getattr(gm, "real_recompile", None)
+    if real is not None:
+        real()
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph and containers, sharing gm's tensors (no deepcopy)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    graph._codegen = gm.graph._codegen
+    new = make_graph_module(gm, graph, type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    new.training = gm.training
+    return new

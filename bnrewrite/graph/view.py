@@ -16,7 +16,7 @@ from torch import fx
 from .ops import node_shape, source_line, target_name
 
 if TYPE_CHECKING:
-    from .capture import Capture
+    from .captured import Capture
 
 
 def node_attributes(region, node: fx.Node) -> dict[str, object]:

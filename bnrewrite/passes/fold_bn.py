@@ -27,11 +27,12 @@ from torch import fx, nn
 from ..codes import finding
 from ..diagnostics import Action, Diagnostic
 from ..graph import ops
-from ..graph.capture import Region, compile_now
+from ..graph.captured import Region
 from ..graph.edit import Editor, shallow_copy
 from ..graph.layers import LayerSite
 from ..graph.norms import BNSite, bn_site, fetch_attr
 from ..graph.ops import source_line
+from ..graph.tracer import compile_now
 from ..nn import ChannelAffine
 from . import fold_math
 from .fold_plan import (

@@ -17,8 +17,10 @@ from torch import fx, nn
 from ..codes import finding
 from ..diagnostics import Diagnostic, Report
 from ..errors import BnrewriteError
-from ..graph.capture import Capture, Region, capture_submodule, compile_now
+from ..graph.capture import capture_submodule
+from ..graph.captured import Capture, Region
 from ..graph.edit import Editor, shallow_copy
+from ..graph.tracer import compile_now
 from .bind import bind
 from .fold_bn import Applied, fold_region
 from .fold_plan import FoldPolicy, RankOf, shape_lookup

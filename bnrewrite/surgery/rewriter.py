@@ -14,7 +14,8 @@ from torch import fx, nn
 from ..codes import finding
 from ..diagnostics import Report
 from ..errors import VerificationError
-from ..graph.capture import Capture, Region, capture, capture_submodule, compile_now
+from ..graph.capture import capture, capture_submodule
+from ..graph.captured import Capture, Region
 from ..graph.edit import Editor, shallow_copy
 from ..graph.norms import (
     BNSite,
@@ -24,6 +25,7 @@ from ..graph.norms import (
     opaque_norms,
 )
 from ..graph.ops import stack_path
+from ..graph.tracer import compile_now
 from ..passes.norm_rest import Rest, ops_by_module, rest_of
 from ..passes.tree_edit import common_prefix, covers, node_scope
 from ..runtime import buffers_restored

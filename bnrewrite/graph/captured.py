@@ -1,0 +1,91 @@
+"""What a capture is: the graphs of a model (:class:`Region` s, each where it sits in the
+model), the parts no graph covers, the example inputs and the eager recording."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from ..diagnostics import OpaquePart
+from .ops import propagate_shapes, stack_path
+from .recording import Recording
+
+
+@dataclass
+class Region:
+    """One captured graph and where it sits in the original model."""
+
+    path: str
+    gm: fx.GraphModule
+    dialect: str
+    inputs: tuple[Any, ...] | None = None
+    shapes_known: bool = False
+
+    def qualify(self, name: str) -> str:
+        """A node name unique across regions."""
+        return f"{self.path}/{name}" if self.path else name
+
+    def module_path(self, node: fx.Node) -> str | None:
+        """The dotted path, in the original model, of the module this node belongs to."""
+        local: str | None = None
+        if node.op == "call_module":
+            local = str(node.target)
+        elif node.op == "get_attr":
+            local = str(node.target).rpartition(".")[0]
+        else:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                local = stack_path(list(stack.values())[-1][0])
+            else:  # functional call on stored tensors: the module that owns them
+                attrs = [n for n in node.all_input_nodes if n.op == "get_attr"]
+                local = str(attrs[-1].target).rpartition(".")[0] if attrs else None
+        if local is None:
+            return self.path or None
+        if self.path and local:
+            return f"{self.path}.{local}"
+        return self.path or local
+
+
+@dataclass
+class Capture:
+    """The graphs of a model plus the parts that could not be captured."""
+
+    model: Any
+    regions: list[Region]
+    opaque: list[OpaquePart] = field(default_factory=list)
+    example_inputs: tuple[Any, ...] | None = None
+    recording: Recording | None = None
+    how: str = "symbolic_trace"  # symbolic_trace | torch.export | parts | program | graph
+    leaf_modules: tuple[type | str, ...] = ()
+    eager_passes: int = 0  # forward passes of the whole model run to capture it (recordings)
+
+    def __post_init__(self) -> None:
+        if self.recording is not None and not self.eager_passes:
+            self.eager_passes = 1
+
+    @property
+    def dialect(self) -> str:
+        return self.regions[0].dialect if self.regions else "module"
+
+    @property
+    def whole(self) -> bool:
+        """True when the whole model is a single graph."""
+        return len(self.regions) == 1 and self.regions[0].path == ""
+
+    def ensure_shapes(self) -> bool:
+        """Propagate shapes through every region that has example inputs; True if all did."""
+        ok = True
+        for region in self.regions:
+            if region.shapes_known:
+                continue
+            if region.dialect == "aten":
+                region.shapes_known = True
+                continue
+            if region.inputs is None:
+                ok = False
+                continue
+            propagate_shapes(region.gm, region.inputs)
+            region.shapes_known = True
+        return ok
