@@ -5,7 +5,7 @@ from .diagnostics import Diagnostic, Report, Severity
 from .errors import BnrewriteError, UsageError, VerificationError
 from .export import export
 from .fold import RewriteResult, fold
-from .io import load
+from .load import load
 from .recalibrate import recalibrate
 from .surgery import fix, insert, remove, swap
 from .verify import VerifyResult, verify

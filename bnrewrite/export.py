@@ -60,7 +60,7 @@ def read_back_in_new_process(path: Path) -> None:
     there); a one-line error says why it cannot be read."""
     code = (
         "import sys\nfrom pathlib import Path\nfrom bnrewrite.errors import BnrewriteError\n"
-        "from bnrewrite.io import load_program\n"
+        "from bnrewrite.load import load_program\n"
         "try:\n    load_program(Path(sys.argv[1]))\n"
         "except BnrewriteError as e:\n    print(e, file=sys.stderr); sys.exit(1)\n"
     )

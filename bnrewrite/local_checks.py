@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
 
-from .nn import ChannelAffine
+from .modules import ChannelAffine
 from .runtime import eval_modes
 
 Absorbed = tuple[str, torch.Tensor, "torch.Tensor | None"]

@@ -205,7 +205,7 @@ def read_batches(path: str, batch_size: int | None = None) -> list[Any]:
     """Calibration batches from a file: a tensor (split along dim 0), a list of batches, or a
     dict holding one under ``inputs``/``batches``/``data``; ``.pt`` (weights_only) or
     ``.safetensors``."""
-    from .io import _archive_kind, _require_file
+    from .checkpoint import _archive_kind, _require_file
 
     p = _require_file(path)
     kind = _archive_kind(p)

@@ -21,7 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .errors import BnrewriteError
 from .graph.edit import Editor
-from .nn import ChannelAffine
+from .modules import ChannelAffine
 from .passes.norm_rest import REST_ATTR, chain_of
 
 KEY = "bnrewrite_structure"

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from bnrewrite import progress
 from bnrewrite.calibration import calibration_batches
+from bnrewrite.checkpoint import read_state_dict
 from bnrewrite.cli import app
-from bnrewrite.io import read_state_dict
 from tests.data_factories import _dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

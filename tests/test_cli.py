@@ -124,7 +124,7 @@ def test_unwritable_output_directory(tmp_path):
 
 
 def test_pickle_payload_not_executed_via_cli(tmp_path):
-    from tests.test_io import Marker
+    from tests.test_load import Marker
 
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil.pt"

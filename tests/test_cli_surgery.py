@@ -10,8 +10,8 @@ import sys
 import torch
 from typer.testing import CliRunner
 
+from bnrewrite.checkpoint import read_state_dict
 from bnrewrite.cli import app
-from bnrewrite.io import read_state_dict
 
 runner = CliRunner()
 

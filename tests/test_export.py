@@ -14,7 +14,7 @@ from bnrewrite import fold
 from bnrewrite.errors import BnrewriteError
 from bnrewrite.export import export
 from bnrewrite.graph_files import diff_view, graph_view, to_dot
-from bnrewrite.io import load
+from bnrewrite.load import load
 from tests.conftest import load_sample
 
 

@@ -13,11 +13,11 @@ from torch.utils import _pytree as pytree
 from typer.testing import CliRunner
 
 from bnrewrite import BnrewriteError, analyze, fold
-from bnrewrite.api import fold_to_file
 from bnrewrite.cli import app
 from bnrewrite.errors import VerificationError
-from bnrewrite.io import Loaded, load
-from bnrewrite.nn import FrozenBatchNorm
+from bnrewrite.load import Loaded, load
+from bnrewrite.modules import FrozenBatchNorm
+from bnrewrite.pipeline import fold_to_file
 from bnrewrite.verify import verify
 from tests.conftest import randomize_bn
 

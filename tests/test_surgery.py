@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnrewrite.nn import ChannelwiseLayerNorm, FrozenBatchNorm
+from bnrewrite.modules import ChannelwiseLayerNorm, FrozenBatchNorm
 from bnrewrite.passes.norm_factory import default_groups
 from bnrewrite.surgery import fix, insert, remove, swap
 from tests.conftest import assert_unchanged, load_sample, randomize_bn, state_snapshot

@@ -137,7 +137,7 @@ def _main(
 
 
 def _load(model: str, weights: Path | None, trust_pickle: bool, shapes: list[str] | None) -> tuple[Any, Any]:
-    from ..io import inputs_for, load
+    from ..load import inputs_for, load
 
     loaded = load(
         model,

@@ -89,8 +89,8 @@ def fold(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
-    from ..api import fold_to_file
     from ..fold import fold as fold_model
+    from ..pipeline import fold_to_file
 
     if output is None and not dry_run:
         raise UsageError("fold needs -o OUT (or --dry-run to only show the plan)")
@@ -136,7 +136,7 @@ def verify_cmd(
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Check that REWRITTEN computes what ORIGINAL computes (float64 reference)."""
-    from ..io import inputs_for, load
+    from ..load import inputs_for, load
     from ..render import to_json
     from ..verify import verify
 

@@ -88,7 +88,7 @@ def rewrite_command(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[[Any, Any], Any]) -> None:
-    from ..api import rewrite_to_file
+    from ..pipeline import rewrite_to_file
 
     loaded, inputs = base._load(model, opts.weights, opts.trust_pickle, opts.input_shape)
     report = rewrite_to_file(
@@ -225,7 +225,7 @@ def recalibrate_cmd(
 
     import torch
 
-    from ..api import rewrite_to_file
+    from ..pipeline import rewrite_to_file
     from ..recalibrate import recalibrate
 
     if batch_size is not None and batch_size < 1:

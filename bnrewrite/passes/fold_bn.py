@@ -9,7 +9,7 @@ float64-computed weights cast back to the layer dtype), and never with more ops.
 folded into the preceding layer (or every layer of a channel concatenation or a sum before it,
 or a Linear through reshapes), else into every following layer, repeated to a fixed point; what
 is left stays a BatchNorm (one fused op in eval mode) with a diagnostic, or becomes a
-:class:`~bnrewrite.nn.ChannelAffine` when ``bn_to_affine`` asks for it.
+:class:`~bnrewrite.modules.ChannelAffine` when ``bn_to_affine`` asks for it.
 Layers shared between call sites get a folded copy per site, so other sites are unaffected.
 """
 
@@ -33,7 +33,7 @@ from ..graph.layers import LayerSite
 from ..graph.norms import BNSite, bn_site, fetch_attr
 from ..graph.ops import source_line
 from ..graph.tracer import compile_now
-from ..nn import ChannelAffine
+from ..modules import ChannelAffine
 from . import fold_math
 from .fold_plan import (
     FOLLOWING,

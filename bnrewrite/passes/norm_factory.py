@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..graph.norms import BNSite
-from ..nn import ChannelwiseLayerNorm, FrozenBatchNorm
+from ..modules import ChannelwiseLayerNorm, FrozenBatchNorm
 
 TARGETS = ("gn", "ln", "in", "bn", "frozen", "sync")
 LN_DIMS = ("chw", "c")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnrewrite import fold
-from bnrewrite.nn import ChannelAffine, FrozenBatchNorm
+from bnrewrite.modules import ChannelAffine, FrozenBatchNorm
 from tests.conftest import assert_unchanged, float64_reference, randomize_bn, state_snapshot
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

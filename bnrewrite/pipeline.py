@@ -11,7 +11,7 @@ from .export import export
 from .files import MODEL_FORMATS, check_output, format_of
 from .fold import fold
 from .graph_files import diff_view, graph_view, to_dot, write_dot_and_svg
-from .io import Loaded
+from .load import Loaded
 from .verify import verify
 
 

@@ -9,8 +9,9 @@ import zipfile
 import pytest
 import torch
 
+from bnrewrite.checkpoint import read_state_dict
 from bnrewrite.errors import BnrewriteError, UsageError
-from bnrewrite.io import load, parse_shapes, read_state_dict
+from bnrewrite.load import load, parse_shapes
 from tests.conftest import load_sample
 
 
@@ -122,7 +123,7 @@ def test_state_dict_given_as_model_says_what_to_do(tmp_path):
         ("nosuchpkg.mod:build", "cannot import"),
         ("samples.resnet:nothere", "no attribute"),
         ("samples.resnet:ResNet.forward", "raised"),
-        ("tests.test_io:_raises", "raised RuntimeError"),
+        ("tests.test_load:_raises", "raised RuntimeError"),
         ("missing_file.pt2", "no such file"),
     ],
 )
