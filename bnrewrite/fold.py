@@ -20,7 +20,7 @@ from .graph.norms import lookalikes, opaque_norms, other_norm_family
 from .graph.tracer import compile_now
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import FoldPolicy, shape_lookup
-from .passes.fold_tree import TreeResult, fold_into_tree
+from .passes.fold_tree import TreeResult, plan_and_apply
 from .proof import prove as prove_units
 from .select import Selector
 
@@ -164,7 +164,7 @@ def _fold(
     proving = run.prove and not run.dry_run and cap.recording is not None and cap.example_inputs is not None
     opaque = opaque_diagnostics(cap)
     inplace = run.inplace and not run.dry_run
-    result = fold_into_tree(
+    result = plan_and_apply(
         cap,
         rank_of,
         report,

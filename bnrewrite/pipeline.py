@@ -15,7 +15,7 @@ from .load import Loaded
 from .verify import verify
 
 
-def fold_to_file(
+def fold_and_write(
     loaded: Loaded,
     output: str | os.PathLike[str],
     inputs: tuple[Any, ...] | None,

@@ -17,7 +17,7 @@ from bnrewrite.cli import app
 from bnrewrite.errors import VerificationError
 from bnrewrite.load import Loaded, load
 from bnrewrite.modules import FrozenBatchNorm
-from bnrewrite.pipeline import fold_to_file
+from bnrewrite.pipeline import fold_and_write
 from bnrewrite.verify import verify
 from tests.conftest import randomize_bn
 
@@ -179,7 +179,7 @@ def test_fold_verify_fails_for_a_pt2_that_cannot_be_read_back(tmp_path):
         x = (torch.randn(1, 3, 8, 8),)
         out = tmp_path / "folded.pt2"
         with pytest.raises(VerificationError, match="cannot be read back in a new process"):
-            fold_to_file(Loaded(model, x, "test", "module"), out, x, verify=True)
+            fold_and_write(Loaded(model, x, "test", "module"), out, x, verify=True)
         assert not out.exists() and not list(tmp_path.iterdir())
     finally:
         _unregister()

@@ -90,7 +90,7 @@ def fold(
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from ..fold import fold as fold_model
-    from ..pipeline import fold_to_file
+    from ..pipeline import fold_and_write
 
     if output is None and not dry_run:
         raise UsageError("fold needs -o OUT (or --dry-run to only show the plan)")
@@ -110,7 +110,7 @@ def fold(
         _emit(plan, as_json)
         return
     assert output is not None
-    report = fold_to_file(
+    report = fold_and_write(
         loaded,
         output,
         inputs,

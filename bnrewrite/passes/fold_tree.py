@@ -69,7 +69,7 @@ def _graph_calls(cap: Capture) -> Counter[str]:
     return calls
 
 
-def fold_into_tree(
+def plan_and_apply(
     cap: Capture,
     rank_of: RankOf,
     report: Report,
