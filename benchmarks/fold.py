@@ -223,7 +223,7 @@ def samples_section() -> None:
     for name in importlib.import_module("samples").NAMES:
         mod = importlib.import_module(f"samples.{name}")
         model, inputs = mod.build(), mod.example_inputs()
-        total = sum(n.family in ("batch", "frozen") for n in bnrewrite.analyze(model, inputs).norms)
+        total = sum(n.family in ("batch", "frozen", "affine") for n in bnrewrite.analyze(model, inputs).norms)
         try:
             fused_model = fuse(model)
             fused = total - count_bn(fused_model)

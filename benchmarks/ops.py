@@ -120,7 +120,7 @@ def main() -> None:
     worse = []
     for name, model, inputs in cases():
         folded, report = bnrewrite.fold(model, inputs)
-        n_bn = sum(n.family in ("batch", "frozen") for n in bnrewrite.analyze(model, inputs).norms)
+        n_bn = sum(n.family in ("batch", "frozen", "affine") for n in bnrewrite.analyze(model, inputs).norms)
         done = sum(a.kind.startswith("fold") for a in report.actions)
         before, after = count_ops(model, inputs), count_ops(folded, inputs)
         ratio = latency_ratio(folded, model, inputs, rounds)
