@@ -12,6 +12,7 @@ from bnrewrite.passes import tree_edit
 from bnrewrite.passes.norm_rest import Rest
 from bnrewrite.verify import verify
 from tests.conftest import load_sample, randomize_bn
+from tests.passes.test_fold_tree import Mistraced
 from tests.passes.test_norm_rest import batch_norms_run
 
 MAX_PASSES = 3  # the capture's eager pass, the proof run, one rerun after undoing
@@ -73,25 +74,6 @@ def test_enet_keeps_its_right_folds_where_float32_flips_decisions():
     assert proof["forward_passes"] <= MAX_PASSES
     assert proof["max_abs_error"] > proof["tolerance"]  # the drift was real: max-unpool moved values
     assert verify(model, folded, inputs).passed
-
-
-class Mistraced(nn.Module):
-    """The trace drops a skip connection that reads the conv's output (``torch.jit.isinstance``
-    is False on a proxy): folding ``bn`` into ``conv`` is wrong, yet every layer is right."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 4, 1)
-        self.bn2 = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        y = self.conv(x)
-        out = self.bn(y)
-        if torch.jit.isinstance(y, torch.Tensor):
-            out = out + y
-        return self.bn2(self.conv2(out))
 
 
 def test_a_drift_no_local_check_explains_is_judged_and_undone_without_bisection(monkeypatch):

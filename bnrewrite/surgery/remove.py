@@ -10,10 +10,6 @@ from torch import fx, nn
 from ..diagnostics import Action, Report
 from ..fold import RewriteResult
 from ..graph.capture import Region
-from ..graph.norms import (
-    bn_site,
-    other_norm_site,
-)
 from ..select import Selector
 from .rewriter import (
     Rewriter,
@@ -22,6 +18,7 @@ from .rewriter import (
     collapse,
     measure,
     owned_norm,
+    selected_norm,
 )
 
 # -- remove --------------------------------------------------------------------------------------
@@ -67,14 +64,10 @@ def _remove_node(
 ) -> None:
     """Remove the norm ``node`` applies, if selected: a module becomes ``nn.Identity`` (or the
     rest of its forward), a functional norm leaves the graph."""
-    site = bn_site(region, node)
-    other = None if site is not None else other_norm_site(region, node)
-    if site is None and other is None:
+    selected = selected_norm(region, node, selector)
+    if selected is None:
         return
-    path = region.module_path(node)
-    kind = site.kind if site is not None else other.kind  # type: ignore[union-attr]
-    if not selector.matches(path, kind):
-        return
+    site, path, kind = selected
     name = region.qualify(node.name)
     if node.op == "call_module":
         if path not in done:

@@ -20,15 +20,18 @@ from ..graph.edit import Editor, shallow_copy
 from ..graph.norms import (
     BNSite,
     OtherNormSite,
+    bn_site,
     find_norms,
     norm_with_stats,
     opaque_norms,
+    other_norm_site,
 )
 from ..graph.ops import stack_path
 from ..graph.tracer import compile_now
 from ..passes.norm_rest import Rest, ops_by_module, rest_of
 from ..passes.tree_edit import common_prefix, covers, node_scope
 from ..runtime import buffers_restored
+from ..select import Selector
 from ..verify import verify
 
 Redo = Callable[[nn.Module, "tuple[Any, ...] | None", str], nn.Module]
@@ -249,6 +252,20 @@ def _followed_by(new: nn.Module, rest: Rest) -> nn.Module:
         return new
     tail = list(rest.module) if isinstance(rest.module, nn.Sequential) else [rest.module]
     return nn.Sequential(new, *tail)
+
+
+def selected_norm(
+    region: Region, node: fx.Node, selector: Selector
+) -> tuple[BNSite | None, str | None, str] | None:
+    """(BatchNorm site or None for another norm, module path, kind) of the norm ``node``
+    applies, when the selector picks it; None otherwise."""
+    site = bn_site(region, node)
+    other = None if site is not None else other_norm_site(region, node)
+    if site is None and other is None:
+        return None
+    path = region.module_path(node)
+    kind = site.kind if site is not None else other.kind  # type: ignore[union-attr]
+    return (site, path, kind) if selector.matches(path, kind) else None
 
 
 def _erase_bn(region: Region, site: BNSite, replacement: fx.Node) -> None:

@@ -13,9 +13,7 @@ from ..fold import RewriteResult
 from ..graph.capture import Region
 from ..graph.norms import (
     BNSite,
-    bn_site,
     module_bn_site,
-    other_norm_site,
 )
 from ..graph.ops import node_shape, source_line
 from ..passes.norm_factory import TARGETS, Built, SwapRefused, from_batchnorm, to_batchnorm
@@ -32,6 +30,7 @@ from .rewriter import (
     measure,
     norm_nodes,
     owned_norm,
+    selected_norm,
 )
 
 # -- swap ----------------------------------------------------------------------------------------
@@ -103,14 +102,10 @@ def _swap_node(
     ln_dims: str,
     done: set[str],
 ) -> None:
-    site = bn_site(region, node)
-    other = None if site is not None else other_norm_site(region, node)
-    if site is None and other is None:
+    selected = selected_norm(region, node, selector)
+    if selected is None:
         return
-    path = region.module_path(node)
-    kind = site.kind if site is not None else other.kind  # type: ignore[union-attr]
-    if not selector.matches(path, kind):
-        return
+    site, path, kind = selected
     module_node = node.op == "call_module"
     if module_node and path in done:
         return

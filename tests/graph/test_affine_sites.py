@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from bnrewrite import analyze, export, fold
 from bnrewrite.verify import verify
 from tests.conftest import load_sample
-from tests.passes.test_norm_rest import close_to_float64
-
-
-class ShapeDependent(nn.Module):
-    """Shape-dependent padding: symbolic_trace fails, so capture goes through torch.export."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        if x.shape[-1] % 4:
-            x = F.pad(x, (0, 4 - x.shape[-1] % 4))
-        return self.net(x)
+from tests.passes.test_norm_rest import ShapeDependent, close_to_float64
 
 
 def _three_ways(name):
