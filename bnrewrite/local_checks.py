@@ -202,7 +202,6 @@ class LayerCheck(LocalCheck):
         self.reference = bare_copy(new, old_params)
         self.absorbed = absorbed
         self.axis = 1 if isinstance(new, _ConvNd) else -1
-        self._views: dict[tuple[Any, ...], torch.Tensor] = {}
         shifts = [
             float(t.abs().max()) for side, _s, t in absorbed if side == "post" and t is not None and t.numel()
         ]
@@ -233,11 +232,9 @@ class LayerCheck(LocalCheck):
             self.fail(f"the folded layer {problem}")
 
     def _view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        key = (id(t), like.dtype, like.device, like.dim())
-        view = self._views.get(key)
-        if view is None:
-            view = self._views[key] = _channel_view(t, like, self.axis)
-        return view
+        # Not cached: small tensors kept alive between the run's temporaries pin heap pages
+        # (measured: +0.2x of the model's size in RSS at 300 blocks).
+        return _channel_view(t, like, self.axis)
 
     def _affine(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         y = x * self._view(s, x)
