@@ -78,8 +78,20 @@ class LocalCheck:
         self.failure: str | None = None
         self.ran = False
 
+    new: nn.Module  # the module of the result whose calls are checked
+
     def install(self) -> list[Any]:
         """Put the hooks in place; returns the handles to remove."""
+        return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
+
+    def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        self.ran = True
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            with torch.no_grad():
+                self.check(args, kwargs, out)
+
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
+        """Compare one call's output with what the original modules give on its inputs."""
         raise NotImplementedError
 
     def fail(self, why: str) -> None:
@@ -207,27 +219,20 @@ class LayerCheck(LocalCheck):
         ]
         self.shift_max = max(shifts, default=0.0)
 
-    def install(self) -> list[Any]:
-        return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
-
-    def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        self.ran = True
-        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
-            return
-        with torch.no_grad():
-            x, out = _sample(self.new, args[0], out, bool(args[1:] or kwargs))
-            for side, s, t in reversed(self.absorbed):
-                if side == "pre":
-                    x = self._affine(x, s, t)
-            y = self.reference(x, *args[1:], **kwargs)
-            magnitude: Any = 0.0
-            for side, s, t in self.absorbed:
-                if side == "post":
-                    y = self._affine(y, s, None)
-                    magnitude = y.abs().max()  # the scaled value before the shift (cancellation)
-                    if t is not None:
-                        y = y + self._view(t, y)
-            problem = _mismatch(out, _cropped(y, out), magnitude, _fan_in(self.new), self.shift_max)
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
+        x, out = _sample(self.new, args[0], out, bool(args[1:] or kwargs))
+        for side, s, t in reversed(self.absorbed):
+            if side == "pre":
+                x = self._affine(x, s, t)
+        y = self.reference(x, *args[1:], **kwargs)
+        magnitude: Any = 0.0
+        for side, s, t in self.absorbed:
+            if side == "post":
+                y = self._affine(y, s, None)
+                magnitude = y.abs().max()  # the scaled value before the shift (cancellation)
+                if t is not None:
+                    y = y + self._view(t, y)
+        problem = _mismatch(out, _cropped(y, out), magnitude, _fan_in(self.new), self.shift_max)
         if problem:
             self.fail(f"the folded layer {problem}")
 
@@ -277,24 +282,17 @@ class SlotCheck(LocalCheck):
         # a per-channel norm followed by elementwise modules: a corner of the tensor decides
         self.elementwise = all(isinstance(m, _ELEMENTWISE) for m in new.modules())
 
-    def install(self) -> list[Any]:
-        return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
-
-    def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        self.ran = True
-        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
-            return
-        with torch.no_grad():
-            z = args[0]
-            if self.elementwise and self.axis == 1 and not (args[1:] or kwargs):
-                z, out = _corner(z), _corner(out)
-            magnitude = float(z.abs().max()) if z.numel() else 0.0
-            if self.affine is not None:
-                scale, shift = (_channel_view(v, z, self.axis) for v in self.affine)
-                nonzero = scale != 0
-                z = torch.where(nonzero, (z - shift) / torch.where(nonzero, scale, 1), 0)
-                magnitude += float(shift.abs().max()) if shift.numel() else 0.0
-            want = _run_original(self.original, (z, *args[1:]), kwargs)
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
+        z = args[0]
+        if self.elementwise and self.axis == 1 and not (args[1:] or kwargs):
+            z, out = _corner(z), _corner(out)
+        magnitude = float(z.abs().max()) if z.numel() else 0.0
+        if self.affine is not None:
+            scale, shift = (_channel_view(v, z, self.axis) for v in self.affine)
+            nonzero = scale != 0
+            z = torch.where(nonzero, (z - shift) / torch.where(nonzero, scale, 1), 0)
+            magnitude += float(shift.abs().max()) if shift.numel() else 0.0
+        want = _run_original(self.original, (z, *args[1:]), kwargs)
         problem = _mismatch(out, want, magnitude, 1)
         if problem:
             self.fail(f"the module in the BatchNorm's place {problem} (compared with the original module)")
@@ -308,11 +306,8 @@ class GraphCheck(LocalCheck):
         self.new = new
         self.original = bare_copy(original)  # without the hooks the proof puts on the old object
 
-    def install(self) -> list[Any]:
-        return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
-
     def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        self.ran = True
+        self.ran = True  # any inputs and outputs: the original module is run as it was called
         want = _run_original(self.original, args, kwargs)
         got_leaves, want_leaves = pytree.tree_leaves(out), pytree.tree_leaves(want)
         if len(got_leaves) != len(want_leaves):
@@ -334,9 +329,9 @@ class StillRuns(LocalCheck):
         self.old = old
 
     def install(self) -> list[Any]:
-        return [m.register_forward_pre_hook(_quiet(self._hook(path))) for path, m in self.old]
+        return [m.register_forward_pre_hook(_quiet(self._watch(path))) for path, m in self.old]
 
-    def _hook(self, path: str) -> Callable[..., None]:
+    def _watch(self, path: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _args: Any) -> None:
             self.fail(
                 f"the fold did not take effect: the original {path} still runs in the result "
