@@ -75,8 +75,9 @@ class _Readers(TorchFunctionMode):
 
     def produce(self, path: str, t: torch.Tensor) -> None:
         at = self.by_depth.setdefault(self.depth, {})
-        if id(t) not in at:  # an Identity passes its input on: keep the producer
-            at[id(t)] = (path, weakref.ref(t))
+        entry = at.get(id(t))
+        if entry is None or entry[1]() is not t:  # a live entry: an Identity passed it on, keep it
+            at[id(t)] = (path, weakref.ref(t))  # (a dead one: the id of a freed tensor, reused)
 
     def owner(self, t: Any) -> str | None:
         """The module path whose output ``t`` is, when produced at the current depth."""
@@ -148,13 +149,15 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
         handles.append(module.register_forward_hook(post))
     try:
         with readers:
-            rec.outputs = _run_recording(model, inputs, rec)
+            try:
+                rec.outputs = _run_recording(model, inputs, rec)
+            finally:
+                while readers.paused:  # a layer that raised never reached its post-hook
+                    if readers.paused.pop():
+                        readers.resume()
     except Exception as exc:
         raise BnrewriteError(f"the model failed on the example inputs: {error_reason(exc)}") from exc
     finally:
-        while readers.paused:  # a layer that raised never reached its post-hook
-            if readers.paused.pop():
-                readers.resume()
         for h in handles:
             h.remove()
     return rec
