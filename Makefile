@@ -39,6 +39,8 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/fold.py
 	$(PY) benchmarks/ops.py
+	$(PY) benchmarks/proof.py
+	$(PY) benchmarks/analyze.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .hypothesis
