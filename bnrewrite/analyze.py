@@ -113,6 +113,7 @@ def analyze(
     name: str | None = None,
     select: str | Iterable[str] | None = None,
     types: Iterable[str | type] | None = None,
+    merge_branches: bool = True,
 ) -> Report:
     """Inventory every normalization layer and lint the model for BatchNorm pitfalls.
 
@@ -121,6 +122,9 @@ def analyze(
     eager pass (call counts, shapes) as ``fold`` does, and shapes are propagated only where a
     verdict (Linear -> BatchNorm1d) or a rule (batch size) needs one. The verdicts are the plan
     ``fold`` applies, computed on the same capture: no second capture, no weights, no proof.
+    Branch sets (parallel branches summed) are listed in ``extra['branch_sets']`` with their
+    verdict and, when they are not merged, the reason; ``merge_branches=False`` plans as
+    ``fold --keep-branches`` does.
     """
     cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
     bns, others = find_norms(cap)
@@ -133,7 +137,17 @@ def analyze(
     selected = RULES if rules is None else {c: RULES[c] for c in rules}
     for rule in selected.values():
         report.diagnostics.extend(rule(ctx))
-    plan = fold(model, cap.example_inputs, cap=cap, leaf_modules=leaf_modules, dry_run=True).report
+    plan = fold(
+        model,
+        cap.example_inputs,
+        cap=cap,
+        leaf_modules=leaf_modules,
+        dry_run=True,
+        merge_branches=merge_branches,
+    ).report
+    if "branch_sets" in plan.extra:
+        report.extra["branch_sets"] = plan.extra["branch_sets"]
+    report.diagnostics.extend(d for d in plan.diagnostics if d.code == "FD110")  # merged sets: in the table
     _apply_verdicts(report.norms, {a.node: a for a in plan.actions if a.node})
     refused = {d.node: d for d in plan.diagnostics if d.code == "FD207" and d.node}
     for entry in report.norms:  # the eager run contradicts the graph: a fold would not apply it

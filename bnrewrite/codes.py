@@ -193,6 +193,34 @@ _ALL = [
         "ONNX Runtime), `fold --no-speed-check` (API: `speed_check=False`) folds it anyway.",
     ),
     Code(
+        "FD109",
+        "branches-merged",
+        _I,
+        "parallel linear branches were merged into one conv",
+        "What: a sum of branches that read the same tensor - convs whose kernels nest (1x1 and\n"
+        "3x1/1x3 inside 3x3), identities, BatchNorms, average pools, per-channel scales, 1x1 -> kxk\n"
+        "chains, also subtracted or scaled by a stored per-channel factor - is one convolution of\n"
+        "that tensor. RepVGG, ACNet, DBB, MobileOne, RepConv and RepMixer blocks train that way\n"
+        "and are meant to run as one conv. `fold` computes it in float64 (no per-class code) and\n"
+        "runs it in place of the branches; the block that sums them becomes its merged graph\n"
+        "(FD104), since its forward reads every branch. A set merges only when the conv costs no\n"
+        "more multiply-adds and stores no more values than the branches.\n"
+        "Opt out: `fold --keep-branches` (API: `merge_branches=False`).",
+    ),
+    Code(
+        "FD110",
+        "branches-not-merged",
+        _I,
+        "branches that read the same tensor were not merged",
+        "What: a sum has two or more branches reading one tensor, but they are not one conv, for\n"
+        "the reason given: a nonlinear op between the tensor and the sum (a residual block), a\n"
+        "stride or padding mismatch, kernels that do not nest, a 1x1 -> kxk chain whose shift\n"
+        "would meet the kxk conv's zero padding (not exact at the border; DBB pads with the shift\n"
+        "for that reason), average pooling that excludes padding, a BatchNorm in training mode,\n"
+        "or a merged conv that would cost more than the branches.\n"
+        "Fix: usually nothing; for a 1x1 -> kxk chain, pad with the BatchNorm's shift.",
+    ),
+    Code(
         "FD104",
         "module-replaced-by-graph",
         _I,

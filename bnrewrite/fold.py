@@ -21,6 +21,7 @@ from .graph.tracer import compile_now
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import FoldPolicy, shape_lookup
 from .passes.fold_tree import TreeResult, plan_and_apply
+from .passes.merge_branches import merge_region
 from .proof import prove as prove_units
 from .select import Selector
 
@@ -85,6 +86,7 @@ def fold(
     bn_to_affine: bool = False,
     speed_check: bool = True,
     dry_run: bool = False,
+    merge_branches: bool = True,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
 
@@ -107,13 +109,17 @@ def fold(
     ``bn_to_affine=True`` asks for a per-channel scale-and-shift (for backends without BN).
     ``speed_check`` (on by default) times the one fold that can make a layer slower (a
     transposed conv gaining a bias) on this machine and keeps the BatchNorm where it would (FD108);
-    switch it off when the model will run elsewhere. ``dry_run=True`` returns the plan without
+    switch it off when the model will run elsewhere. ``merge_branches`` (on by default) merges
+    parallel branches that read one tensor and are linear once folded (RepVGG, ACNet, DBB,
+    MobileOne, RepConv blocks: convs, identities, BatchNorms, average pools, per-channel scales)
+    into one conv, where that costs no more (FD109; FD110 says why a set was kept); the block
+    whose forward sums them becomes its merged graph (FD104). ``dry_run=True`` returns the plan without
     changing anything: the model given, and a report whose actions say what a fold would do and
     whose ``extra['plan']`` lists every module edit and graph replacement (no weights computed,
     no proof run).
     """
     selector = Selector.of(select, types) if (select or types) else None
-    policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector)
+    policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector, merge_branches)
     run = FoldRun(inplace, tuple(leaf_modules), record_sources, check_trace, prove, dry_run)
     with gc_paused():
         return _fold(model, example_inputs, policy, run, cap)
@@ -193,6 +199,11 @@ def _fold_graph(
 ) -> RewriteResult:
     """A GraphModule or ExportedProgram: folded as the graph it is, and returned as one."""
     for region in cap.regions:
+        if policy.merge_branches:
+            merged = merge_region(region, policy, apply=not run.dry_run)
+            report.extra.setdefault("branch_sets", []).extend(s.to_dict() for s in merged.sets)
+            report.actions.extend(merged.actions)
+            report.diagnostics.extend(merged.diagnostics)
         rf = fold_region(
             region, rank_of, policy, inplace=run.inplace and not run.dry_run, compile=not run.dry_run
         )

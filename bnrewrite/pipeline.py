@@ -31,6 +31,7 @@ def fold_and_write(
     leaf_modules: Any = (),
     bn_to_affine: bool = False,
     speed_check: bool = True,
+    merge_branches: bool = True,
 ) -> Report:
     """Fold, optionally verify, and write; nothing is written unless every step succeeded."""
     kind = format_of(output, fmt)
@@ -46,6 +47,7 @@ def fold_and_write(
         "leaf_modules": leaf_modules,
         "bn_to_affine": bn_to_affine,
         "speed_check": speed_check,
+        "merge_branches": merge_branches,
     }
     return _fold_and_write(loaded, output, inputs, verify, kind, dynamic_batch, graph, force, options)
 

@@ -91,6 +91,10 @@ def render_report(report: Report, console: Console) -> None:
         style = "green" if v.get("passed") else "bold red"
         console.print(Text.assemble("Verification: ", (str(v.get("summary", "")), style)))
     for key, value in report.extra.items():
+        if key == "branch_sets":
+            if value:
+                console.print(_branch_sets_table(value))
+            continue
         if key == "plan" and isinstance(value, list):
             console.print(_t(f"plan ({len(value)} edits, nothing changed):"))
             for step in value:
@@ -116,6 +120,22 @@ def _norms_table(report: Report) -> Table:
             _t(", ".join(n.after) or "-"),
             _t(n.verdict, _VERDICT_STYLE.get(n.verdict, "")),
             reason,
+        )
+    return t
+
+
+def _branch_sets_table(sets: list[dict[str, Any]]) -> Table:
+    """One row per sum of parallel branches that read one tensor: merged or not, and why."""
+    t = Table(title=f"Branch sets ({len(sets)})", title_justify="left")
+    for col in ("module", "branches", "verdict", "reason"):
+        t.add_column(col, overflow="fold")
+    for s in sets:
+        verdict = "merge" if s["verdict"] == "merge" else "kept"
+        t.add_row(
+            _t(s["module"]),
+            _t("; ".join(s["branches"])),
+            _t(verdict, "green" if verdict == "merge" else "yellow"),
+            _t(s["reason"]),
         )
     return t
 

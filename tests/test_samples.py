@@ -15,7 +15,7 @@ EXPECTED = {
     "functional_bn": {"fold-into-preceding": 2},
     "bn_after_act": {"fold-into-following": 2, "not-foldable": 2},
     "untraceable": {"fold-into-preceding": 4, "not-foldable": 1},
-    "shared_conv": {"fold-into-preceding": 2},
+    "shared_conv": {"fold-into-preceding": 1, "merge-branches": 1},  # a + bn_b(shared(a)): one conv
     "module_lists": {"fold-into-preceding": 5},
     "iterating_parent": {"fold-into-preceding": 4},
     "kwargs_dataclass": {"fold-into-preceding": 3},
@@ -70,5 +70,5 @@ def test_untraceable_reports_the_opaque_part_with_reason():
 
 def test_shared_conv_folds_each_call_site_separately():
     model, inputs = load_sample("shared_conv")
-    _folded, report = fold(model, inputs)
+    _folded, report = fold(model, inputs, merge_branches=False)
     assert sorted(a.target for a in report.actions) == ["shared", "shared_folded1"]

@@ -58,6 +58,14 @@ SpeedCheckOpt = Annotated[
         "on another backend.",
     ),
 ]
+KeepBranchesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-branches",
+        help="Do not merge parallel linear branches (RepVGG/ACNet/DBB/MobileOne/RepConv blocks) "
+        "into one conv; only fold the BatchNorms (FD109 lists what merging does).",
+    ),
+]
 DryRunOpt = Annotated[
     bool,
     typer.Option(
@@ -86,6 +94,7 @@ def fold(
     leaf: LeafOpt = None,
     bn_to_affine: BnToAffineOpt = False,
     speed_check: SpeedCheckOpt = True,
+    keep_branches: KeepBranchesOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
@@ -103,6 +112,7 @@ def fold(
         "leaf_modules": leaf or (),
         "bn_to_affine": bn_to_affine,
         "speed_check": speed_check,
+        "merge_branches": not keep_branches,
     }
     if dry_run:
         plan = fold_model(loaded.model, inputs, dry_run=True, record_sources=True, **options).report

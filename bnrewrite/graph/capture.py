@@ -123,17 +123,25 @@ def _capture_module(
     return Capture(model, regions, opaque, inputs, rec, how="parts")
 
 
-def capture_submodule(cap: Capture, path: str) -> Region | None:
+def record_inputs(cap: Capture, paths: set[str]) -> Recording | None:
+    """One eager pass that records the inputs of the modules at ``paths`` (for capturing several
+    of them alone, one pass for all)."""
+    paths = {p for p in paths if p}
+    if cap.example_inputs is None or not paths:
+        return None
+    cap.eager_passes += 1
+    return record_run(cap.model, cap.example_inputs, keep=paths)
+
+
+def capture_submodule(cap: Capture, path: str, rec: Recording | None = None) -> Region | None:
     """A fresh graph of the module at ``path`` alone (fx, else torch.export on its inputs from
-    another eager pass), for replacing just that module; None when neither captures it."""
+    ``rec`` or another eager pass), for replacing just that module; None when neither captures it."""
     module = cap.model.get_submodule(path) if path else cap.model
     leaf_types = tuple(x for x in cap.leaf_modules if isinstance(x, type))
     leaf_paths = {x for x in cap.leaf_modules if isinstance(x, str)}
     tracer = Tracer(leaf_types, leaf_paths, True)
-    rec = None
-    if cap.example_inputs is not None and path:
-        rec = record_run(cap.model, cap.example_inputs, keep={path})
-        cap.eager_passes += 1
+    if rec is None or path not in rec.inputs:
+        rec = record_inputs(cap, {path})
     args, kwargs = rec.inputs.get(path, (None, {})) if rec is not None else (cap.example_inputs, {})
     try:
         gm = _trace(module, tracer, None)

@@ -26,12 +26,14 @@ NOT_FOLDABLE = "not-foldable"
 class FoldPolicy:
     """What the user asked of a fold, handed unchanged from ``fold`` down to every decision:
     fold training-mode BNs as if in eval mode, turn unabsorbable BNs into a scale-and-shift,
-    time folds that give a transposed conv a bias (FD108), and which BNs to touch at all."""
+    time folds that give a transposed conv a bias (FD108), which BNs to touch at all, and
+    whether parallel linear branches merge into one conv (FD109)."""
 
     eval_mode: bool = False
     bn_to_affine: bool = False
     speed_check: bool = True
     selector: Selector | None = None
+    merge_branches: bool = True
 
 
 @dataclass

@@ -17,13 +17,15 @@ from torch import fx, nn
 from ..codes import finding
 from ..diagnostics import Diagnostic, Report
 from ..errors import BnrewriteError
-from ..graph.capture import capture_submodule
+from ..graph.capture import capture_submodule, record_inputs
 from ..graph.captured import Capture, Region
 from ..graph.edit import Editor, shallow_copy
 from ..graph.tracer import compile_now
 from .bind import bind
+from .branch_sets import MERGE, BranchSet
 from .fold_bn import Applied, fold_region
 from .fold_plan import FoldPolicy, RankOf, shape_lookup
+from .merge_branches import merge_actions, merge_region
 from .tree_edit import TreePlanner, Unit, _ModuleEdit, common_prefix, covers
 
 
@@ -85,15 +87,25 @@ def plan_and_apply(
     ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made.
     ``dry_run``: stop at the plan (``report.extra['plan']``): no weights computed, nothing
     captured again, nothing applied."""
-    units, needs, diagnostics, pending = _plan_regions(cap, rank_of, inplace and not keep_old, policy)
-    graphs = _graph_scopes(needs, units)
+    units, needs, diagnostics, pending, found = _plan_regions(cap, rank_of, inplace and not keep_old, policy)
+    if policy.merge_branches:
+        report.extra["branch_sets"] = [s.to_dict() for s in found]
+    merges = [s for s in found if s.verdict == MERGE]
+    graphs = _graph_scopes(
+        needs, units, [(s.owner, f"merges {len(s.terms)} branches of {s.name}") for s in merges]
+    )
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
     if dry_run:
-        return _plan_only(cap, report, units, needs, graphs, diagnostics)
+        result = _plan_only(cap, report, units, needs, graphs, diagnostics)
+        merged = [a for s in merges for a in _merge_actions(s)]
+        absorbed = {a.node for a in merged}  # a BatchNorm a merge absorbs is not folded on its own
+        report.actions[:] = [a for a in report.actions if a.node not in absorbed] + merged
+        return result
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
     root_graph = None
+    rec = record_inputs(cap, set(graphs)) if len(graphs) > 1 else None  # one pass for every scope
     for path, reasons in graphs.items():
-        unit = _graph_unit(cap, path, reasons, policy, diagnostics)
+        unit = _graph_unit(cap, path, reasons, policy, diagnostics, rec)
         if path == "":
             root_graph = unit
         units.append(unit)
@@ -173,20 +185,37 @@ def _describe_module(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def _merge_actions(bset: BranchSet) -> list[Any]:
+    where = f"{bset.owner}.reparam" if bset.owner else "reparam"
+    return merge_actions(bset, where)
+
+
 def _plan_regions(
     cap: Capture,
     rank_of: RankOf,
     inplace: bool,
     policy: FoldPolicy,
-) -> tuple[list[Unit], list[tuple[str, str, Applied, Region]], list[Diagnostic], list[tuple[Any, Any]]]:
+) -> tuple[
+    list[Unit],
+    list[tuple[str, str, Applied, Region]],
+    list[Diagnostic],
+    list[tuple[Any, Any]],
+    list[BranchSet],
+]:
     """Fold every region as a graph (nothing compiled, no weights computed yet) and plan the
-    tree edits: (units, graph needs, diagnostics, weights to compute)."""
+    tree edits: (units, graph needs, diagnostics, weights to compute, branch sets with verdicts).
+    The branch sets are found first, on the graph as captured."""
     calls = _graph_calls(cap)
     pending: list[tuple[Any, Any]] = []
     units: list[Unit] = []
     needs: list[tuple[str, str, Applied, Region]] = []
     diagnostics: list[Diagnostic] = []
+    merges: list[BranchSet] = []
     for region in cap.regions:
+        if policy.merge_branches:
+            planned = merge_region(region, policy, apply=False)
+            merges.extend(planned.sets)
+            diagnostics.extend(planned.diagnostics)  # FD109s inside graph scopes give way to the applied ones
         rf = fold_region(region, rank_of, policy, inplace=inplace, compile=False)
         diagnostics.extend(rf.diagnostics)
         pending.extend(rf.pending)
@@ -203,15 +232,19 @@ def _plan_regions(
                 )
             )
         needs.extend((path, why, a, region) for path, why, a in region_needs)
-    return units, needs, diagnostics, pending
+    return units, needs, diagnostics, pending, merges
 
 
-def _graph_scopes(needs: list[tuple[str, str, Applied, Region]], units: list[Unit]) -> dict[str, list[str]]:
+def _graph_scopes(
+    needs: list[tuple[str, str, Applied, Region]], units: list[Unit], merges: list[tuple[str, str]]
+) -> dict[str, list[str]]:
     """Module paths to replace by graphs (none inside another), each with its reasons; a scope
     grows until no tree unit straddles its boundary."""
     scopes: dict[str, list[str]] = {}
     for path, why, a, _region in needs:
         scopes.setdefault(path, []).append(f"{a.action.module_path or a.action.node}: {why}")
+    for path, why in merges:
+        scopes.setdefault(path, []).append(why)
     changed = True
     while changed:
         changed = False
@@ -236,17 +269,21 @@ def _graph_unit(
     reasons: list[str],
     policy: FoldPolicy,
     diagnostics: list[Diagnostic],
+    rec: Any = None,
 ) -> Unit:
     """Capture the module at ``path`` alone, fold it as a graph, and make swapping it in a unit."""
-    region = capture_submodule(cap, path)
+    region = capture_submodule(cap, path, rec)
     if region is None:
         raise BnrewriteError(f"{path or '<root>'}: cannot be captured alone to carry a graph-only fold")
     sub = Capture(region.gm, [region], example_inputs=region.inputs)
+    merged = merge_region(region, policy, apply=True) if policy.merge_branches else None
     rf = fold_region(region, shape_lookup(sub), policy, compile=True)
     region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
     compile_now(region.gm)
     region.gm.training = (cap.model.get_submodule(path) if path else cap.model).training
     why = "; ".join(reasons)
+    if merged is not None:
+        diagnostics.extend(merged.diagnostics)
     diagnostics.extend(rf.diagnostics)
     diagnostics.append(
         finding(
@@ -256,7 +293,8 @@ def _graph_unit(
             path or None,
         )
     )
-    unit = Unit(actions=rf.actions, graph_path=path, reason=why, graph=region.gm)
+    actions = (merged.actions if merged is not None else []) + rf.actions
+    unit = Unit(actions=actions, graph_path=path, reason=why, graph=region.gm)
     if path:
         unit.edits.append(_ModuleEdit(path, region.gm))
     return unit

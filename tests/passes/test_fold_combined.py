@@ -68,8 +68,22 @@ def test_bn_over_a_sum_scales_every_term_and_shifts_once(aten):
     model = randomize_bn(DualPath())
     x = torch.randn(2, 4, 7, 7)
     src = torch.export.export(model, (x,)) if aten else model
-    folded, report = fold(src, (x,))
+    folded, report = fold(src, (x,), merge_branches=False)
     assert _codes(report) == ["FD106"] and report.actions[0].target == "a, b, c"
+    _exact(model, folded, x)
+
+
+@pytest.mark.parametrize("aten", [False, True], ids=["module", "aten"])
+def test_branches_of_a_sum_merge_where_they_nest_then_the_bn_folds(aten):
+    """a (3x3) and b (1x1) nest and merge; c (3x3 dilated) would grow the kernel to 5x5 (more
+    work), so it stays a term of the sum and the BatchNorm folds into both terms."""
+    model = randomize_bn(DualPath())
+    x = torch.randn(2, 4, 7, 7)
+    src = torch.export.export(model, (x,)) if aten else model
+    folded, report = fold(src, (x,))
+    codes = _codes(report)
+    assert "FD109" in codes and "FD106" in codes, codes
+    assert not [d for d in report.diagnostics if d.code == "FD207"]
     _exact(model, folded, x)
 
 

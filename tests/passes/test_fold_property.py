@@ -146,7 +146,9 @@ def combined(draw):
 @given(combined())
 def test_concat_sum_and_reshaped_linear_fold_exactly(case):
     model, x, combine = case
-    folded, report = fold(model, (x,))
+    folded, report = fold(
+        model, (x,), merge_branches=False
+    )  # the sum's own fold (merging: test_merge_property)
     expected = {"cat": "FD105", "sum": "FD106", "flatten": "FD107", "transpose": "FD107"}[combine]
     assert [a.code for a in report.actions] == [expected], [d.message for d in report.diagnostics]
     assert type(folded.bn) is nn.Identity

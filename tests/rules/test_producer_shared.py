@@ -19,9 +19,11 @@ class Branch(nn.Module):
 
 
 def test_fires_when_conv_output_is_also_used_elsewhere():
-    report = analyze(randomize_bn(Branch()), x4())
+    report = analyze(randomize_bn(Branch()), x4(), merge_branches=False)
     assert codes_at(report, "BN009") == ["bn"]
     assert report.norms[0].verdict == "not-foldable"  # stays a BatchNorm: a fold never adds work
+    # bn(y) + y is one per-channel affine map of y: merged, then folded into the conv
+    assert analyze(randomize_bn(Branch()), x4()).norms[0].verdict == "merge-branches"
 
 
 def test_silent_on_plain_chain():
