@@ -14,6 +14,7 @@ from .graph.norms import BNSite, OtherNormSite, find_norms, lookalikes, opaque_n
 from .graph.ops import source_line, target_name
 from .graph.view import to_networkx
 from .passes.fold_plan import NOT_FOLDABLE, decide, shape_lookup
+from .passes.merge_branches import MERGE_BRANCHES
 from .rules import RULES, RuleContext
 from .select import Selector
 
@@ -91,6 +92,21 @@ def _other_entry(o: OtherNormSite) -> NormEntry:
     )  # fmt: skip
 
 
+def _without_merged_lookalikes(entries: list[NormEntry], planned: dict[str, Action]) -> list[NormEntry]:
+    """Drop the look-alike entry of a module whose BatchNorm a branch merge absorbs (DBB's
+    BatchNorm-and-pad layer): the BatchNorm's own entry says what happens to it."""
+    merged = [a.module_path for a in planned.values() if a.kind == MERGE_BRANCHES and a.module_path]
+    return [
+        e
+        for e in entries
+        if not (
+            e.reason_code == "FD208"
+            and e.module_path
+            and any(p.startswith(e.module_path + ".") for p in merged)
+        )
+    ]
+
+
 def _apply_verdicts(entries: list[NormEntry], planned: dict[str, Action]) -> None:
     """The plan's verdict for every BatchNorm it folds (or turns into a scale-and-shift)."""
     for entry in entries:
@@ -148,7 +164,9 @@ def analyze(
     if "branch_sets" in plan.extra:
         report.extra["branch_sets"] = plan.extra["branch_sets"]
     report.diagnostics.extend(d for d in plan.diagnostics if d.code == "FD110")  # merged sets: in the table
-    _apply_verdicts(report.norms, {a.node: a for a in plan.actions if a.node})
+    planned = {a.node: a for a in plan.actions if a.node}
+    _apply_verdicts(report.norms, planned)
+    report.norms = _without_merged_lookalikes(report.norms, planned)
     refused = {d.node: d for d in plan.diagnostics if d.code == "FD207" and d.node}
     for entry in report.norms:  # the eager run contradicts the graph: a fold would not apply it
         if entry.node in refused:

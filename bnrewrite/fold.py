@@ -181,7 +181,8 @@ def _fold(
         dry_run=run.dry_run,
     )
     if run.dry_run:
-        report.diagnostics.extend(opaque)
+        merged = {d.module_path for d in report.diagnostics if d.code == "FD109" and d.module_path}
+        report.diagnostics.extend(d for d in opaque if not _inside(d.module_path, merged))
         return RewriteResult(model, report)
     if proving:
         _prove(cap, result, report)
@@ -190,8 +191,14 @@ def _fold(
     elif run.prove:
         report.extra["proof"] = {"passed": None, "note": "no example inputs: the result was not run"}
     report.actions.extend(a for u in result.units for a in u.actions)
-    report.diagnostics.extend(opaque)
+    merged = {d.module_path for d in report.diagnostics if d.code == "FD109" and d.module_path}
+    report.diagnostics.extend(d for d in opaque if not _inside(d.module_path, merged))
     return RewriteResult(result.current(), report)
+
+
+def _inside(path: str | None, scopes: set[str]) -> bool:
+    """True when ``path`` lies inside one of ``scopes`` (module paths)."""
+    return bool(path) and any((path + ".").startswith(s + ".") for s in scopes)
 
 
 def _fold_graph(
@@ -200,7 +207,9 @@ def _fold_graph(
     """A GraphModule or ExportedProgram: folded as the graph it is, and returned as one."""
     for region in cap.regions:
         if policy.merge_branches:
-            merged = merge_region(region, policy, apply=not run.dry_run)
+            merged = merge_region(
+                region, policy, apply=not run.dry_run, shape_of=getattr(rank_of, "shape", None)
+            )
             report.extra.setdefault("branch_sets", []).extend(s.to_dict() for s in merged.sets)
             report.actions.extend(merged.actions)
             report.diagnostics.extend(merged.diagnostics)

@@ -23,4 +23,10 @@ NAMES = [
     "enet",
     "frozen_bn",
     "affine_layers",
+    "repvgg",
+    "acnet",
+    "dbb",
+    "mobileone",
+    "repconv",
+    "repmixer",
 ]

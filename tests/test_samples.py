@@ -27,6 +27,12 @@ EXPECTED = {
     "enet": {"fold-into-preceding": 3},
     "frozen_bn": {"fold-into-preceding": 3},
     "affine_layers": {"fold-into-preceding": 2, "fold-into-following": 2, "not-foldable": 4},
+    "repvgg": {"merge-branches": 15},
+    "acnet": {"merge-branches": 9},
+    "dbb": {"merge-branches": 22},
+    "mobileone": {"merge-branches": 31},
+    "repconv": {"fold-into-preceding": 1, "merge-branches": 8},
+    "repmixer": {"fold-into-preceding": 3, "merge-branches": 8},
 }
 
 

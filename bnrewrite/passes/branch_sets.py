@@ -13,7 +13,7 @@ between, a stride or padding mismatch, the border, the cost, ...). Nothing here 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from ..graph import ops
 from ..graph.captured import Region
 from ..graph.linear_ops import BranchOp, branch_op, combination, constant_value
 from ..graph.ops import node_shape
+from ..graph.reshapes import ShapeOf
 from . import branch_math as bm
 from .decision import FoldPolicy, stats_problem
 
@@ -63,7 +64,6 @@ class BranchSet:
     verdict: str = KEEP
     reason: str = ""
     merged: bm.Merged | None = None
-    extra: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -90,8 +90,9 @@ class BranchSet:
         }
 
 
-def find_branch_sets(region: Region, policy: FoldPolicy) -> list[BranchSet]:
-    """Every branch set of ``region``, outermost sums first, each with its verdict."""
+def find_branch_sets(region: Region, policy: FoldPolicy, shape_of: ShapeOf | None = None) -> list[BranchSet]:
+    """Every branch set of ``region``, outermost sums first, each with its verdict; ``shape_of``
+    gives a value's shape where no op of the set tells its channels (identities and pools)."""
     gm = region.gm
     taken: set[fx.Node] = set()
     found: list[BranchSet] = []
@@ -106,7 +107,7 @@ def find_branch_sets(region: Region, policy: FoldPolicy) -> list[BranchSet]:
             continue
         terms = [_walk(region, coef, leaf, policy.eval_mode) for coef, leaf in leaves]
         for bset in _group(region, node, terms, constant, inner):
-            _decide(bset)
+            _decide(bset, shape_of or node_shape)
             found.append(bset)
             if bset.verdict == MERGE:
                 taken.update(bset.inner)
@@ -235,19 +236,28 @@ def _caller(region: Region, node: fx.Node) -> str:
     return path
 
 
-def _decide(bset: BranchSet) -> None:
+def _decide(bset: BranchSet, shape_of: ShapeOf) -> None:
+    """MERGE when two or more branches are one conv together at no more cost; a branch that is
+    not linear (or not exact at the border) stays a term of the sum beside the merged conv."""
+    maps: dict[int, bm.ConvMap] = {}
+    candidates = [t for t in bset.terms if t.problem is None]
+    for i, t in enumerate(bset.terms):
+        if t.problem is None and len(candidates) >= 2:
+            try:
+                maps[i] = _term_map(bset, t, _input_geometry(bset, shape_of))
+            except bm.Refused as e:
+                t.problem = str(e)
     linear = [t for t in bset.terms if t.problem is None]
     refused = [t for t in bset.terms if t.problem is not None]
     if len(linear) < 2:
-        bset.reason = refused[0].problem if refused else "fewer than two linear branches"
+        bset.reason = (refused[0].problem or "") if refused else "fewer than two linear branches"
         return
     kept = bset.others + refused
     if kept and any(float(t.coef.abs().max()) != 1.0 or bool((t.coef < 0).any()) for t in kept):
-        bset.reason = "the sum also scales branches that do not merge"
+        bset.reason = f"the sum also scales branches that do not merge ({refused[0].problem if refused else 'other inputs'})"
         return
     try:
-        maps = [_term_map(bset, t, linear) for t in linear]
-        merged = bm.merge(maps, adds=len(linear) - 1)
+        merged = bm.merge(list(maps.values()), adds=len(linear) - 1)
     except bm.Refused as e:
         bset.reason = str(e)
         return
@@ -258,16 +268,40 @@ def _decide(bset: BranchSet) -> None:
             f"position, {m.params} vs {merged.branch_params} stored values)"
         )
         return
-    bset.terms, bset.verdict, bset.merged = linear, MERGE, merged
-    bset.extra = [t.problem or "" for t in refused]
     diagonal = all(k == 1 for k in m.kernel) and m.groups == m.in_channels == m.out_channels and not m.spatial
+    if not diagonal and not _has_branch_shape(m, linear):
+        bset.reason = (
+            f"the merged conv ({'x'.join(map(str, m.kernel))}, groups {m.groups}) has the shape of no branch's "
+            "conv: fewer multiply-adds, but its speed here is not known"
+        )
+        return
+    bset.terms, bset.others, bset.verdict, bset.merged = linear, bset.others + refused, MERGE, merged
     what = "a per-channel scale and shift" if diagonal else f"one {'x'.join(map(str, m.kernel))} conv"
     bset.reason = f"{len(linear)} branches become {what}"
+    if refused:
+        bset.reason += "; kept beside it: " + "; ".join(t.problem or "" for t in refused)
 
 
-def _term_map(bset: BranchSet, term: Term, all_terms: list[Term]) -> bm.ConvMap:
-    channels, nd = _input_geometry(bset, all_terms)
-    m = bm.identity(channels, nd)
+def _has_branch_shape(m: bm.ConvMap, terms: list[Term]) -> bool:
+    """True when one branch already runs a conv of the merged conv's shape (so the merged one
+    runs what that branch ran, with other weights): a merge never makes a layer slower."""
+    for t in terms:
+        for op in t.ops:
+            if op.kind != "conv":
+                continue
+            d = op.data
+            same = (
+                tuple(d["weight"].shape[2:]) == m.kernel
+                and d["groups"] == m.groups
+                and d["stride"] == m.stride
+            )
+            if same and d["dilation"] == m.dilation and d["padding"] == m.padding:
+                return True
+    return False
+
+
+def _term_map(bset: BranchSet, term: Term, geometry: tuple[int, int]) -> bm.ConvMap:
+    m = bm.identity(*geometry)
     for op in term.ops:
         m = _then(m, op, bset.region)
     return bm.then_affine(m, term.coef, None, params=int(term.coef.numel()) if term.coef.dim() else 0)
@@ -293,10 +327,10 @@ def _then(m: bm.ConvMap, op: BranchOp, region: Region) -> bm.ConvMap:
     return m  # identity
 
 
-def _input_geometry(bset: BranchSet, terms: list[Term]) -> tuple[int, int]:
+def _input_geometry(bset: BranchSet, shape_of: ShapeOf) -> tuple[int, int]:
     """(channels, spatial dims) of the tensor the branches read."""
     channels = nd = None
-    for t in terms:
+    for t in bset.terms:
         for op in t.ops[:1]:
             if op.kind == "conv":
                 w = op.data["weight"]
@@ -309,7 +343,7 @@ def _input_geometry(bset: BranchSet, terms: list[Term]) -> tuple[int, int]:
         for op in t.ops:
             if nd is None and op.kind in ("conv", "pool"):
                 nd = len(op.data["stride"])
-    shape = node_shape(bset.root)
+    shape = node_shape(bset.root) if channels is not None and nd is not None else shape_of(bset.root)
     if shape is not None and len(shape) >= 2:
         channels = channels or int(shape[1])
         nd = nd if nd is not None else len(shape) - 2

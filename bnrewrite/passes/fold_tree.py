@@ -213,7 +213,7 @@ def _plan_regions(
     merges: list[BranchSet] = []
     for region in cap.regions:
         if policy.merge_branches:
-            planned = merge_region(region, policy, apply=False)
+            planned = merge_region(region, policy, apply=False, shape_of=getattr(rank_of, "shape", None))
             merges.extend(planned.sets)
             diagnostics.extend(planned.diagnostics)  # FD109s inside graph scopes give way to the applied ones
         rf = fold_region(region, rank_of, policy, inplace=inplace, compile=False)
@@ -276,8 +276,11 @@ def _graph_unit(
     if region is None:
         raise BnrewriteError(f"{path or '<root>'}: cannot be captured alone to carry a graph-only fold")
     sub = Capture(region.gm, [region], example_inputs=region.inputs)
-    merged = merge_region(region, policy, apply=True) if policy.merge_branches else None
-    rf = fold_region(region, shape_lookup(sub), policy, compile=True)
+    shapes = shape_lookup(sub)
+    merged = (
+        merge_region(region, policy, apply=True, shape_of=shapes.shape) if policy.merge_branches else None
+    )
+    rf = fold_region(region, shapes, policy, compile=True)
     region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
     compile_now(region.gm)
     region.gm.training = (cap.model.get_submodule(path) if path else cap.model).training

@@ -25,6 +25,7 @@ from ..codes import finding
 from ..diagnostics import Action, Diagnostic
 from ..graph import ops
 from ..graph.captured import Region
+from ..graph.reshapes import ShapeOf
 from .branch_sets import MERGE, BranchSet, find_branch_sets
 from .decision import FoldPolicy
 
@@ -46,9 +47,11 @@ class RegionMerge:
         return [s for s in self.sets if s.verdict == MERGE]
 
 
-def merge_region(region: Region, policy: FoldPolicy, *, apply: bool) -> RegionMerge:
+def merge_region(
+    region: Region, policy: FoldPolicy, *, apply: bool, shape_of: ShapeOf | None = None
+) -> RegionMerge:
     """Plan (``apply=False``: nothing changes) or carry out every branch merge of ``region``."""
-    result = RegionMerge(find_branch_sets(region, policy))
+    result = RegionMerge(find_branch_sets(region, policy, shape_of))
     for bset in result.sets:
         if bset.verdict != MERGE:
             if not bset.candidate:
@@ -75,6 +78,9 @@ def merge_region(region: Region, policy: FoldPolicy, *, apply: bool) -> RegionMe
         )
         result.actions.extend(merge_actions(bset, where))
     if apply and result.merging:
+        for n in list(region.gm.graph.nodes):  # buffers nothing reads (an exported BN's counter)
+            if n.op == "get_attr" and not n.users:
+                region.gm.graph.erase_node(n)
         region.gm.graph.lint()
         region.gm.recompile()
     return result
