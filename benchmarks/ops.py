@@ -5,6 +5,11 @@ the ATen ops one forward pass executes are counted with a ``TorchDispatchMode`` 
 views included), on the original model and on the folded one; the folded model must never
 execute more. Latency is the median over interleaved rounds of folded / original.
 
+Second table: every sample with branches meant to be merged (RepVGG, ACNet, DBB, MobileOne,
+RepConv, RepMixer), folded by bnrewrite with default options and re-parameterized by the
+sample's own hand-written per-class code: executed ops of each (bnrewrite must be within 5 %
+of the hand-written result), and latency bnrewrite / hand-written.
+
 Usage: python benchmarks/ops.py [--quick]
 """
 
@@ -108,11 +113,37 @@ def cases():
     yield "efficientnet-b0", trained(EfficientNet.from_name("efficientnet-b0")), (torch.randn(1, 3, 96, 96),)
 
 
+REP_SAMPLES = ["repvgg", "acnet", "dbb", "mobileone", "repconv", "repmixer"]
+
+
+def against_hand_written(rounds: int) -> None:
+    """bnrewrite's default fold against each sample's own reparameterization."""
+    print()
+    print("## Merged branches: bnrewrite fold vs the sample's hand-written reparameterization")
+    print(
+        f"{'model':10} {'ops before':>10} {'bnrewrite':>9} {'hand':>5} {'ratio':>6} {'latency vs hand':>15}"
+    )
+    over = []
+    for name in REP_SAMPLES:
+        mod = importlib.import_module(f"samples.{name}")
+        model, inputs = mod.build(), mod.example_inputs()
+        folded, _ = bnrewrite.fold(model, inputs)
+        hand = mod.reparameterize(model)
+        before = sum(count_ops(model, inputs).values())
+        ours, theirs = sum(count_ops(folded, inputs).values()), sum(count_ops(hand, inputs).values())
+        ratio = latency_ratio(folded, hand, inputs, rounds)
+        print(f"{name:10} {before:10d} {ours:9d} {theirs:5d} {ours / theirs:6.2f} {ratio:15.3f}")
+        if ours > 1.05 * theirs:
+            over.append(name)
+    assert not over, f"more than 5 % over the hand-written reparameterization: {over}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     rounds = 15 if args.quick else 60
+    against_hand_written(rounds)
     print("## Executed ATen ops per forward pass, and latency, folded vs original")
     print(
         f"{'model':20} {'BN':>4} {'folded':>6} {'kept':>5} {'ops before':>10} {'ops after':>9} {'latency':>8}"
@@ -121,7 +152,7 @@ def main() -> None:
     for name, model, inputs in cases():
         folded, report = bnrewrite.fold(model, inputs)
         n_bn = sum(n.family in ("batch", "frozen", "affine") for n in bnrewrite.analyze(model, inputs).norms)
-        done = sum(a.kind.startswith("fold") for a in report.actions)
+        done = sum(a.kind.startswith("fold") or a.kind == "merge-branches" for a in report.actions)
         before, after = count_ops(model, inputs), count_ops(folded, inputs)
         ratio = latency_ratio(folded, model, inputs, rounds)
         total_b, total_a = sum(before.values()), sum(after.values())

@@ -21,6 +21,7 @@ from ..graph.capture import capture_submodule, record_inputs
 from ..graph.captured import Capture, Region
 from ..graph.edit import Editor, shallow_copy
 from ..graph.tracer import compile_now
+from ..graph.unguard import drop_export_guards
 from .bind import bind
 from .branch_sets import MERGE, BranchSet
 from .fold_bn import Applied, fold_region
@@ -282,6 +283,7 @@ def _graph_unit(
     )
     rf = fold_region(region, shapes, policy, compile=True)
     region.gm.delete_all_unused_submodules()  # no absorbed BatchNorm stays behind
+    drop_export_guards(region.gm)  # an exported block accepts any shape again where it can
     compile_now(region.gm)
     region.gm.training = (cap.model.get_submodule(path) if path else cap.model).training
     why = "; ".join(reasons)
