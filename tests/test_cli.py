@@ -243,3 +243,24 @@ def test_fold_dry_run_writes_nothing(tmp_path):
     assert len(data["extra"]["plan"]) == 4 and data["actions"]
     assert not list(tmp_path.iterdir())
     assert run("fold", "samples.bn_act:build").exit_code == 2  # neither -o nor --dry-run
+
+
+def test_fold_merges_branches_unless_told_to_keep_them(tmp_path):
+    merged = run(
+        "fold", "samples.repvgg:build", "--input-shape", "1,3,32,32", "-o", str(tmp_path / "m.pt"), "--json"
+    )
+    assert merged.exit_code == 0, merged.output
+    data = json.loads(merged.output)
+    assert {a["kind"] for a in data["actions"]} == {"merge-branches"}
+    assert all(s["verdict"] == "merge" for s in data["extra"]["branch_sets"])
+    kept = run(
+        "fold", "samples.repvgg:build", "--input-shape", "1,3,32,32", "-o", str(tmp_path / "k.pt"), "--json",
+        "--keep-branches",
+    )  # fmt: skip
+    assert kept.exit_code == 0, kept.output
+    data = json.loads(kept.output)
+    assert {a["kind"] for a in data["actions"]} == {"fold-into-preceding"}
+    assert "FD109" not in {d["code"] for d in data["diagnostics"]}
+    text = run("analyze", "samples.repmixer:build", "--input-shape", "1,3,32,32").stdout
+    assert "Branch sets (4)" in text and "nonlinear op" in text
+    assert "branches-merged" in run("explain", "FD109").stdout and run("explain", "FD110").exit_code == 0
