@@ -282,6 +282,9 @@ class TreePlanner:
                 return None, CONTRADICTED
             if bn in rec.out_ids:
                 seen.add(rec.out_ids[bn])
+        readers = self._reads_of_stored(bn)
+        if readers:
+            return None, f"other code reads {bn}'s stored tensors ({readers})"
         replacement, rest = self._replacement(a, bn)
         if replacement is None:
             return None, rest.why
@@ -303,6 +306,19 @@ class TreePlanner:
         elif a.bn_affine is not None and a.decision.verdict == PRECEDING:
             unit.specs.append(CheckSpec("slot", bn, affine=a.bn_affine, axis=a.decision.site.axis))
         return unit, ""
+
+    def _reads_of_stored(self, bn: str) -> str:
+        """The nodes that still read the BatchNorm module's parameters or buffers once its call
+        is folded away (DBB's BatchNorm-and-pad reads ``bn.bias`` to pad with): replacing the
+        module would take those tensors from them."""
+        local = bn[len(self.region.path) + 1 :] if self.region.path else bn
+        names = [
+            u.name
+            for n in self.region.gm.graph.nodes
+            if n.op == "get_attr" and str(n.target).startswith(local + ".")
+            for u in n.users
+        ]
+        return ", ".join(names[:3])
 
     def _misread(self, a: Applied, bn: str, layers: list[str]) -> str:
         """Why the eager run contradicts the graph's consumers of the values the fold changes:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import samples
+import samples.dbb
 from bnrewrite import fold
 from bnrewrite.graph.norms import is_batchnorm_module
 from bnrewrite.verify import verify
@@ -202,3 +203,15 @@ def test_dry_run_names_the_graph_replacements():
     _, report = fold(model, inputs, dry_run=True)
     assert report.extra["plan"][0]["graph"] == "<root>"
     assert any(d.code == "FD104" and "would be replaced" in d.message for d in report.diagnostics)
+
+
+def test_a_batchnorm_whose_tensors_other_code_reads_is_carried_by_a_graph():
+    """DBB's BatchNorm-and-pad reads ``self.bn.bias`` to pad with: replacing that BatchNorm by
+    ``Identity`` would break it, so the fold is carried by the enclosing module's graph."""
+    model, inputs = samples.dbb.build(), samples.dbb.example_inputs()
+    folded, report = fold(model, inputs, merge_branches=False)
+    assert not [d for d in report.diagnostics if d.code == "FD207"]
+    graphs = [d.message for d in report.diagnostics if d.code == "FD104"]
+    assert graphs and all("stored tensors" in m for m in graphs)
+    assert sum(a.kind == "fold-into-preceding" for a in report.actions) == 15
+    assert verify(model, folded, inputs).passed
