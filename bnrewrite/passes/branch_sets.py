@@ -169,23 +169,23 @@ def _expand(
 
 def _walk(region: Region, coef: torch.Tensor, leaf: fx.Node, eval_mode: bool) -> Term:
     """The branch ending at ``leaf``: walk back through single-input ops to the first value
-    something else also reads (or that no op computes)."""
+    something else also reads (or that no op computes). Past the first op that is not linear
+    the walk only looks for that value (to say what lies between it and the sum)."""
     chain: list[BranchOp] = []
     problem = None
     cur: fx.Node = leaf
     owned: set[fx.Node] = set()  # the nodes of the ops walked so far, which may read ``cur``
     for _ in range(_DEPTH):
-        op = branch_op(region, cur, eval_mode)
+        op = branch_op(region, cur, eval_mode) if problem is None else _any_op(cur)
         readers = set(cur.users) - owned - (set(op.nodes) if op is not None else set())
         if op is None or (readers if chain else len(cur.users) > 1):
             break
-        why = op.problem or _stats(op) or ("a nonlinear op" if op.kind == "nonlinear" else None)
+        why = op.problem or ("a nonlinear op" if op.kind == "nonlinear" else None)
         if op.kind == "conv_transpose":
             why = why or "a transposed conv (not merged)"
         if why and problem is None:
-            problem = (
-                f"{why} ({region.module_path(op.node) or op.node.name}) between {op.input.name} and the sum"
-            )
+            where = region.module_path(op.node) or op.node.name
+            problem = f"{why} ({where}) between {op.input.name} and the sum"
             if op.kind == "nonlinear":
                 problem = f"a nonlinear op, {op.problem}, between {op.input.name} and the sum"
         chain.insert(0, op)
@@ -194,9 +194,12 @@ def _walk(region: Region, coef: torch.Tensor, leaf: fx.Node, eval_mode: bool) ->
     return Term(coef, leaf, cur, chain, problem, any(o.kind == "nonlinear" for o in chain))
 
 
-def _stats(op: BranchOp) -> str | None:
-    site = op.data.get("site") if op.kind == "affine" else None
-    return stats_problem(site) if site is not None else None
+def _any_op(node: fx.Node) -> BranchOp | None:
+    """Any op with one activation input (stored tensors aside), as a step of the walk."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    inputs = [a for a in node.all_input_nodes if a.op != "get_attr" and not ops.reads_only_stored(a)]
+    return BranchOp("other", node, inputs[0], nodes=[node]) if len(inputs) == 1 else None
 
 
 def _group(
@@ -312,6 +315,9 @@ def _then(m: bm.ConvMap, op: BranchOp, region: Region) -> bm.ConvMap:
     d = op.data
     if op.kind == "affine":
         site = d["site"]
+        problem = stats_problem(site)
+        if problem:
+            raise bm.Refused(f"{what}: {problem}")
         scale, shift = site.eval_affine()
         stored = [t for t in (site.weight, site.bias, site.running_mean, site.running_var) if t is not None]
         params = sum(int(t.numel()) for t in stored) or 2 * int(scale.numel())
