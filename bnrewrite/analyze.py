@@ -53,12 +53,10 @@ def opaque_norm_entries(cap: Capture) -> list[NormEntry]:
     ]
 
 
-def inventory(
-    cap: Capture, bns: list[BNSite], others: list[OtherNormSite], folded: dict[str, Action]
-) -> list[NormEntry]:
-    """One entry per norm layer; BatchNorm verdicts are those a fold of the model applies."""
-    rank_of = shape_lookup(cap)
-    entries = [_bn_entry(site, folded.get(site.name), rank_of) for site in bns]
+def inventory(cap: Capture, bns: list[BNSite], others: list[OtherNormSite]) -> list[NormEntry]:
+    """One entry per norm layer, read from the graphs as captured; the BatchNorm entries (the
+    first ``len(bns)``) get their verdicts from the fold's plan (:func:`_apply_verdicts`)."""
+    entries = [_bn_entry(site) for site in bns]
     entries += [_other_entry(o) for o in others]
     entries.extend(opaque_norm_entries(cap))
     for lk in lookalikes(cap):
@@ -69,12 +67,8 @@ def inventory(
     return entries
 
 
-def _bn_entry(site: BNSite, action: Action | None, rank_of: Any) -> NormEntry:
-    if action is not None:
-        verdict, target, code, reason = action.kind, action.target, action.code, action.detail
-    else:
-        d = decide(site, rank_of)
-        verdict, target, code, reason = d.verdict, d.target, d.code, d.reason
+def _bn_entry(site: BNSite) -> NormEntry:
+    verdict, target, code, reason = "", None, None, ""  # the plan's verdict, filled in later
     family = "affine" if site.is_affine_layer else ("frozen" if site.frozen else "batch")
     before, after = _describe(site.region, site.input), _after(site.region, site.node)
     return NormEntry(
@@ -107,8 +101,27 @@ def _without_merged_lookalikes(entries: list[NormEntry], planned: dict[str, Acti
     ]
 
 
-def _apply_verdicts(entries: list[NormEntry], planned: dict[str, Action]) -> None:
-    """The plan's verdict for every BatchNorm it folds (or turns into a scale-and-shift)."""
+def _apply_verdicts(
+    cap: Capture,
+    bns: list[BNSite],
+    entries: list[NormEntry],
+    planned: dict[str, Action],
+    kept: dict[str, Any],
+) -> None:
+    """The plan's verdict for every BatchNorm: the fold it applies, or why it stays (the fold's
+    final decision); a BatchNorm the plan did not reach (a GraphModule input) is decided here."""
+    for site, entry in zip(bns, entries):
+        step = kept.get(site.name)
+        if step is not None:
+            entry.verdict, entry.reason_code, entry.reason = step["verdict"], step["code"], step["reason"]
+        elif site.name not in planned:
+            d = decide(site, shape_lookup(cap))
+            entry.verdict, entry.target, entry.reason_code, entry.reason = (
+                d.verdict,
+                d.target,
+                d.code,
+                d.reason,
+            )
     for entry in entries:
         action = planned.get(entry.node or "")
         if action is not None:
@@ -148,7 +161,7 @@ def analyze(
     # Inventory and rules read the graphs as captured; then the fold's own plan runs on the same
     # capture (no second capture, no weights computed, no proof) and gives the verdicts, so they
     # are the ones a fold applies (to a fixed point: a BatchNorm may fold once another one has).
-    report.norms = inventory(cap, bns, others, {})
+    report.norms = inventory(cap, bns, others)
     ctx = RuleContext(cap, to_networkx(cap), bns, others)
     selected = RULES if rules is None else {c: RULES[c] for c in rules}
     for rule in selected.values():
@@ -165,7 +178,8 @@ def analyze(
         report.extra["branch_sets"] = plan.extra["branch_sets"]
     report.diagnostics.extend(d for d in plan.diagnostics if d.code == "FD110")  # merged sets: in the table
     planned = {a.node: a for a in plan.actions if a.node}
-    _apply_verdicts(report.norms, planned)
+    kept = {s["keeps"]: s for s in plan.extra.get("plan", []) if "keeps" in s}
+    _apply_verdicts(cap, bns, report.norms, planned, kept)
     report.norms = _without_merged_lookalikes(report.norms, planned)
     refused = {d.node: d for d in plan.diagnostics if d.code == "FD207" and d.node}
     for entry in report.norms:  # the eager run contradicts the graph: a fold would not apply it

@@ -20,7 +20,7 @@ from .graph.norms import lookalikes, opaque_norms, other_norm_family
 from .graph.tracer import compile_now
 from .passes.fold_bn import fold_region
 from .passes.fold_plan import FoldPolicy, shape_lookup
-from .passes.fold_tree import TreeResult, plan_and_apply
+from .passes.fold_tree import TreeResult, kept_step, plan_and_apply
 from .passes.merge_branches import merge_region
 from .proof import prove as prove_units
 from .select import Selector
@@ -205,6 +205,8 @@ def _fold_graph(
     model: Any, cap: Capture, rank_of: Any, policy: FoldPolicy, run: FoldRun, report: Report
 ) -> RewriteResult:
     """A GraphModule or ExportedProgram: folded as the graph it is, and returned as one."""
+    kept: list[Any] = []
+    absorbed: set[str | None] = set()  # BatchNorms a (planned) merge absorbs
     for region in cap.regions:
         if policy.merge_branches:
             merged = merge_region(
@@ -213,15 +215,18 @@ def _fold_graph(
             report.extra.setdefault("branch_sets", []).extend(s.to_dict() for s in merged.sets)
             report.actions.extend(merged.actions)
             report.diagnostics.extend(merged.diagnostics)
+            absorbed.update(a.node for a in merged.actions)
         rf = fold_region(
             region, rank_of, policy, inplace=run.inplace and not run.dry_run, compile=not run.dry_run
         )
-        report.actions.extend(rf.actions)
+        report.actions.extend(a for a in rf.actions if a.node not in absorbed)
         report.diagnostics.extend(rf.diagnostics)
+        kept.extend(rf.kept)
     report.diagnostics.extend(opaque_diagnostics(cap))
     if run.dry_run:
         report.extra["plan"] = [
-            {"folds": [a.module_path or a.node for a in report.actions], "graph": "<root>"}
+            {"folds": [a.module_path or a.node for a in report.actions], "graph": "<root>"},
+            *(kept_step(d) for d in kept),
         ]
         return RewriteResult(model, report)
     return RewriteResult(assemble(cap, inplace=run.inplace), report)

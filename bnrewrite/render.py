@@ -96,7 +96,8 @@ def render_report(report: Report, console: Console) -> None:
                 console.print(_branch_sets_table(value))
             continue
         if key == "plan" and isinstance(value, list):
-            console.print(_t(f"plan ({len(value)} edits, nothing changed):"))
+            edits = sum("keeps" not in step for step in value)
+            console.print(_t(f"plan ({edits} edits, nothing changed):"))
             for step in value:
                 console.print(_t(f"  {describe_step(step)}"))
             continue
@@ -143,6 +144,8 @@ def _branch_sets_table(sets: list[dict[str, Any]]) -> Table:
 def describe_step(step: dict[str, Any]) -> str:
     """One planned edit in words."""
     folds = ", ".join(str(f) for f in step.get("folds", []))
+    if "keeps" in step:
+        return f"{step.get('module') or step['keeps']} stays: {step['reason']}"
     if "graph" in step:
         return (
             f"{step['graph']} becomes its folded graph (folds {folds}): {'; '.join(step.get('reasons', []))}"

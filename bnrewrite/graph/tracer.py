@@ -34,6 +34,34 @@ class Tracer(fx.Tracer):
             node.meta["stack_trace"] = _user_frames()
         return node
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """fx's own lookup, by identity, from a table built once: fx searches every named
+        parameter on each access, which costs time quadratic in the model's size."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        params, buffers = self._stored()
+        name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def _stored(self) -> tuple[dict[int, str], dict[int, str]]:
+        cached = getattr(self, "_stored_names", None)
+        if cached is None or cached[0] is not self.root:
+            params: dict[int, str] = {}
+            buffers: dict[int, str] = {}
+            for n, p in self.root.named_parameters():
+                params.setdefault(id(p), n)
+            for n, b in self.root.named_buffers():
+                buffers.setdefault(id(b), n)
+            cached = (self.root, params, buffers)
+            self._stored_names = cached
+        return cached[1], cached[2]
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -77,11 +105,18 @@ def _user_frames(limit: int = 1) -> str:
     frames = []
     frame = sys._getframe(2)
     while frame is not None and len(frames) < limit:
-        path = frame.f_code.co_filename
-        if not path.startswith((_OWN_PACKAGE, _TORCH_PACKAGE)) and not path.startswith("<"):
-            frames.append(f'  File "{path}", line {frame.f_lineno}, in {frame.f_code.co_name}')
+        code = frame.f_code
+        user = _USER_CODE.get(code)
+        if user is None:  # classify each code object once: the stacks under a trace are deep
+            path = code.co_filename
+            user = _USER_CODE[code] = not path.startswith((_OWN_PACKAGE, _TORCH_PACKAGE, "<"))
+        if user:
+            frames.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
         frame = frame.f_back
     return "\n".join(reversed(frames))
+
+
+_USER_CODE: dict[Any, bool] = {}
 
 
 def trace_module(

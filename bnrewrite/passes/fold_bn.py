@@ -102,6 +102,7 @@ class _RegionFolder:
         self.diagnostics: list[Diagnostic] = []
         self.pending: list[tuple[_Slot, Compute]] = []
         self.applied: list[Applied] = []
+        self.kept: list[Decision] = []  # the final decision for every BatchNorm that stays
 
     # -- driving -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -127,6 +128,7 @@ class _RegionFolder:
                 self._apply_scale_shift(decision)
             if decision.verdict in (SCALE_SHIFT, NOT_FOLDABLE):
                 self._diagnose(decision)
+                self.kept.append(decision)
         self.graph.lint()
         # Generate and compile the final code first, then allocate the folded weights, so the
         # transient memory of code generation never stacks on top of the new tensors. A region
@@ -421,6 +423,7 @@ class RegionFold:
     diagnostics: list[Diagnostic]
     applied: list[Applied]
     pending: list[tuple[_Slot, Compute]]  # weights still to compute (``compile=False`` only)
+    kept: list[Decision] = field(default_factory=list)  # why each BatchNorm left stays
 
 
 def fold_region(
@@ -439,4 +442,4 @@ def fold_region(
     tensors wait in the slots for the tree edits."""
     folder = _RegionFolder(region, rank_of, policy, inplace=inplace, compile=compile, detached=not compile)
     folder.run()
-    return RegionFold(folder.actions, folder.diagnostics, folder.applied, folder.pending)
+    return RegionFold(folder.actions, folder.diagnostics, folder.applied, folder.pending, folder.kept)

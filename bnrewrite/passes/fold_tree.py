@@ -10,6 +10,7 @@ is captured alone, folded and swapped in (FD104 names it and the reason). Every 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
@@ -25,7 +26,7 @@ from ..graph.unguard import drop_export_guards
 from .bind import bind
 from .branch_sets import MERGE, BranchSet
 from .fold_bn import Applied, fold_region
-from .fold_plan import FoldPolicy, RankOf, shape_lookup
+from .fold_plan import Decision, FoldPolicy, RankOf, shape_lookup
 from .merge_branches import merge_actions, merge_region
 from .tree_edit import TreePlanner, Unit, _ModuleEdit, common_prefix, covers
 
@@ -88,16 +89,18 @@ def plan_and_apply(
     ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made.
     ``dry_run``: stop at the plan (``report.extra['plan']``): no weights computed, nothing
     captured again, nothing applied."""
-    units, needs, diagnostics, pending, found = _plan_regions(cap, rank_of, inplace and not keep_old, policy)
+    planned = _plan_regions(cap, rank_of, inplace and not keep_old, policy)
+    units, needs, diagnostics, pending = planned.units, planned.needs, planned.diagnostics, planned.pending
     if policy.merge_branches:
-        report.extra["branch_sets"] = [s.to_dict() for s in found]
-    merges = [s for s in found if s.verdict == MERGE]
+        report.extra["branch_sets"] = [s.to_dict() for s in planned.sets]
+    merges = [s for s in planned.sets if s.verdict == MERGE]
     graphs = _graph_scopes(
         needs, units, [(s.owner, f"merges {len(s.terms)} branches of {s.name}") for s in merges]
     )
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
     if dry_run:
         result = _plan_only(cap, report, units, needs, graphs, diagnostics)
+        report.extra["plan"].extend(kept_step(d) for d in planned.kept)
         merged = [a for s in merges for a in _merge_actions(s)]
         absorbed = {a.node for a in merged}  # a BatchNorm a merge absorbs is not folded on its own
         report.actions[:] = [a for a in report.actions if a.node not in absorbed] + merged
@@ -186,45 +189,57 @@ def _describe_module(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def kept_step(d: Decision) -> dict[str, Any]:
+    """A plan entry for a BatchNorm that stays: the fold's final verdict on it, and why."""
+    site = d.site
+    return {
+        "keeps": site.name,
+        "module": site.module_path,
+        "verdict": d.verdict,
+        "code": d.code,
+        "reason": d.reason,
+    }
+
+
 def _merge_actions(bset: BranchSet) -> list[Any]:
     where = f"{bset.owner}.reparam" if bset.owner else "reparam"
     return merge_actions(bset, where)
 
 
-def _plan_regions(
-    cap: Capture,
-    rank_of: RankOf,
-    inplace: bool,
-    policy: FoldPolicy,
-) -> tuple[
-    list[Unit],
-    list[tuple[str, str, Applied, Region]],
-    list[Diagnostic],
-    list[tuple[Any, Any]],
-    list[BranchSet],
-]:
+@dataclass
+class _Planned:
+    """What planning every region gave: tree units, folds only a graph can carry, findings,
+    weights to compute, branch sets with verdicts, and the decision for each BatchNorm kept."""
+
+    units: list[Unit] = field(default_factory=list)
+    needs: list[tuple[str, str, Applied, Region]] = field(default_factory=list)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    pending: list[tuple[Any, Any]] = field(default_factory=list)
+    sets: list[BranchSet] = field(default_factory=list)
+    kept: list[Decision] = field(default_factory=list)
+
+
+def _plan_regions(cap: Capture, rank_of: RankOf, inplace: bool, policy: FoldPolicy) -> _Planned:
     """Fold every region as a graph (nothing compiled, no weights computed yet) and plan the
-    tree edits: (units, graph needs, diagnostics, weights to compute, branch sets with verdicts).
-    The branch sets are found first, on the graph as captured."""
+    tree edits. The branch sets are found first, on the graph as captured."""
     calls = _graph_calls(cap)
-    pending: list[tuple[Any, Any]] = []
-    units: list[Unit] = []
-    needs: list[tuple[str, str, Applied, Region]] = []
-    diagnostics: list[Diagnostic] = []
-    merges: list[BranchSet] = []
+    out = _Planned()
     for region in cap.regions:
         if policy.merge_branches:
             planned = merge_region(region, policy, apply=False, shape_of=getattr(rank_of, "shape", None))
-            merges.extend(planned.sets)
-            diagnostics.extend(planned.diagnostics)  # FD109s inside graph scopes give way to the applied ones
+            out.sets.extend(planned.sets)
+            out.diagnostics.extend(
+                planned.diagnostics
+            )  # FD109s inside graph scopes give way to the applied ones
         rf = fold_region(region, rank_of, policy, inplace=inplace, compile=False)
-        diagnostics.extend(rf.diagnostics)
-        pending.extend(rf.pending)
+        out.diagnostics.extend(rf.diagnostics)
+        out.pending.extend(rf.pending)
+        out.kept.extend(rf.kept)
         planner = TreePlanner(cap, region, calls)
         region_units, region_needs = planner.plan(rf.applied)
-        units.extend(region_units)
+        out.units.extend(region_units)
         for a, why in planner.contradicted:
-            diagnostics.append(
+            out.diagnostics.append(
                 finding(
                     "FD207",
                     f"{a.action.module_path or a.action.node}: fold not applied: {why}",
@@ -232,8 +247,8 @@ def _plan_regions(
                     a.action.module_path,
                 )
             )
-        needs.extend((path, why, a, region) for path, why, a in region_needs)
-    return units, needs, diagnostics, pending, merges
+        out.needs.extend((path, why, a, region) for path, why, a in region_needs)
+    return out
 
 
 def _graph_scopes(

@@ -153,6 +153,7 @@ class TreePlanner:
         self._outputs: dict[str, set[int]] = {}  # layer -> ids of the values it now computes
         self._modules: dict[str, nn.Module] | None = None
         self._ops: dict[str, list[fx.Node]] | None = None
+        self._stored_readers: dict[str, list[str]] | None = None  # module path -> nodes reading its tensors
 
     def module(self, path: str) -> nn.Module | None:
         """The user's module at ``path`` (one walk of the tree, then a lookup)."""
@@ -311,14 +312,14 @@ class TreePlanner:
         """The nodes that still read the BatchNorm module's parameters or buffers once its call
         is folded away (DBB's BatchNorm-and-pad reads ``bn.bias`` to pad with): replacing the
         module would take those tensors from them."""
+        if self._stored_readers is None:
+            self._stored_readers = {}
+            for n in self.region.gm.graph.nodes:
+                if n.op == "get_attr" and n.users:
+                    owner = str(n.target).rpartition(".")[0]
+                    self._stored_readers.setdefault(owner, []).extend(u.name for u in n.users)
         local = bn[len(self.region.path) + 1 :] if self.region.path else bn
-        names = [
-            u.name
-            for n in self.region.gm.graph.nodes
-            if n.op == "get_attr" and str(n.target).startswith(local + ".")
-            for u in n.users
-        ]
-        return ", ".join(names[:3])
+        return ", ".join(self._stored_readers.get(local, [])[:3])
 
     def _misread(self, a: Applied, bn: str, layers: list[str]) -> str:
         """Why the eager run contradicts the graph's consumers of the values the fold changes:
