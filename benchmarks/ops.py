@@ -150,8 +150,10 @@ def main() -> None:
     )
     worse = []
     for name, model, inputs in cases():
-        folded, report = bnrewrite.fold(model, inputs)
-        norms = [n for n in bnrewrite.analyze(model, inputs).norms if n.family in ("batch", "frozen", "affine")]
+        folded, _ = bnrewrite.fold(model, inputs)
+        norms = [
+            n for n in bnrewrite.analyze(model, inputs).norms if n.family in ("batch", "frozen", "affine")
+        ]
         n_bn = len(norms)
         done = sum(n.verdict != "not-foldable" for n in norms)  # folded, or merged with its branches
         before, after = count_ops(model, inputs), count_ops(folded, inputs)

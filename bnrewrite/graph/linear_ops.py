@@ -243,6 +243,11 @@ def _conv_op(gm: fx.GraphModule, layer: Any) -> BranchOp | None:
         "dilation": tuple(int(d) for d in ops_tuple(layer.dilation, nd)),
         "groups": int(layer.groups),
     }
+    if layer.kind == "conv_transpose":
+        extra = layer.module.output_padding if layer.module is not None else None
+        if extra is None:
+            extra = ops.bind(node, layer.arg_names).get("output_padding", 0)
+        op.data["output_padding"] = tuple(int(x) for x in ops_tuple(extra, nd))
     if layer.padding_mode != "zeros":
         op.problem = f"{ops.target_name(node)} pads with mode {layer.padding_mode!r}"
     elif padding is None:

@@ -35,6 +35,9 @@ class ConvMap:
     dilation: tuple[int, ...]
     pad_value: torch.Tensor | None = None  # pointwise map behind an explicit constant pad: its border value
     pads: tuple[tuple[int, int], ...] | None = None  # that pad, (left, right) per spatial dim
+    output_padding: tuple[int, ...] | None = (
+        None  # set for a transposed conv (weight kept as [out, in/g, *k])
+    )
     macs_in: float = 0.0  # work per input position (ops before the spatial op)
     macs_out: float = 0.0  # work per output position
     params: int = 0
@@ -150,7 +153,7 @@ def then_conv(
             m, weight=kernel, bias=new_bias, groups=g, pad_value=pad_value, params=m.params + params
         )
         return _charge(new, macs)
-    if m.spatial:
+    if m.spatial or m.output_padding is not None:
         raise Refused(f"{what} follows another spatial op: their composition is a larger kernel")
     pads = _border(m, padding, what)
     new = ConvMap(
@@ -160,11 +163,9 @@ def then_conv(
         stride,
         pads,
         dilation,
-        None,
-        None,
-        m.macs_in,
-        m.macs_out + macs,
-        m.params + params,
+        macs_in=m.macs_in,
+        macs_out=m.macs_out + macs,
+        params=m.params + params,
     )
     return new
 
@@ -197,6 +198,60 @@ def _border(m: ConvMap, padding: tuple[int, ...], what: str) -> tuple[int, ...]:
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     scale = float(b.abs().max()) if b.numel() else 0.0
     return bool(torch.allclose(a.expand_as(b), b, rtol=_RTOL, atol=_ATOL * max(1.0, scale)))
+
+
+def then_conv_transpose(
+    m: ConvMap,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    output_padding: tuple[int, ...],
+    what: str,
+) -> ConvMap:
+    """A transposed conv reading the branch's input itself. It pads nothing (it crops), but a
+    shift before it would reach each output through a varying number of taps, so only the
+    identity may come before it; per-channel ops and 1x1 convs may follow."""
+    if not _is_identity(m):
+        raise Refused(f"{what} (a transposed conv) reads what other ops computed")
+    w = weight.detach().double()
+    c_in, out_g = int(w.shape[0]), int(w.shape[1])
+    if c_in != m.out_channels:
+        raise Refused(f"{what} reads {c_in} channels, the branch has {m.out_channels}")
+    k = tuple(int(x) for x in w.shape[2:])
+    as_conv = (
+        w.reshape(groups, c_in // groups, out_g, *k)
+        .transpose(1, 2)
+        .reshape(groups * out_g, c_in // groups, *k)
+    )
+    b = bias.detach().double() if bias is not None else torch.zeros(groups * out_g, dtype=torch.float64)
+    params = w.numel() + (bias.numel() if bias is not None else 0)
+    macs = float(w.numel()) / max(1, math.prod(stride))  # per output position
+    return ConvMap(
+        as_conv,
+        b,
+        groups,
+        stride,
+        padding,
+        dilation,
+        output_padding=output_padding,
+        macs_out=macs,
+        params=params,
+    )
+
+
+def transposed_weight(m: ConvMap) -> torch.Tensor:
+    """The ``[in, out/groups, *k]`` weight of a transposed map (the layout nn.ConvTranspose keeps)."""
+    g, k = m.groups, m.kernel
+    out_g, in_g = m.out_channels // g, int(m.weight.shape[1])
+    return m.weight.reshape(g, out_g, in_g, *k).transpose(1, 2).reshape(g * in_g, out_g, *k)
+
+
+def _is_identity(m: ConvMap) -> bool:
+    one = m.groups == m.out_channels == m.in_channels and not m.spatial and m.pads is None
+    return one and bool((m.weight == 1).all()) and not bool(m.bias.any()) and m.output_padding is None
 
 
 def then_pool(
@@ -246,6 +301,8 @@ def merge(maps: list[ConvMap], adds: int) -> Merged:
         raise Refused("the branches differ in channels")
     if len({m.stride for m in maps}) > 1:
         raise Refused(f"stride mismatch: {', '.join(sorted({str(m.stride) for m in maps}))}")
+    if len({m.output_padding for m in maps}) > 1:
+        raise Refused("transposed and plain convs, or transposed convs with different output_padding")
     nd = len(first.stride)
     grid = [_grid([(m.padding[d], m.dilation[d], m.kernel[d]) for m in maps]) for d in range(nd)]
     groups = math.gcd(*[m.groups for m in maps])
@@ -261,8 +318,9 @@ def merge(maps: list[ConvMap], adds: int) -> Merged:
     padding = tuple(g[0] for g in grid)
     dilation = tuple(g[1] for g in grid)
     bias = torch.stack([m.bias for m in maps]).sum(0)
-    merged = ConvMap(big, bias, groups, first.stride, padding, dilation)
-    merged.macs_out = float(big.numel())
+    merged = ConvMap(big, bias, groups, first.stride, padding, dilation, output_padding=first.output_padding)
+    per_input = first.output_padding is not None  # a transposed conv's taps land on stride^d outputs
+    merged.macs_out = float(big.numel()) / (math.prod(first.stride) if per_input else 1)
     merged.params = big.numel() + bias.numel()
     branch_macs = sum(m.macs() for m in maps) + adds * first.out_channels
     return Merged(merged, branch_macs, sum(m.params for m in maps))

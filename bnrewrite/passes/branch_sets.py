@@ -181,8 +181,6 @@ def _walk(region: Region, coef: torch.Tensor, leaf: fx.Node, eval_mode: bool) ->
         if op is None or (readers if chain else len(cur.users) > 1):
             break
         why = op.problem or ("a nonlinear op" if op.kind == "nonlinear" else None)
-        if op.kind == "conv_transpose":
-            why = why or "a transposed conv (not merged)"
         if why and problem is None:
             where = region.module_path(op.node) or op.node.name
             problem = f"{why} ({where}) between {op.input.name} and the sum"
@@ -272,6 +270,7 @@ def _decide(bset: BranchSet, shape_of: ShapeOf) -> None:
         )
         return
     diagonal = all(k == 1 for k in m.kernel) and m.groups == m.in_channels == m.out_channels and not m.spatial
+    diagonal = diagonal and m.output_padding is None
     if not diagonal and not _has_branch_shape(m, linear):
         bset.reason = (
             f"the merged conv ({'x'.join(map(str, m.kernel))}, groups {m.groups}) has the shape of no branch's "
@@ -279,7 +278,8 @@ def _decide(bset: BranchSet, shape_of: ShapeOf) -> None:
         )
         return
     bset.terms, bset.others, bset.verdict, bset.merged = linear, bset.others + refused, MERGE, merged
-    what = "a per-channel scale and shift" if diagonal else f"one {'x'.join(map(str, m.kernel))} conv"
+    kind = "transposed conv" if m.output_padding is not None else "conv"
+    what = "a per-channel scale and shift" if diagonal else f"one {'x'.join(map(str, m.kernel))} {kind}"
     bset.reason = f"{len(linear)} branches become {what}"
     if refused:
         bset.reason += "; kept beside it: " + "; ".join(t.problem or "" for t in refused)
@@ -290,7 +290,7 @@ def _has_branch_shape(m: bm.ConvMap, terms: list[Term]) -> bool:
     runs what that branch ran, with other weights): a merge never makes a layer slower."""
     for t in terms:
         for op in t.ops:
-            if op.kind != "conv":
+            if op.kind not in ("conv", "conv_transpose") or op.data.get("output_padding") != m.output_padding:
                 continue
             d = op.data
             same = (
@@ -326,6 +326,17 @@ def _then(m: bm.ConvMap, op: BranchOp, region: Region) -> bm.ConvMap:
         return bm.then_conv(
             m, d["weight"], d["bias"], d["stride"], d["padding"], d["dilation"], d["groups"], what or "conv"
         )
+    if op.kind == "conv_transpose":
+        args = (
+            d["weight"],
+            d["bias"],
+            d["stride"],
+            d["padding"],
+            d["dilation"],
+            d["groups"],
+            d["output_padding"],
+        )
+        return bm.then_conv_transpose(m, *args, what or "conv_transpose")
     if op.kind == "pool":
         return bm.then_pool(m, d["kernel"], d["stride"], d["padding"], d["divisor"], what or "pool")
     if op.kind == "pad":
@@ -341,13 +352,16 @@ def _input_geometry(bset: BranchSet, shape_of: ShapeOf) -> tuple[int, int]:
             if op.kind == "conv":
                 w = op.data["weight"]
                 channels, nd = int(w.shape[1]) * op.data["groups"], w.dim() - 2
+            elif op.kind == "conv_transpose":
+                w = op.data["weight"]
+                channels, nd = int(w.shape[0]), w.dim() - 2
             elif op.kind == "affine" and channels is None:
                 site = op.data["site"]
                 channels = int(site.eval_affine()[0].numel())
                 digits = [c for c in str(site.kind)[-2:] if c.isdigit()]
                 nd = nd if nd is not None or not digits else int(digits[0])
         for op in t.ops:
-            if nd is None and op.kind in ("conv", "pool"):
+            if nd is None and op.kind in ("conv", "conv_transpose", "pool"):
                 nd = len(op.data["stride"])
     shape = node_shape(bset.root) if channels is not None and nd is not None else shape_of(bset.root)
     if shape is not None and len(shape) >= 2:

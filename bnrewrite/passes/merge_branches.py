@@ -26,12 +26,14 @@ from ..diagnostics import Action, Diagnostic
 from ..graph import ops
 from ..graph.captured import Region
 from ..graph.reshapes import ShapeOf
+from . import branch_math as bm
 from .branch_sets import MERGE, BranchSet, find_branch_sets
 from .decision import FoldPolicy
 
 MERGE_BRANCHES = "merge-branches"
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BNS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONV_TS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 @dataclass
@@ -114,7 +116,7 @@ def _local(region: Region, path: str) -> str:
 def _like(bset: BranchSet) -> torch.Tensor:
     for t in bset.terms:
         for op in t.ops:
-            w = op.data.get("weight") if op.kind == "conv" else None
+            w = op.data.get("weight") if op.kind in ("conv", "conv_transpose") else None
             if isinstance(w, torch.Tensor):
                 return w
     for t in bset.terms:
@@ -137,15 +139,29 @@ def _module(bset: BranchSet) -> nn.Module:
     like = _like(bset)
     if _diagonal(m):
         return _as_batchnorm(bset, like)
-    conv = _CONVS[nd](
-        m.in_channels, m.out_channels, m.kernel, stride=m.stride, padding=m.padding, dilation=m.dilation,
-        groups=m.groups, bias=True, device=like.device, dtype=like.dtype,
-    )  # fmt: skip
+    options = {
+        "stride": m.stride,
+        "padding": m.padding,
+        "dilation": m.dilation,
+        "groups": m.groups,
+        "bias": True,
+    }
+    weight = m.weight
+    if m.output_padding is not None:  # the merge of transposed convs
+        conv = _CONV_TS[nd](
+            m.in_channels, m.out_channels, m.kernel, output_padding=m.output_padding, device=like.device,
+            dtype=like.dtype, **options,
+        )  # fmt: skip
+        weight = bm.transposed_weight(m)
+    else:
+        conv = _CONVS[nd](
+            m.in_channels, m.out_channels, m.kernel, device=like.device, dtype=like.dtype, **options
+        )
     bias = m.bias
     if bset.constant is not None:
         bias = bias + bset.constant.reshape(-1).expand(m.out_channels)
     with torch.no_grad():
-        conv.weight.copy_(m.weight.to(like.dtype))
+        conv.weight.copy_(weight.to(like.dtype))
         conv.bias.copy_(bias.to(like.dtype))
     return conv.train(False)
 
@@ -153,7 +169,7 @@ def _module(bset: BranchSet) -> nn.Module:
 def _diagonal(m: Any) -> bool:
     """A per-channel scale and shift (``x + bn(x)``): a 1x1 kernel with one weight per channel."""
     one = all(k == 1 for k in m.kernel) and all(s == 1 for s in m.stride) and not any(m.padding)
-    return one and m.groups == m.in_channels == m.out_channels
+    return one and m.groups == m.in_channels == m.out_channels and m.output_padding is None
 
 
 def _as_batchnorm(bset: BranchSet, like: torch.Tensor) -> nn.Module:

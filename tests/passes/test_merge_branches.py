@@ -234,3 +234,45 @@ def test_an_identity_plus_batchnorm_becomes_a_batchnorm_that_folds_into_the_conv
     folded, _ = fold(model, x)
     assert dict(executed(folded, x)) == {"convolution": 1, "relu": 1}
     assert verify(model, folded, x).passed
+
+
+class _Up(nn.Module):
+    """Parallel upsampling branches: transposed convs whose kernels nest (3x3, 1x1, 3x1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(
+            nn.ConvTranspose2d(4, 6, 3, 2, 1, output_padding=1, bias=False), nn.BatchNorm2d(6)
+        )
+        self.b = nn.Sequential(
+            nn.ConvTranspose2d(4, 6, 1, 2, 0, output_padding=1, groups=2), nn.BatchNorm2d(6)
+        )
+        self.c = nn.ConvTranspose2d(4, 6, (3, 1), 2, (1, 0), output_padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.a(x) + self.b(x) + self.c(x))
+
+
+@pytest.mark.parametrize("aten", [False, True], ids=["module", "aten"])
+def test_transposed_conv_branches_merge(aten):
+    model = randomize_bn(_Up()).eval()
+    x = torch.randn(2, 4, 5, 6)
+    src = torch.export.export(model, (x,)) if aten else model
+    folded, report = fold(src, (x,))
+    (d,) = [d for d in report.diagnostics if d.code == "FD109"]
+    assert "one 3x3 transposed conv" in d.message
+    assert executed(folded, (x,))["convolution"] == 1
+    ref = float64_reference(model, x)
+    with torch.no_grad():
+        assert (folded(x).double() - ref).abs().max() < 1e-5
+
+
+def test_a_transposed_conv_after_a_shift_is_refused():
+    chain = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ConvTranspose2d(4, 4, 3, 2, 1, output_padding=1))
+    model = _Pair(
+        nn.Sequential(nn.ConvTranspose2d(4, 4, 3, 2, 1, output_padding=1), nn.BatchNorm2d(4)), chain
+    )
+    model = randomize_bn(model).eval()
+    report = analyze(model, (torch.randn(1, 4, 5, 5),))
+    (d,) = [d for d in report.diagnostics if d.code == "FD110"]
+    assert "reads what other ops computed" in d.message

@@ -110,3 +110,48 @@ def test_random_branch_sets_fold_exactly_and_never_run_more(case):
         assert layers == 1 and not after["add"], after
     if not mergeable:
         assert not merged_all, sets
+
+
+CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}
+
+
+@st.composite
+def transposed_sets(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    nd = draw(st.sampled_from([1, 2]))
+    cin, cout = draw(st.sampled_from([2, 4])), draw(st.sampled_from([2, 4]))
+    stride = draw(st.sampled_from([1, 2]))
+    extra = stride - 1  # output_padding that keeps every branch at the same size
+    branches = []
+    for _ in range(draw(st.integers(2, 3))):
+        k = draw(st.sampled_from([1, 3]))
+        kernel = (draw(st.sampled_from([1, 3])), k) if nd == 2 else k
+        ks = kernel if isinstance(kernel, tuple) else (kernel,)
+        pad = tuple(x // 2 for x in ks)
+        conv = CONVT[nd](cin, cout, kernel, stride, pad, output_padding=extra, groups=draw(st.sampled_from([1, 2])),
+                         bias=draw(st.booleans()))  # fmt: skip
+        layers = [conv] + ([_bn(nd, cout, draw(st.booleans()), g)] if draw(st.booleans()) else [])
+        branches.append(nn.Sequential(*layers))
+    with torch.no_grad():
+        for m in branches:
+            for p in m.parameters():
+                if p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return Branches(branches).eval(), torch.randn(2, cin, *([5] * nd), generator=g)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(transposed_sets())
+def test_random_transposed_branch_sets_fold_exactly(case):
+    model, x = case
+    folded, report = fold(model, (x,))
+    assert "FD207" not in [d.code for d in report.diagnostics]
+    ref = float64_reference(model, x)
+    with torch.no_grad():
+        base = (model(x).double() - ref).abs().max().item()
+        err = (folded(x).double() - ref).abs().max().item()
+    assert err <= 4 * base + 1e-6 * max(1.0, ref.abs().max().item()), (err, base)
+    before, after = executed(model, (x,)), executed(folded, (x,))
+    assert sum(after.values()) <= sum(before.values())
+    if any(s["verdict"] == "merge" for s in report.extra.get("branch_sets", [])):
+        assert after["convolution"] < before["convolution"]
