@@ -185,7 +185,10 @@ def _fold(
         report.diagnostics.extend(d for d in opaque if not _inside(d.module_path, merged))
         return RewriteResult(model, report)
     if proving:
-        _prove(cap, result, report)
+        try:
+            _prove(cap, result, report)
+        finally:
+            result.release()
         if inplace:
             result.commit_inplace()
     elif run.prove:

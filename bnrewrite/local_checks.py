@@ -211,7 +211,9 @@ class LayerCheck(LocalCheck):
     ) -> None:
         super().__init__(label)
         self.new = new
-        self.reference = bare_copy(new, old_params)
+        self.old_params = old_params  # tensors, or stash.Saved ones read back only for the check
+        self.on_disk = any(hasattr(v, "load") for v in old_params.values())
+        self.reference = None if self.on_disk else bare_copy(new, old_params)
         self.absorbed = absorbed
         self.axis = 1 if isinstance(new, _ConvNd) else -1
         shifts = [
@@ -224,7 +226,12 @@ class LayerCheck(LocalCheck):
         for side, s, t in reversed(self.absorbed):
             if side == "pre":
                 x = self._affine(x, s, t)
-        y = self.reference(x, *args[1:], **kwargs)
+        reference = self.reference
+        if reference is None:  # inplace=True: the old weights are on disk, for this check only
+            loaded = {k: v.load() if hasattr(v, "load") else v for k, v in self.old_params.items()}
+            reference = bare_copy(self.new, loaded)
+        y = reference(x, *args[1:], **kwargs)
+        del reference
         magnitude: Any = 0.0
         for side, s, t in self.absorbed:
             if side == "post":

@@ -112,3 +112,42 @@ def test_a_fold_that_did_not_take_effect_is_undone_and_said(monkeypatch):
     assert all("did not take effect" in d.message for d in report.diagnostics if d.code == "FD207")
     assert len(report.actions) == 1 and batch_norms_run(folded, inputs) == 4
     assert verify(model, folded, inputs).passed
+
+
+def test_inplace_undo_restores_the_old_weights_from_disk(monkeypatch):
+    """inplace=True writes folded weights into the model's own tensors before the proof; the
+    old values wait in a temporary folder, and an undone fold gets them back bit for bit."""
+    import os
+
+    from bnrewrite import stash as stash_mod
+
+    folders = []
+    real = stash_mod.Stash.__init__
+
+    def tracked(self):
+        real(self)
+        folders.append(self.folder)
+
+    monkeypatch.setattr(stash_mod.Stash, "__init__", tracked)
+    monkeypatch.setattr(tree_edit, "rest_of", _drop_the_rest)
+    model = randomize_bn(TinyBranch()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = model(x).detach()
+    conv_weight = model.conv.weight
+    before = conv_weight.detach().clone()
+    folded, report = fold(model, (x,), inplace=True)
+    assert folded is model and model.conv.weight is conv_weight  # same tensor object, same storage
+    assert [d.module_path for d in report.diagnostics if d.code == "FD207"] == ["bn"]
+    assert torch.equal(model.conv.weight, before)  # restored from the stash
+    assert torch.allclose(model(x), want, atol=1e-6)
+    assert folders and not any(os.path.exists(f) for f in folders)  # the stash is gone
+
+
+def test_inplace_keeps_right_folds_in_the_same_tensors():
+    model, inputs = load_sample("resnet")
+    weights = {n: p for n, p in model.named_parameters() if n.endswith("conv1.weight")}
+    ref = model(*inputs).detach()
+    folded, report = fold(model, inputs, inplace=True)
+    assert folded is model and report.extra["proof"]["passed"]
+    assert all(model.get_parameter(n) is p for n, p in weights.items())
+    assert torch.allclose(model(*inputs), ref, atol=1e-5)

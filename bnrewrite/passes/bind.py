@@ -14,13 +14,15 @@ from ..graph.norms import (
     is_plain_norm_module,
 )
 from ..local_checks import GraphCheck, LayerCheck, LocalCheck, SlotCheck, StillRuns
-from .tree_edit import _MODULE, _PARAM, Edit, Unit, _ModuleEdit, _ParamEdit
+from ..stash import Stash
+from .tree_edit import _INPLACE, _MODULE, _PARAM, Edit, Unit, _ModuleEdit, _ParamEdit
 
 
-def bind(units: list[Unit], editor: Editor) -> None:
+def bind(units: list[Unit], editor: Editor, stash: Stash | None = None) -> None:
     """Resolve deferred edits against the result tree (copy-on-write through ``editor``),
     record what each replaces, so every unit can be applied and undone, and give each unit its
-    local checks (:mod:`~bnrewrite.local_checks`)."""
+    local checks (:mod:`~bnrewrite.local_checks`). A parameter written in place has its old
+    values in ``stash``."""
     for unit in units:
         bound: list[Edit] = []
         for e in unit.edits:
@@ -32,6 +34,9 @@ def bind(units: list[Unit], editor: Editor) -> None:
                 weight, bias = e.new()
                 for pname, value in (("weight", weight), ("bias", bias)):
                     old = owner._parameters.get(pname)
+                    if value is not None and value is old and stash is not None and stash.has(old):
+                        bound.append(Edit(owner, _INPLACE, pname, stash.saved(old), old, path=e.name))
+                        continue
                     if value is None or value is old:
                         continue
                     grad = old.requires_grad if old is not None else owner._parameters["weight"].requires_grad
@@ -56,8 +61,8 @@ def _checks(unit: Unit, editor: Editor) -> list[LocalCheck]:
         if e.kind == _MODULE and isinstance(e.old, nn.Module):
             watched.setdefault(id(e.old), (e.path, e.old))
             replaced.setdefault(e.path, e)
-        elif e.kind == _PARAM:
-            params.setdefault(e.path, {})[e.name] = e.old
+        elif e.kind in (_PARAM, _INPLACE):
+            params.setdefault(e.path, {})[e.name] = e.old  # a stash.Saved when written in place
             owners[e.path] = e.owner
             original = editor.original_of(e.owner)
             if original is not e.owner:

@@ -84,14 +84,16 @@ def _concat(
 ) -> tuple[Decision | None, tuple[str, str] | None]:
     tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-    rank = rank_of(cat)
     if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
         return None, None
-    if rank is None or (dim % rank if dim < 0 else dim) != 1:
-        return None, ("FD202", f"{cat.name} concatenates along dim {dim}, BN normalizes dim 1")
     layers, why = _pieces(site, list(tensors), eval_mode)
     if not layers:
         return None, ("BN009", f"concatenation {cat.name}: {why}") if why else None
+    # The pieces' rank is the concatenation's: a layer's output shape is recorded by the eager
+    # pass, so no shape propagation runs just for this.
+    rank = rank_of(layers[0].node)
+    if rank is None or (dim % rank if dim < 0 else dim) != 1:
+        return None, ("FD202", f"{cat.name} concatenates along dim {dim}, BN normalizes dim 1")
     widths = [out_channels(la) for la in layers]
     if sum(widths) != site.num_features:
         return None, (

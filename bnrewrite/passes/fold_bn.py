@@ -34,6 +34,7 @@ from ..graph.norms import BNSite, bn_site, fetch_attr
 from ..graph.ops import source_line
 from ..graph.tracer import compile_now
 from ..modules import ChannelAffine
+from ..stash import Stash
 from . import fold_math
 from .fold_plan import (
     FOLLOWING,
@@ -385,6 +386,15 @@ class _Slot:
         if attr is None:
             return self.owner._parameters.get(("weight", "bias")[i])
         return fetch_attr(self.owner, attr)
+
+    def stash_into(self, stash: Stash) -> None:
+        """Save the tensors an in-place fill will overwrite (their values may be needed back)."""
+        if not self.in_place:
+            return
+        for i in (0, 1):
+            t = self._get(i)
+            if t is not None:
+                stash.keep(t)
 
     def fill(self, compute: Compute) -> None:
         weight, bias = self._get(0), self._get(1)

@@ -23,21 +23,31 @@ from ..graph.captured import Capture, Region
 from ..graph.edit import Editor, shallow_copy
 from ..graph.tracer import compile_now
 from ..graph.unguard import drop_export_guards
+from ..stash import Stash
 from .bind import bind
 from .branch_sets import MERGE, BranchSet
 from .fold_bn import Applied, fold_region
 from .fold_plan import Decision, FoldPolicy, RankOf, shape_lookup
 from .merge_branches import merge_actions, merge_region
-from .tree_edit import TreePlanner, Unit, _ModuleEdit, common_prefix, covers
+from .tree_edit import TreePlanner, Unit, _ModuleEdit, _ParamEdit, common_prefix, covers
 
 
 class TreeResult:
     """The result tree, the units applied to it, and the model as they make it now."""
 
-    def __init__(self, root: nn.Module, units: list[Unit], root_graph: Unit | None) -> None:
+    def __init__(
+        self, root: nn.Module, units: list[Unit], root_graph: Unit | None, stash: Stash | None = None
+    ) -> None:
         self.root = root
         self.units = units
         self.root_graph = root_graph
+        self.stash = stash  # old values of tensors written in place, until the proof is done
+
+    def release(self) -> None:
+        """The proof is done: the old values of tensors written in place are not needed."""
+        if self.stash is not None:
+            self.stash.close()
+            self.stash = None
 
     def current(self) -> nn.Module:
         if self.root_graph is not None and self.root_graph.active:
@@ -89,7 +99,10 @@ def plan_and_apply(
     ``release_graphs``: the capture is ours, its graphs are dropped once the plan is made.
     ``dry_run``: stop at the plan (``report.extra['plan']``): no weights computed, nothing
     captured again, nothing applied."""
-    planned = _plan_regions(cap, rank_of, inplace and not keep_old, policy)
+    # inplace=True writes the folded weights into the model's own tensors even when the proof
+    # may undo some: the old values wait on disk (a Stash), not in RAM.
+    stash = Stash() if (inplace and keep_old and not dry_run) else None
+    planned = _plan_regions(cap, rank_of, inplace, policy)
     units, needs, diagnostics, pending = planned.units, planned.needs, planned.diagnostics, planned.pending
     if policy.merge_branches:
         report.extra["branch_sets"] = [s.to_dict() for s in planned.sets]
@@ -118,16 +131,21 @@ def plan_and_apply(
     needs.clear()
     if release_graphs:
         cap.regions = []
+    live = {id(e.new.__self__) for u in units for e in u.edits if isinstance(e, _ParamEdit)}
     for slot, compute in pending:
+        if id(slot) not in live:  # a fold a graph carries instead: these weights are never used
+            continue
+        if stash is not None:
+            slot.stash_into(stash)
         slot.fill(compute)
     pending.clear()
     root = cap.model if inplace else shallow_copy(cap.model)
-    bind(units, Editor(root, inplace=inplace))
+    bind(units, Editor(root, inplace=inplace), stash)
     for u in units:
         u.apply()
     diagnostics.extend(_rest_notes(units))
     report.diagnostics.extend(diagnostics)
-    return TreeResult(root, units, root_graph)
+    return TreeResult(root, units, root_graph, stash)
 
 
 def _rest_notes(units: list[Unit]) -> list[Diagnostic]:

@@ -42,7 +42,7 @@ from .fold_bn import Applied
 from .fold_plan import PRECEDING
 from .norm_rest import Rest, ops_by_module, rest_of
 
-_PARAM, _MODULE = "param", "module"
+_PARAM, _MODULE, _INPLACE = "param", "module", "inplace"
 CONTRADICTED = "the eager run contradicts the graph"
 
 
@@ -62,14 +62,17 @@ class Edit:
     def apply(self) -> None:
         if self.kind == _PARAM:
             self.owner._parameters[self.name] = self.new
-        else:
+        elif self.kind == _MODULE:
             put(self.holder, self.new)
+        # _INPLACE: the new values were written into the tensor itself; ``old`` is on disk
 
     def undo(self) -> None:
         if self.kind == _PARAM:
             self.owner._parameters[self.name] = self.old
-        else:
+        elif self.kind == _MODULE:
             put(self.holder, self.old)
+        else:
+            self.old.restore()  # a stash.Saved
 
 
 @dataclass
