@@ -95,7 +95,9 @@ def fold(
     modules carry new weights, absorbed BatchNorm modules are ``nn.Identity``; only where a fold
     cannot be expressed as a module edit is the smallest enclosing module replaced by its
     folded graph (FD104 says which and why). A ``GraphModule``/``ExportedProgram`` comes back
-    as a GraphModule. The input is not modified unless ``inplace=True``.
+    as a GraphModule. The input is not modified unless ``inplace=True``, which writes the folded
+    values into the model's own tensors (the old values of any the proof may undo wait on disk,
+    not in memory: see ``bnrewrite.stash``).
 
     With example inputs, ``prove`` (on by default) runs the result once: every fold is checked
     locally against the modules it replaced, on the inputs it received, and undone by name when

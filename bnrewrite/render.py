@@ -146,6 +146,10 @@ def describe_step(step: dict[str, Any]) -> str:
     folds = ", ".join(str(f) for f in step.get("folds", []))
     if "keeps" in step:
         return f"{step.get('module') or step['keeps']} stays: {step['reason']}"
+    if "becomes" in step:
+        return f"{step['module']} becomes {step['becomes']}"
+    if "graph" in step and "folds" not in step:
+        return f"{step['graph']} becomes its rewritten graph: {'; '.join(step.get('reasons', []))}"
     if "graph" in step:
         return (
             f"{step['graph']} becomes its folded graph (folds {folds}): {'; '.join(step.get('reasons', []))}"

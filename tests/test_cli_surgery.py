@@ -80,3 +80,12 @@ def test_recalibrate_bad_data(tmp_path):
     bad.write_bytes(b"garbage")
     res = run("recalibrate", "samples.resnet:build", "--data", str(bad), "-o", str(tmp_path / "o.pt"))
     assert res.exit_code == 1 and "Traceback" not in res.output and not (tmp_path / "o.pt").exists()
+
+
+def test_surgery_dry_run_writes_nothing(tmp_path):
+    res = run("remove", "samples.resnet:build", "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)["extra"]["plan"]
+    assert plan and all(step["becomes"] == "Identity" for step in plan)
+    assert not list(tmp_path.iterdir())
+    assert run("remove", "samples.resnet:build").exit_code == 2  # neither -o nor --dry-run

@@ -241,3 +241,25 @@ def test_fix_takes_codes_by_keyword_as_documented():
     assert "fix(model, codes=['BN001'])" in catalogue.get("BN001").explanation
     fixed, report = fix(model, codes=["BN001"], example_inputs=(x,))
     assert [a.code for a in report.actions] == ["BN001"] and fixed[0].bias is None
+
+
+def test_every_surgery_can_show_its_edits_without_making_them():
+    from bnrewrite import fix, insert, remove, swap
+    from tests.conftest import assert_unchanged, load_sample, state_snapshot
+
+    model, inputs = load_sample("resnet")
+    snap = state_snapshot(model)
+    for op in (
+        lambda m: swap(m, "gn", example_inputs=inputs, dry_run=True),
+        lambda m: remove(m, example_inputs=inputs, dry_run=True),
+        lambda m: insert(m, "linear", example_inputs=inputs, dry_run=True),
+        lambda m: fix(m, example_inputs=inputs, dry_run=True),
+    ):
+        result = op(model)
+        assert result.model is model and "plan" in result.report.extra
+    plan = swap(model, "gn", example_inputs=inputs, dry_run=True).report.extra["plan"]
+    assert plan and all(step["becomes"] == "GroupNorm" for step in plan)
+    assert {s["module"] for s in plan} == {
+        a.module_path for a in swap(model, "gn", example_inputs=inputs).report.actions
+    }
+    assert_unchanged(model, snap)

@@ -36,13 +36,28 @@ OutputOpt = Annotated[
         "--output", "-o", help="Output: .pt2/.onnx/.py (need inputs) or a state_dict .pt/.safetensors."
     ),
 ]
+RewriteOutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output: .pt2/.onnx/.py (need inputs) or a state_dict .pt/.safetensors (not with --dry-run).",
+    ),
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="Show the edits (which modules change, which become graphs); write nothing."
+    ),
+]
 
 
 @dataclass
 class RewriteOptions:
     """The options every rewrite command (swap, insert, remove, fix) shares."""
 
-    output: Path
+    output: Path | None
+    dry_run: bool
     select: list[str] | None
     type_: list[str] | None
     weights: Path | None
@@ -55,7 +70,8 @@ class RewriteOptions:
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 _REWRITE_PARAMS = [
-    inspect.Parameter("output", _KW, annotation=OutputOpt),
+    inspect.Parameter("output", _KW, default=None, annotation=RewriteOutputOpt),
+    inspect.Parameter("dry_run", _KW, default=False, annotation=DryRunOpt),
     inspect.Parameter("select", _KW, default=None, annotation=SelectOpt),
     inspect.Parameter("type_", _KW, default=None, annotation=TypeOpt),
     inspect.Parameter("weights", _KW, default=None, annotation=WeightsOpt),
@@ -87,12 +103,26 @@ def rewrite_command(fn: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[[Any, Any], Any]) -> None:
+def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[..., Any]) -> None:
+    """Run ``rewrite(model, inputs, dry_run=...)`` and write the result, or only show its plan."""
     from ..pipeline import rewrite_to_file
 
+    if opts.output is None and not opts.dry_run:
+        raise UsageError("needs -o OUT (or --dry-run to only show the edits)")
     loaded, inputs = base._load(model, opts.weights, opts.trust_pickle, opts.input_shape)
+    if opts.dry_run:
+        report = rewrite(loaded.model, inputs, dry_run=True).report
+        report.model = loaded.source
+        _emit(report, opts.as_json)
+        return
+    assert opts.output is not None
     report = rewrite_to_file(
-        loaded, opts.output, inputs, lambda m: rewrite(m, inputs), fmt=opts.fmt, force=opts.force
+        loaded,
+        opts.output,
+        inputs,
+        lambda m: rewrite(m, inputs, dry_run=False),
+        fmt=opts.fmt,
+        force=opts.force,
     )
     _emit(report, opts.as_json)
 
@@ -122,8 +152,15 @@ def swap(
     _rewrite(
         model,
         opts,
-        lambda m, x: run(
-            m, to, select=opts.select, types=opts.type_, groups=groups, ln_dims=ln_dims, example_inputs=x
+        lambda m, x, dry_run: run(
+            m,
+            to,
+            select=opts.select,
+            types=opts.type_,
+            groups=groups,
+            ln_dims=ln_dims,
+            example_inputs=x,
+            dry_run=dry_run,
         ),
     )
 
@@ -149,8 +186,15 @@ def insert(
     _rewrite(
         model,
         opts,
-        lambda m, x: run(
-            m, after, norm=norm, position=position, select=opts.select, types=opts.type_, example_inputs=x
+        lambda m, x, dry_run: run(
+            m,
+            after,
+            norm=norm,
+            position=position,
+            select=opts.select,
+            types=opts.type_,
+            example_inputs=x,
+            dry_run=dry_run,
         ),
     )
 
@@ -162,7 +206,11 @@ def remove(model: ModelArg, *, opts: RewriteOptions) -> None:
     """Strip the selected norm layers and report how much the output changes."""
     from ..surgery import remove as run
 
-    _rewrite(model, opts, lambda m, x: run(m, select=opts.select, types=opts.type_, example_inputs=x))
+    _rewrite(
+        model,
+        opts,
+        lambda m, x, dry_run: run(m, select=opts.select, types=opts.type_, example_inputs=x, dry_run=dry_run),
+    )
 
 
 @app.command("fix")
@@ -183,7 +231,9 @@ def fix_cmd(
     _rewrite(
         model,
         opts,
-        lambda m, x: run(m, code or FIXABLE, select=opts.select, types=opts.type_, example_inputs=x),
+        lambda m, x, dry_run: run(
+            m, code or FIXABLE, select=opts.select, types=opts.type_, example_inputs=x, dry_run=dry_run
+        ),
     )
 
 

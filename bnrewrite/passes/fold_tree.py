@@ -176,7 +176,7 @@ def _plan_only(
         plan.append(
             {
                 "folds": [a.module_path or a.node for a in u.actions],
-                "modules": {e.name: _describe_module(e.new) for e in u.edits if isinstance(e, _ModuleEdit)},
+                "modules": {e.name: describe_module(e.new) for e in u.edits if isinstance(e, _ModuleEdit)},
                 "weights": sorted({e.name for e in u.edits if not isinstance(e, _ModuleEdit)}),
             }
         )
@@ -199,7 +199,7 @@ def _plan_only(
     return TreeResult(cap.model, [], None)
 
 
-def _describe_module(module: nn.Module) -> str:
+def describe_module(module: nn.Module) -> str:
     if isinstance(module, nn.Sequential):
         return f"Sequential({', '.join(type(m).__name__ for m in module)})"
     if isinstance(module, fx.GraphModule):

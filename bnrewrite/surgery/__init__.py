@@ -6,6 +6,11 @@ model's class (and stays trainable as before); functional/ATen BatchNorms and in
 rewritten in the traced graph, and only the regions that needed it become GraphModules. An
 exact rewrite is verified numerically on the example inputs; a function-changing one reports the
 measured output deviation.
+
+Each operation collects its edits first (module replacements by path, graph edits by scope) and
+applies them with the one editor (:class:`~bnrewrite.graph.edit.Editor`) in a last step:
+``dry_run=True`` (CLI ``--dry-run``) stops before it and returns the model untouched with the
+edits as ``report.extra['plan']``, as ``fold`` does.
 """
 
 from .fix import FIXABLE, fix

@@ -20,7 +20,7 @@ from .rewriter import (
     Rewriter,
     _capture,
     _refused,
-    measure,
+    finish,
     owned_norm,
 )
 
@@ -37,6 +37,7 @@ def fix(
     types: Iterable[str | type] | None = None,
     example_inputs: Any = None,
     leaf_modules: Iterable[type | str] = (),
+    dry_run: bool = False,
 ) -> RewriteResult:
     """Apply the fixes analysis rules offer. BN001: drop a conv/linear bias that feeds a
     BatchNorm and absorb it into the BatchNorm's running mean (exact in eval and in training)."""
@@ -73,9 +74,7 @@ def fix(
             ):
                 continue
             _absorb_bias(rw, report, region, site, layer, calls)
-    result = rw.build()
-    measure(report, model, result, cap.example_inputs)
-    return RewriteResult(result, report)
+    return finish(rw, report, model, dry_run)
 
 
 def _absorb_bias(

@@ -25,7 +25,7 @@ from .rewriter import (
     _capture,
     _insert_module_node,
     _refused,
-    measure,
+    finish,
 )
 
 # -- insert --------------------------------------------------------------------------------------
@@ -92,6 +92,7 @@ def insert(
     types: Iterable[str | type] | None = None,
     example_inputs: Any = None,
     leaf_modules: Iterable[type | str] = (),
+    dry_run: bool = False,
 ) -> RewriteResult:
     """Add a norm after every matching conv/linear that lacks one.
 
@@ -138,9 +139,7 @@ def insert(
             if not selector.matches(path, kind):
                 continue
             _insert_after(rw, report, region, layer, norm, position)
-    result = rw.build()
-    measure(report, model, result, cap.example_inputs)
-    return RewriteResult(result, report)
+    return finish(rw, report, model, dry_run)
 
 
 def _insert_after(rw: Rewriter, report: Report, region: Region, layer: Any, norm: str, position: str) -> None:

@@ -16,7 +16,7 @@ from .rewriter import (
     _capture,
     _opaque_modules,
     collapse,
-    measure,
+    finish,
     owned_norm,
     selected_norm,
 )
@@ -31,6 +31,7 @@ def remove(
     types: Iterable[str | type] | None = None,
     example_inputs: Any = None,
     leaf_modules: Iterable[type | str] = (),
+    dry_run: bool = False,
 ) -> RewriteResult:
     """Strip the selected norm layers (all of them without a selector); report the output change."""
     selector = Selector.of(select, types)
@@ -54,9 +55,7 @@ def remove(
             report.actions.append(
                 Action("remove", None, path, f"{type(module).__name__} removed", exact=False)
             )
-    result = rw.build()
-    measure(report, model, result, cap.example_inputs)
-    return RewriteResult(result, report)
+    return finish(rw, report, model, dry_run)
 
 
 def _remove_node(

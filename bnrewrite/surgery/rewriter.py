@@ -14,6 +14,7 @@ from torch import fx, nn
 from ..codes import finding
 from ..diagnostics import Report
 from ..errors import VerificationError
+from ..fold import RewriteResult
 from ..graph.capture import capture, capture_submodule
 from ..graph.captured import Capture, Region
 from ..graph.edit import Editor, shallow_copy
@@ -28,6 +29,7 @@ from ..graph.norms import (
 )
 from ..graph.ops import stack_path
 from ..graph.tracer import compile_now
+from ..passes.fold_tree import describe_module
 from ..passes.norm_rest import Rest, ops_by_module, rest_of
 from ..passes.tree_edit import common_prefix, covers, node_scope
 from ..runtime import buffers_restored
@@ -35,6 +37,7 @@ from ..select import Selector
 from ..verify import verify
 
 Redo = Callable[[nn.Module, "tuple[Any, ...] | None", str], nn.Module]
+_GRAPH_WHY = "a functional norm or an inserted layer is a graph edit that the module tree cannot express"
 
 
 class Rewriter:
@@ -104,10 +107,19 @@ class Rewriter:
             ed.set_module(path, new)
         return root
 
+    def plan(self) -> list[dict[str, Any]]:
+        """The edits as plain data (module paths, no graph): which modules the one editor would
+        replace by what, and which would become their rewritten graph and why."""
+        steps: list[dict[str, Any]] = [
+            {"module": path, "becomes": describe_module(new)} for path, new in self.modules.items()
+        ]
+        for rpath in self.edited:
+            scope = common_prefix(sorted(self.scopes.get(rpath, {rpath})))
+            steps.append({"graph": scope or "<root>", "reasons": [_GRAPH_WHY]})
+        return steps
+
     def _graph_note(self, path: str, why: str | None = None) -> None:
-        why = why or (
-            "a functional norm or an inserted layer is a graph edit that the module tree cannot express"
-        )
+        why = why or _GRAPH_WHY
         self.report.add(
             finding(
                 "FD104",
@@ -119,6 +131,17 @@ class Rewriter:
 
     def cap_region(self, path: str) -> Region:
         return next(r for r in self.cap.regions if r.path == path)
+
+
+def finish(rw: Rewriter, report: Report, model: Any, dry_run: bool) -> RewriteResult:
+    """Apply the edits a surgery collected with the one editor, and measure what changed; or,
+    for a dry run, return the model untouched with the edits as ``report.extra['plan']``."""
+    if dry_run:
+        report.extra["plan"] = rw.plan()
+        return RewriteResult(model, report)
+    result = rw.build()
+    measure(report, model, result, rw.cap.example_inputs)
+    return RewriteResult(result, report)
 
 
 def _refused(

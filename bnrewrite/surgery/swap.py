@@ -27,7 +27,7 @@ from .rewriter import (
     _opaque_modules,
     _refused,
     collapse,
-    measure,
+    finish,
     norm_nodes,
     owned_norm,
     selected_norm,
@@ -46,6 +46,7 @@ def swap(
     ln_dims: str = "chw",
     example_inputs: Any = None,
     leaf_modules: Iterable[type | str] = (),
+    dry_run: bool = False,
 ) -> RewriteResult:
     """Swap norm layers: ``to`` in gn, ln, in, bn, frozen, sync (BN -> X, or X -> BN for ``bn``).
 
@@ -86,9 +87,7 @@ def swap(
             continue
         shape = cap.recording.out_shapes.get(path) if cap.recording is not None else None
         _swap_module_without_graph(rw, report, path, module, to, groups, ln_dims, shape)
-    result = rw.build()
-    measure(report, model, result, cap.example_inputs)
-    return RewriteResult(result, report)
+    return finish(rw, report, model, dry_run)
 
 
 def _swap_node(
