@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from . import ops
 from .layers import layer_site
-from .norms import bn_site, fetch_attr
+from .norms import bn_site, fetch_attr, is_norm_module
 
 if TYPE_CHECKING:
     from .captured import Region
@@ -156,7 +156,7 @@ def combination(gm: fx.GraphModule, node: fx.Node) -> Combination | None:
         if node.target in ("contiguous", "clone"):
             return Combination("identity", [node.args[0]])
     elif node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
+        m = submodule(gm, str(node.target))
         if isinstance(m, nn.Identity) or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training):
             return Combination("identity", [node.args[0]]) if node.args else None
     if kind is None or not node.args:
@@ -198,10 +198,11 @@ def branch_op(region: Region, node: fx.Node, eval_mode: bool = False) -> BranchO
     gm = region.gm
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
-    layer = layer_site(region, node)
+    module = submodule(gm, str(node.target)) if node.op == "call_module" else None
+    layer = layer_site(region, node) if module is None or isinstance(module, _LAYERS) else None
     if layer is not None:
         return _conv_op(gm, layer)
-    site = bn_site(region, node)
+    site = bn_site(region, node) if module is None or is_norm_module(module) or _stored(module) else None
     if site is not None and site.input is not None:
         return _affine_op(site, node, eval_mode)
     pool = _pool_op(gm, node)
@@ -217,6 +218,30 @@ def branch_op(region: Region, node: fx.Node, eval_mode: bool = False) -> BranchO
     if len(inputs) == 1 and comb is None:
         return BranchOp("nonlinear", node, inputs[0], nodes=[node], problem=ops.target_name(node))
     return None
+
+
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+_CACHE: dict[int, tuple[fx.GraphModule, dict[str, nn.Module]]] = {}
+
+
+def submodule(gm: fx.GraphModule, target: str) -> nn.Module:
+    """``gm.get_submodule(target)`` from a table built once per graph module (the dotted walk
+    costs a getattr chain per call, and a branch walk asks for every module several times).
+    :func:`forget` drops the table once modules change."""
+    entry = _CACHE.get(id(gm))
+    if entry is None or entry[0] is not gm:
+        entry = _CACHE[id(gm)] = (gm, dict(gm.named_modules(remove_duplicate=False)))
+    found = entry[1].get(target)
+    return found if found is not None else gm.get_submodule(target)
+
+
+def forget(gm: fx.GraphModule) -> None:
+    _CACHE.pop(id(gm), None)
+
+
+def _stored(module: nn.Module) -> bool:
+    """A module with tensors of its own (a frozen BN or an affine layer may be one)."""
+    return bool(module._parameters or module._buffers)
 
 
 def _conv_op(gm: fx.GraphModule, layer: Any) -> BranchOp | None:
@@ -289,7 +314,7 @@ def _affine_op(site: Any, node: fx.Node, eval_mode: bool) -> BranchOp:
 
 def _pool_op(gm: fx.GraphModule, node: fx.Node) -> BranchOp | None:
     if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
+        m = submodule(gm, str(node.target))
         if not isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)) or not node.args:
             return None
         nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]

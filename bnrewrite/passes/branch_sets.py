@@ -21,7 +21,7 @@ from torch import fx
 
 from ..graph import ops
 from ..graph.captured import Region
-from ..graph.linear_ops import BranchOp, branch_op, combination, constant_value
+from ..graph.linear_ops import BranchOp, branch_op, combination, constant_value, forget
 from ..graph.ops import node_shape
 from ..graph.reshapes import ShapeOf
 from . import branch_math as bm
@@ -94,6 +94,15 @@ def find_branch_sets(region: Region, policy: FoldPolicy, shape_of: ShapeOf | Non
     """Every branch set of ``region``, outermost sums first, each with its verdict; ``shape_of``
     gives a value's shape where no op of the set tells its channels (identities and pools)."""
     gm = region.gm
+    forget(gm)  # modules may have changed since the last look
+    try:
+        return _sets(region, policy, shape_of or node_shape)
+    finally:
+        forget(gm)
+
+
+def _sets(region: Region, policy: FoldPolicy, shape_of: ShapeOf) -> list[BranchSet]:
+    gm = region.gm
     taken: set[fx.Node] = set()
     found: list[BranchSet] = []
     for node in reversed(list(gm.graph.nodes)):
@@ -107,7 +116,7 @@ def find_branch_sets(region: Region, policy: FoldPolicy, shape_of: ShapeOf | Non
             continue
         terms = [_walk(region, coef, leaf, policy.eval_mode) for coef, leaf in leaves]
         for bset in _group(region, node, terms, constant, inner):
-            _decide(bset, shape_of or node_shape)
+            _decide(bset, shape_of)
             found.append(bset)
             if bset.verdict == MERGE:
                 taken.update(bset.inner)

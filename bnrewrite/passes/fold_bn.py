@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +33,6 @@ from ..graph.norms import BNSite, bn_site, fetch_attr
 from ..graph.ops import source_line
 from ..graph.tracer import compile_now
 from ..modules import ChannelAffine
-from ..stash import Stash
 from . import fold_math
 from .fold_plan import (
     FOLLOWING,
@@ -46,6 +44,7 @@ from .fold_plan import (
     RankOf,
     decide,
 )
+from .slots import Compute, Slot
 
 RULE = "fold-bn"
 EQUIV = "bnrewrite_equiv"  # node.meta key: name of the original node whose value this node now has
@@ -60,7 +59,7 @@ class Applied:
     decision: Decision
     action: Action
     bn_call: fx.Node  # erased from the graph for a fold; kept for its meta and arguments
-    layers: list[tuple[fx.Node, _Slot, str | None]] = field(default_factory=list)  # node, slot, copied from
+    layers: list[tuple[fx.Node, Slot, str | None]] = field(default_factory=list)  # node, slot, copied from
     affine: nn.Module | None = None
     bn_attrs: list[str] = field(default_factory=list)  # stored tensors the BatchNorm read (get_attr)
     # What each changed layer absorbed, for the proof's local check: ("post", s, t) means the
@@ -92,7 +91,7 @@ class _RegionFolder:
         self.policy = policy
         self.compile = compile
         self.detached = detached
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, Slot] = {}
         self.graph = region.gm.graph
         self.rank_of = rank_of
         self.inplace = inplace
@@ -101,7 +100,7 @@ class _RegionFolder:
         self.attrs = Counter(str(n.target) for n in self.graph.nodes if n.op == "get_attr")
         self.actions: list[Action] = []
         self.diagnostics: list[Diagnostic] = []
-        self.pending: list[tuple[_Slot, Compute]] = []
+        self.pending: list[tuple[Slot, Compute]] = []
         self.applied: list[Applied] = []
         self.kept: list[Decision] = []  # the final decision for every BatchNorm that stays
 
@@ -280,7 +279,7 @@ class _RegionFolder:
                 self.graph.erase_node(n)
 
     # -- writing weights ---------------------------------------------------------------------
-    def _write_layer(self, layer: LayerSite, compute: Compute) -> tuple[fx.Node, _Slot, str | None]:
+    def _write_layer(self, layer: LayerSite, compute: Compute) -> tuple[fx.Node, Slot, str | None]:
         """Point the layer at weights it owns now; fill them with ``compute`` after compiling.
 
         Returns the node, where its tensors live, and the shared module/attribute it was copied
@@ -295,20 +294,20 @@ class _RegionFolder:
                 self.calls[target] -= 1
                 self.calls[new_target] = 1
                 layer.node.target = new_target
-                slot = _Slot(module, None, None, in_place=False)
+                slot = Slot(module, None, None, in_place=False)
                 copied = target
             elif self.detached:  # tree mode: the new tensors wait in the slot, modules untouched
-                slot = self._slots.get(target) or _Slot(layer.module, None, None, in_place=self.inplace)
+                slot = self._slots.get(target) or Slot(layer.module, None, None, in_place=self.inplace)
                 slot.detached = True
                 self._slots[target] = slot
             else:
-                slot = _Slot(self.editor.own(target), None, None, in_place=self.inplace)
+                slot = Slot(self.editor.own(target), None, None, in_place=self.inplace)
         else:
             weight, fresh_w = self._attr_for(layer, "weight")
             bias, fresh_b = self._attr_for(layer, "bias")
             # a fresh attribute starts as the shared tensor: never write into that one
             in_place = self.inplace and not (fresh_w or fresh_b)
-            slot = _Slot(self.region.gm, weight, bias, in_place=in_place, editor=self.editor)
+            slot = Slot(self.region.gm, weight, bias, in_place=in_place, editor=self.editor)
             copied = weight if fresh_w else None
         self.pending.append((slot, compute))
         return layer.node, slot, copied
@@ -351,80 +350,6 @@ class _RegionFolder:
         return f"{parent + '.' if parent else ''}{name}_folded{k}"
 
 
-Compute = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, "torch.Tensor | None"]]
-
-
-class _Slot:
-    """Where a layer's weight and bias live: a module's parameters, or two graph attributes."""
-
-    def __init__(
-        self,
-        owner: nn.Module,
-        weight_attr: str | None,
-        bias_attr: str | None,
-        *,
-        in_place: bool,
-        editor: Editor | None = None,
-    ) -> None:
-        self.owner = owner
-        self.names = (weight_attr, bias_attr)
-        self.in_place = in_place
-        self.editor = editor
-        self.detached = False  # True: new tensors are kept here, the owner is never written
-        self.values: list[torch.Tensor | None] = [None, None]
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's (weight, bias) as they are now (after ``fill``: the folded ones)."""
-        weight = self._get(0)
-        assert weight is not None
-        return weight, self._get(1)
-
-    def _get(self, i: int) -> torch.Tensor | None:
-        if self.values[i] is not None:
-            return self.values[i]
-        attr = self.names[i]
-        if attr is None:
-            return self.owner._parameters.get(("weight", "bias")[i])
-        return fetch_attr(self.owner, attr)
-
-    def stash_into(self, stash: Stash) -> None:
-        """Save the tensors an in-place fill will overwrite (their values may be needed back)."""
-        if not self.in_place:
-            return
-        for i in (0, 1):
-            t = self._get(i)
-            if t is not None:
-                stash.keep(t)
-
-    def fill(self, compute: Compute) -> None:
-        weight, bias = self._get(0), self._get(1)
-        assert weight is not None
-        w, b = compute(weight, bias)
-        self._set(
-            0, weight, w.to(dtype=weight.dtype, device=weight.device), requires_grad=weight.requires_grad
-        )
-        if b is not None:  # None: the layer keeps having no bias (a sum term without the shift)
-            b = b.to(dtype=(bias if bias is not None else weight).dtype, device=weight.device)
-            self._set(1, bias, b, requires_grad=weight.requires_grad)
-
-    def _set(self, i: int, old: torch.Tensor | None, new: torch.Tensor, *, requires_grad: bool) -> None:
-        if self.in_place and old is not None and old.shape == new.shape and old.dtype == new.dtype:
-            with torch.no_grad():
-                old.copy_(new)  # inplace=True: reuse the existing storage
-            return
-        if self.detached:
-            self.values[i] = new
-            return
-        attr = self.names[i]
-        if attr is None:
-            name = ("weight", "bias")[i]
-            grad = old.requires_grad if isinstance(old, nn.Parameter) else requires_grad
-            self.owner._parameters[name] = nn.Parameter(new, requires_grad=grad)
-        else:
-            assert self.editor is not None
-            self.editor.set_tensor(attr, new)
-
-
 @dataclass
 class RegionFold:
     """What folding one region did: report entries and the applied rewrites."""
@@ -432,7 +357,7 @@ class RegionFold:
     actions: list[Action]
     diagnostics: list[Diagnostic]
     applied: list[Applied]
-    pending: list[tuple[_Slot, Compute]]  # weights still to compute (``compile=False`` only)
+    pending: list[tuple[Slot, Compute]]  # weights still to compute (``compile=False`` only)
     kept: list[Decision] = field(default_factory=list)  # why each BatchNorm left stays
 
 

@@ -131,14 +131,7 @@ def plan_and_apply(
     needs.clear()
     if release_graphs:
         cap.regions = []
-    live = {id(e.new.__self__) for u in units for e in u.edits if isinstance(e, _ParamEdit)}
-    for slot, compute in pending:
-        if id(slot) not in live:  # a fold a graph carries instead: these weights are never used
-            continue
-        if stash is not None:
-            slot.stash_into(stash)
-        slot.fill(compute)
-    pending.clear()
+    _fill(pending, units, stash)
     root = cap.model if inplace else shallow_copy(cap.model)
     bind(units, Editor(root, inplace=inplace), stash)
     for u in units:
@@ -146,6 +139,19 @@ def plan_and_apply(
     diagnostics.extend(_rest_notes(units))
     report.diagnostics.extend(diagnostics)
     return TreeResult(root, units, root_graph, stash)
+
+
+def _fill(pending: list[tuple[Any, Any]], units: list[Unit], stash: Stash | None) -> None:
+    """Compute the folded weights the units use (in place: the old values go to ``stash``
+    first); a fold that a graph carries instead gets none."""
+    live = {id(e.new.__self__) for u in units for e in u.edits if isinstance(e, _ParamEdit)}
+    for slot, compute in pending:
+        if id(slot) not in live:
+            continue
+        if stash is not None:
+            slot.stash_into(stash)
+        slot.fill(compute)
+    pending.clear()
 
 
 def _rest_notes(units: list[Unit]) -> list[Diagnostic]:
