@@ -80,7 +80,7 @@ def models_section() -> None:
         undone = sum(d.code == "FD207" for d in report.diagnostics)
         print(
             f"{name:20} {batch_norms(model, inputs):6d} {batch_norms(folded, inputs):5d} "
-            f"{sum(a.kind.startswith('fold') for a in report.actions):5d} {e_orig:9.2e} {e_fold:9.2e} "
+            f"{sum(a.kind.startswith('fold') or a.kind == 'merge-branches' for a in report.actions):5d} {e_orig:9.2e} {e_fold:9.2e} "
             f"{proof.get('forward_passes', 0):6d} {proof.get('float64_passes', 0):3d} "
             f"{proof.get('local_checks', 0):6d} {undone:6d}"
         )
