@@ -108,7 +108,12 @@ def plan_and_apply(
         report.extra["branch_sets"] = [s.to_dict() for s in planned.sets]
     merges = [s for s in planned.sets if s.verdict == MERGE]
     graphs = _graph_scopes(
-        needs, units, [(s.owner, f"merges {len(s.terms)} branches of {s.name}") for s in merges]
+        needs,
+        units,
+        [
+            (s.owner, f"its forward sums {len(s.terms)} branches that merge into one layer (FD109)")
+            for s in merges
+        ],
     )
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
     if dry_run:
@@ -117,6 +122,12 @@ def plan_and_apply(
         merged = [a for s in merges for a in _merge_actions(s)]
         absorbed = {a.node for a in merged}  # a BatchNorm a merge absorbs is not folded on its own
         report.actions[:] = [a for a in report.actions if a.node not in absorbed] + merged
+        for step in report.extra["plan"]:  # a block that becomes its merged graph absorbs these
+            if "graph" in step:
+                scope = "" if step["graph"] == "<root>" else step["graph"]
+                step["folds"] += [
+                    a.module_path for a in merged if a.module_path and covers(scope, a.module_path)
+                ]
         return result
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
     root_graph = None
