@@ -4,6 +4,7 @@ hand-written reparameterization, exactly; every set that is not merged says why.
 from __future__ import annotations
 
 import importlib
+import math
 from collections import Counter
 
 import pytest
@@ -276,3 +277,66 @@ def test_a_transposed_conv_after_a_shift_is_refused():
     report = analyze(model, (torch.randn(1, 4, 5, 5),))
     (d,) = [d for d in report.diagnostics if d.code == "FD110"]
     assert "reads what other ops computed" in d.message
+
+
+# GhostNetV3's re-parameterizable Ghost module: ``x1 = 0; x1 += branch(x)`` over a ModuleList,
+# an in-place ReLU between the primary and the cheap (depthwise) sums, and a channel concat.
+def _ghost_conv_bn(i, o, k, s, p, groups=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, s, p, groups=groups, bias=False), nn.BatchNorm2d(o))
+
+
+class GhostModuleV3(nn.Module):
+    def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
+        super().__init__()
+        init_channels = math.ceil(oup / ratio)
+        new_channels = init_channels * (ratio - 1)
+        self.primary_rpr_skip = nn.BatchNorm2d(inp) if inp == init_channels and stride == 1 else None
+        self.primary_rpr_conv = nn.ModuleList(
+            [_ghost_conv_bn(inp, init_channels, kernel_size, stride, kernel_size // 2) for _ in range(3)]
+        )
+        self.primary_rpr_scale = _ghost_conv_bn(inp, init_channels, 1, 1, 0) if kernel_size > 1 else None
+        self.primary_activation = nn.ReLU(inplace=True) if relu else None
+        self.cheap_rpr_skip = nn.BatchNorm2d(init_channels)
+        self.cheap_rpr_conv = nn.ModuleList(
+            [
+                _ghost_conv_bn(init_channels, new_channels, dw_size, 1, dw_size // 2, groups=init_channels)
+                for _ in range(3)
+            ]
+        )
+        self.cheap_rpr_scale = _ghost_conv_bn(init_channels, new_channels, 1, 1, 0, groups=init_channels)
+        self.cheap_activation = nn.ReLU(inplace=True) if relu else None
+
+    def forward(self, x):
+        x1 = 0
+        if self.primary_rpr_scale is not None:
+            x1 += self.primary_rpr_scale(x)
+        if self.primary_rpr_skip is not None:
+            x1 += self.primary_rpr_skip(x)
+        for c in self.primary_rpr_conv:
+            x1 += c(x)
+        x1 = self.primary_activation(x1) if self.primary_activation is not None else x1
+        x2 = self.cheap_rpr_scale(x1) + self.cheap_rpr_skip(x1)
+        for c in self.cheap_rpr_conv:
+            x2 += c(x1)
+        x2 = self.cheap_activation(x2) if self.cheap_activation is not None else x2
+        return torch.cat([x1, x2], dim=1)
+
+
+class _GhostNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = GhostModuleV3(16, 16, 1)
+        self.b = GhostModuleV3(16, 32, 3)
+        self.c = GhostModuleV3(32, 32, 1, relu=False)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_ghostnet_v3_modules_merge_both_sums():
+    model = randomize_bn(_GhostNet()).eval()
+    x = (torch.randn(2, 16, 16, 16),)
+    folded, report = fold(model, x)
+    assert len([d for d in report.diagnostics if d.code == "FD109"]) == 6
+    assert dict(executed(folded, x)) == {"convolution": 6, "relu_": 4, "cat": 3}
+    assert verify(model, folded, x).passed
