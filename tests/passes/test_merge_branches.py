@@ -340,3 +340,29 @@ def test_ghostnet_v3_modules_merge_both_sums():
     assert len([d for d in report.diagnostics if d.code == "FD109"]) == 6
     assert dict(executed(folded, x)) == {"convolution": 6, "relu_": 4, "cat": 3}
     assert verify(model, folded, x).passed
+
+
+class _UntraceableRoot(nn.Module):
+    """RepVGG blocks under data-dependent control flow: captured in parts, merged there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from samples.repvgg import RepVGGBlock
+
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([RepVGGBlock(8, 8), RepVGGBlock(8, 8, groups=2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if x.sum() > 0:
+            x = self.blocks[0](x)
+        return self.blocks[1](x)
+
+
+def test_blocks_inside_a_parts_capture_merge():
+    model = randomize_bn(_UntraceableRoot()).eval()
+    x = (torch.randn(2, 3, 16, 16),)
+    folded, report = fold(model, x)
+    assert report.extra["capture"] == "parts" and type(folded) is _UntraceableRoot
+    assert sorted(d.module_path for d in report.diagnostics if d.code == "FD109") == ["blocks.0", "blocks.1"]
+    assert verify(model, folded, x).passed
