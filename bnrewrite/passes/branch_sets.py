@@ -24,6 +24,7 @@ from ..graph.captured import Region
 from ..graph.linear_ops import BranchOp, branch_op, combination, constant_value, forget
 from ..graph.ops import node_shape
 from ..graph.reshapes import ShapeOf
+from ..select import Selector
 from . import branch_math as bm
 from .decision import FoldPolicy, stats_problem
 
@@ -116,7 +117,7 @@ def _sets(region: Region, policy: FoldPolicy, shape_of: ShapeOf) -> list[BranchS
             continue
         terms = [_walk(region, coef, leaf, policy.eval_mode) for coef, leaf in leaves]
         for bset in _group(region, node, terms, constant, inner):
-            _decide(bset, shape_of)
+            _decide(bset, shape_of, policy.selector)
             found.append(bset)
             if bset.verdict == MERGE:
                 taken.update(bset.inner)
@@ -246,11 +247,16 @@ def _caller(region: Region, node: fx.Node) -> str:
     return path
 
 
-def _decide(bset: BranchSet, shape_of: ShapeOf) -> None:
+def _decide(bset: BranchSet, shape_of: ShapeOf, selector: Selector | None = None) -> None:
     """MERGE when two or more branches are one conv together at no more cost; a branch that is
-    not linear (or not exact at the border) stays a term of the sum beside the merged conv."""
+    not linear (or not exact at the border) stays a term of the sum beside the merged conv. With
+    a selection (``select``/``types``), only sets whose every BatchNorm is selected merge."""
     maps: dict[int, bm.ConvMap] = {}
     candidates = [t for t in bset.terms if t.problem is None]
+    outside = _outside(bset, candidates, selector) if selector is not None else None
+    if outside is not None:
+        bset.reason = f"{outside} is outside the selection ({selector.describe() if selector else ''})"
+        return
     for i, t in enumerate(bset.terms):
         if t.problem is None and len(candidates) >= 2:
             try:
@@ -292,6 +298,18 @@ def _decide(bset: BranchSet, shape_of: ShapeOf) -> None:
     bset.reason = f"{len(linear)} branches become {what}"
     if refused:
         bset.reason += "; kept beside it: " + "; ".join(t.problem or "" for t in refused)
+
+
+def _outside(bset: BranchSet, terms: list[Term], selector: Selector) -> str | None:
+    """The first BatchNorm of the set the selection leaves out (the block, for a set of plain
+    convs), or None when the merge is wanted."""
+    sites = [op.data["site"] for t in terms for op in t.ops if op.kind == "affine"]
+    for site in sites:
+        if not selector.matches(site.module_path, site.kind):
+            return site.module_path or site.name
+    if not sites and not selector.matches(bset.owner, ""):
+        return bset.owner or "<root>"
+    return None
 
 
 def _has_branch_shape(m: bm.ConvMap, terms: list[Term]) -> bool:

@@ -366,3 +366,15 @@ def test_blocks_inside_a_parts_capture_merge():
     assert report.extra["capture"] == "parts" and type(folded) is _UntraceableRoot
     assert sorted(d.module_path for d in report.diagnostics if d.code == "FD109") == ["blocks.0", "blocks.1"]
     assert verify(model, folded, x).passed
+
+
+def test_a_selection_limits_which_sets_merge():
+    mod = importlib.import_module("samples.repvgg")
+    model, inputs = mod.build(), mod.example_inputs()
+    _, report = fold(model, inputs, select="stage1.*")
+    merged = sorted(d.module_path for d in report.diagnostics if d.code == "FD109")
+    assert merged == ["stage1.0", "stage1.1"]
+    kept = [d.message for d in report.diagnostics if d.code == "FD110"]
+    assert kept and all("outside the selection" in m for m in kept)
+    _, report = fold(model, inputs, types=["LayerNorm"])
+    assert not [d for d in report.diagnostics if d.code == "FD109"]
