@@ -264,3 +264,5 @@ def test_fold_merges_branches_unless_told_to_keep_them(tmp_path):
     text = run("analyze", "samples.repmixer:build", "--input-shape", "1,3,32,32").stdout
     assert "Branch sets (4)" in text and "nonlinear op" in text
     assert "branches-merged" in run("explain", "FD109").stdout and run("explain", "FD110").exit_code == 0
+    planned = json.loads(run("analyze", "samples.repvgg:build", "--keep-branches", "--json").stdout)
+    assert "merge-branches" not in {n["verdict"] for n in planned["norms"]}

@@ -60,6 +60,10 @@ ConfigOpt = Annotated[
     typer.Option("--config", help="pyproject.toml to read [tool.bnrewrite] from (default: found upward)."),
 ]
 NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore any [tool.bnrewrite] table.")]
+KeepBranchesOpt = Annotated[
+    bool,
+    typer.Option("--keep-branches", help="Plan as `fold --keep-branches` does: no parallel branches merged."),
+]
 
 
 @app.command()
@@ -80,6 +84,7 @@ def analyze(
     select: SelectOpt = None,
     type_: TypeOpt = None,
     leaf: LeafOpt = None,
+    keep_branches: KeepBranchesOpt = False,
 ) -> None:
     """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls.
 
@@ -99,8 +104,9 @@ def analyze(
         try:
             loaded, inputs = base._load(spec, weights, trust_pickle, input_shape)
             report = run(
-                loaded.model, inputs, name=loaded.source, select=select, types=type_, leaf_modules=leaf or ()
-            )
+                loaded.model, inputs, name=loaded.source, select=select, types=type_, leaf_modules=leaf or (),
+                merge_branches=not keep_branches,
+            )  # fmt: skip
         except BnrewriteError as exc:
             if len(models) == 1:
                 raise
