@@ -12,6 +12,7 @@ from ..errors import BnrewriteError, UsageError
 from . import base
 from .base import (
     JsonOpt,
+    KeepBranchesOpt,
     LeafOpt,
     SelectOpt,
     ShapeOpt,
@@ -60,10 +61,6 @@ ConfigOpt = Annotated[
     typer.Option("--config", help="pyproject.toml to read [tool.bnrewrite] from (default: found upward)."),
 ]
 NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore any [tool.bnrewrite] table.")]
-KeepBranchesOpt = Annotated[
-    bool,
-    typer.Option("--keep-branches", help="Plan as `fold --keep-branches` does: no parallel branches merged."),
-]
 
 
 @app.command()

@@ -62,6 +62,14 @@ LeafOpt = Annotated[
         help="Keep this module as one call when tracing: class name or dotted-path glob (repeatable).",
     ),
 ]
+KeepBranchesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-branches",
+        help="Do not merge parallel linear branches (RepVGG/ACNet/DBB/MobileOne/RepConv blocks) "
+        "into one conv; only fold the BatchNorms (FD109 lists what merging does).",
+    ),
+]
 FormatOpt = Annotated[
     str | None, typer.Option("--format", help="Output format: pt2, onnx, py, json, graphml, dot, svg.")
 ]

@@ -14,6 +14,7 @@ from .base import (
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    KeepBranchesOpt,
     LeafOpt,
     ModelArg,
     SelectOpt,
@@ -56,14 +57,6 @@ SpeedCheckOpt = Annotated[
         help="Time folds that give a transposed conv a bias on this machine and keep the "
         "BatchNorm where the fold would be slower (FD108). Switch off when the model runs "
         "on another backend.",
-    ),
-]
-KeepBranchesOpt = Annotated[
-    bool,
-    typer.Option(
-        "--keep-branches",
-        help="Do not merge parallel linear branches (RepVGG/ACNet/DBB/MobileOne/RepConv blocks) "
-        "into one conv; only fold the BatchNorms (FD109 lists what merging does).",
     ),
 ]
 DryRunOpt = Annotated[

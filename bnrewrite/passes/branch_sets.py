@@ -257,10 +257,12 @@ def _decide(bset: BranchSet, shape_of: ShapeOf, selector: Selector | None = None
     if outside is not None:
         bset.reason = f"{outside} is outside the selection ({selector.describe() if selector else ''})"
         return
+    geometry: tuple[int, int] | None = None  # the input's (channels, spatial dims), looked up once
     for i, t in enumerate(bset.terms):
         if t.problem is None and len(candidates) >= 2:
             try:
-                maps[i] = _term_map(bset, t, _input_geometry(bset, shape_of))
+                geometry = geometry or _input_geometry(bset, shape_of)
+                maps[i] = _term_map(bset, t, geometry)
             except bm.Refused as e:
                 t.problem = str(e)
     linear = [t for t in bset.terms if t.problem is None]
