@@ -8,11 +8,10 @@ from typing import Any
 from torch import fx
 
 from .diagnostics import Action, NormEntry, Report
-from .fold import fold
+from .fold import fold, gc_paused
 from .graph.capture import Capture, Region, capture
 from .graph.norms import BNSite, OtherNormSite, find_norms, lookalikes, opaque_norms, other_norm_family
-from .graph.ops import source_line, target_name
-from .graph.view import to_networkx
+from .graph.ops import module_at, source_line, target_name
 from .passes.fold_plan import NOT_FOLDABLE, decide, shape_lookup
 from .passes.merge_branches import MERGE_BRANCHES
 from .rules import RULES, RuleContext
@@ -23,7 +22,7 @@ def _describe(region: Region, node: fx.Node | None) -> str | None:
     if node is None:
         return None
     if node.op == "call_module":
-        m = region.gm.get_submodule(str(node.target))
+        m = module_at(region.gm, str(node.target))
         return f"{region.module_path(node)} ({type(m).__name__})"
     return f"{region.qualify(node.name)} ({target_name(node)})"
 
@@ -155,14 +154,28 @@ def analyze(
     verdict and, when they are not merged, the reason; ``merge_branches=False`` plans as
     ``fold --keep-branches`` does.
     """
-    cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
+    with gc_paused():  # as fold does: the trace's many objects would trigger full collections
+        cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
+        return _analyze(model, cap, leaf_modules, rules, name, select, types, merge_branches)
+
+
+def _analyze(
+    model: Any,
+    cap: Capture,
+    leaf_modules: Iterable[type | str],
+    rules: Iterable[str] | None,
+    name: str | None,
+    select: str | Iterable[str] | None,
+    types: Iterable[str | type] | None,
+    merge_branches: bool,
+) -> Report:
     bns, others = find_norms(cap)
     report = Report("analyze", name or type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
     # Inventory and rules read the graphs as captured; then the fold's own plan runs on the same
     # capture (no second capture, no weights computed, no proof) and gives the verdicts, so they
     # are the ones a fold applies (to a fixed point: a BatchNorm may fold once another one has).
     report.norms = inventory(cap, bns, others)
-    ctx = RuleContext(cap, to_networkx(cap), bns, others)
+    ctx = RuleContext(cap, bns, others)
     selected = RULES if rules is None else {c: RULES[c] for c in rules}
     for rule in selected.values():
         report.diagnostics.extend(rule(ctx))

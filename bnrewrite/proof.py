@@ -100,15 +100,15 @@ def compare_outputs(reference: Any, got: Any) -> Comparison:
 
 def _run(model: nn.Module, inputs: tuple[Any, ...], checks: list[LocalCheck]) -> tuple[Any, str | None]:
     """One forward pass of the result with the local checks' hooks in place."""
-    handles = [h for c in checks for h in c.install()]
-    try:
-        with torch.no_grad(), buffers_restored(model), eval_modes(model):
+    with torch.no_grad(), buffers_restored(model, eval_run=True), eval_modes(model):
+        handles = [h for c in checks for h in c.install()]  # after choosing the buffers to restore
+        try:
             return model(*inputs), None
-    except Exception as exc:
-        return None, f"the result fails on the example inputs: {type(exc).__name__}: {exc}"[:300]
-    finally:
-        for h in handles:
-            h.remove()
+        except Exception as exc:
+            return None, f"the result fails on the example inputs: {type(exc).__name__}: {exc}"[:300]
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def prove(

@@ -70,7 +70,7 @@ def layer_site(region: Region, node: fx.Node) -> LayerSite | None:
     """The conv/linear applied by ``node``, if it applies one."""
     gm = region.gm
     if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
+        m = ops.module_at(gm, str(node.target))
         if isinstance(m, _ConvNd):
             kind = "conv_transpose" if isinstance(m, _ConvTransposeNd) else "conv"
             return LayerSite(
@@ -128,5 +128,5 @@ def layer_site(region: Region, node: fx.Node) -> LayerSite | None:
 
 def is_dropout(region: Region, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(region.gm.get_submodule(str(node.target)), nn.modules.dropout._DropoutNd)
+        return isinstance(ops.module_at(region.gm, str(node.target)), nn.modules.dropout._DropoutNd)
     return node.op == "call_function" and node.target in ops.DROPOUT_TARGETS

@@ -221,22 +221,11 @@ def branch_op(region: Region, node: fx.Node, eval_mode: bool = False) -> BranchO
 
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
-_CACHE: dict[int, tuple[fx.GraphModule, dict[str, nn.Module]]] = {}
 
 
 def submodule(gm: fx.GraphModule, target: str) -> nn.Module:
-    """``gm.get_submodule(target)`` from a table built once per graph module (the dotted walk
-    costs a getattr chain per call, and a branch walk asks for every module several times).
-    :func:`forget` drops the table once modules change."""
-    entry = _CACHE.get(id(gm))
-    if entry is None or entry[0] is not gm:
-        entry = _CACHE[id(gm)] = (gm, dict(gm.named_modules(remove_duplicate=False)))
-    found = entry[1].get(target)
-    return found if found is not None else gm.get_submodule(target)
-
-
-def forget(gm: fx.GraphModule) -> None:
-    _CACHE.pop(id(gm), None)
+    """The module at ``target`` (looked up live, so it is never stale after an edit)."""
+    return ops.module_at(gm, target)
 
 
 def _stored(module: nn.Module) -> bool:

@@ -223,7 +223,7 @@ def bn_site(region: Region, node: fx.Node) -> BNSite | None:
     """The BatchNorm applied by ``node``, if it applies one."""
     gm = region.gm
     if node.op == "call_module":
-        return module_bn_site(gm.get_submodule(str(node.target)), region, node)
+        return module_bn_site(ops.module_at(gm, str(node.target)), region, node)
     if node.op not in ("call_function", "call_method"):
         return None
     if node.op == "call_method" or node.target not in ops.BN_TARGETS:
@@ -302,7 +302,7 @@ def _has_module(gm: fx.GraphModule, path: str) -> bool:
 
 def other_norm_site(region: Region, node: fx.Node) -> OtherNormSite | None:
     if node.op == "call_module":
-        m = region.gm.get_submodule(str(node.target))
+        m = ops.module_at(region.gm, str(node.target))
         family = other_norm_family(m)
         return OtherNormSite(region, node, type(m).__name__, family) if family else None
     if node.op == "call_function" and node.target in ops.OTHER_NORM_TARGETS:

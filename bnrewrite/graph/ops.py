@@ -215,6 +215,21 @@ def is_noop_cast(node: fx.Node) -> bool:
 # -- node helpers: module paths, source lines, shapes ---------------------------------------------
 
 
+def module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``root.get_submodule(path)`` by direct lookups in each module's registry: torch's walk
+    costs two attribute lookups per level, and planning asks for every module several times.
+    A path that is not a registered module goes to torch's walk (and its error)."""
+    if not path:
+        return root
+    module = root
+    for atom in path.split("."):
+        child = module._modules.get(atom)
+        if child is None:
+            return root.get_submodule(path)
+        module = child
+    return module
+
+
 def stack_path(entry: Any) -> str:
     """A module path from an ``nn_module_stack`` entry (torch.export marks repeated calls of a
     module as ``path@1``; that suffix is no part of the path)."""

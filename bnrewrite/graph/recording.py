@@ -111,9 +111,30 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
     output, and the model's outputs. Modules registered under several paths count every call
     under each of them."""
     rec = Recording()
-    handles = []
-    keep = keep or set()
     readers = _Readers(rec)
+    # Eval mode: the outputs are what a fold must reproduce, and shapes do not depend on it. The
+    # buffers to restore are chosen before the hooks go in (the recording's hooks write none).
+    with torch.no_grad(), buffers_restored(model, eval_run=True), eval_modes(model):
+        handles = _install_hooks(model, rec, readers, keep or set())
+        try:
+            with readers:
+                try:
+                    rec.outputs = model(*inputs)
+                finally:
+                    while readers.paused:  # a layer that raised never reached its post-hook
+                        if readers.paused.pop():
+                            readers.resume()
+        except Exception as exc:
+            raise BnrewriteError(f"the model failed on the example inputs: {error_reason(exc)}") from exc
+        finally:
+            for h in handles:
+                h.remove()
+    return rec
+
+
+def _install_hooks(model: nn.Module, rec: Recording, readers: _Readers, keep: set[str]) -> list[Any]:
+    """A pre- and a post-hook on every module path, filling ``rec`` as the model runs."""
+    handles = []
     for path, module in model.named_modules(remove_duplicate=False):
         if not path:
             continue
@@ -147,23 +168,4 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
-    try:
-        with readers:
-            try:
-                rec.outputs = _run_recording(model, inputs, rec)
-            finally:
-                while readers.paused:  # a layer that raised never reached its post-hook
-                    if readers.paused.pop():
-                        readers.resume()
-    except Exception as exc:
-        raise BnrewriteError(f"the model failed on the example inputs: {error_reason(exc)}") from exc
-    finally:
-        for h in handles:
-            h.remove()
-    return rec
-
-
-def _run_recording(model: nn.Module, inputs: Sequence[Any], rec: Recording) -> Any:
-    # Eval mode: the outputs are what a fold must reproduce, and shapes do not depend on it.
-    with torch.no_grad(), buffers_restored(model), eval_modes(model):
-        return model(*inputs)
+    return handles

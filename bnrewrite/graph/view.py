@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 from torch import fx
 
-from .ops import node_shape, source_line, target_name
+from .ops import module_at, node_shape, source_line, target_name
 
 if TYPE_CHECKING:
     from .captured import Capture
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def node_attributes(region, node: fx.Node) -> dict[str, object]:
     module_type = None
     if node.op == "call_module":
-        module_type = type(region.gm.get_submodule(str(node.target))).__name__
+        module_type = type(module_at(region.gm, str(node.target))).__name__
     shape = node_shape(node)
     dtype = None
     meta = node.meta.get("tensor_meta") or node.meta.get("val")

@@ -21,7 +21,7 @@ from torch import fx
 
 from ..graph import ops
 from ..graph.captured import Region
-from ..graph.linear_ops import BranchOp, branch_op, combination, constant_value, forget
+from ..graph.linear_ops import BranchOp, branch_op, combination, constant_value
 from ..graph.ops import node_shape
 from ..graph.reshapes import ShapeOf
 from ..select import Selector
@@ -94,12 +94,7 @@ class BranchSet:
 def find_branch_sets(region: Region, policy: FoldPolicy, shape_of: ShapeOf | None = None) -> list[BranchSet]:
     """Every branch set of ``region``, outermost sums first, each with its verdict; ``shape_of``
     gives a value's shape where no op of the set tells its channels (identities and pools)."""
-    gm = region.gm
-    forget(gm)  # modules may have changed since the last look
-    try:
-        return _sets(region, policy, shape_of or node_shape)
-    finally:
-        forget(gm)
+    return _sets(region, policy, shape_of or node_shape)
 
 
 def _sets(region: Region, policy: FoldPolicy, shape_of: ShapeOf) -> list[BranchSet]:

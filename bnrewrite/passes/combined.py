@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from ..graph.layers import LayerSite, layer_site
 from ..graph.norms import BNSite
+from ..graph.ops import module_at
 from ..graph.reshapes import chain_back, reshape_kind, track, value_readers
 from .decision import PRECEDING, Decision, RankOf, label, out_channels, shape_of
 
@@ -31,7 +32,7 @@ def _passthrough(site: BNSite, node: fx.Node, eval_mode: bool) -> fx.Node:
     if len(node.users) != 1 or not node.args or not isinstance(node.args[0], fx.Node):
         return node
     if node.op == "call_module":
-        m = site.region.gm.get_submodule(str(node.target)) if site.region else None
+        m = module_at(site.region.gm, str(node.target)) if site.region else None
         if isinstance(m, nn.modules.dropout._DropoutNd) and (not m.training or eval_mode):
             return node.args[0]
     if node.op == "call_function" and node.target is aten.dropout.default:

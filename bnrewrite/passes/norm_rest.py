@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..graph.capture import Region
-from ..graph.ops import stack_path
+from ..graph.ops import module_at, stack_path
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _innermost(node: fx.Node) -> str | None:
 
 def _op_name(node: fx.Node, region: Region) -> str:
     if node.op == "call_module":
-        return type(region.gm.get_submodule(str(node.target))).__name__
+        return type(module_at(region.gm, str(node.target))).__name__
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket.__name__

@@ -1,9 +1,10 @@
-"""What every rule gets: the capture, its networkx view, and the norm sites found in it."""
+"""What every rule gets: the capture, the norm sites found in it, and its networkx view."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import networkx as nx
 from torch import fx, nn
@@ -13,14 +14,20 @@ from ..diagnostics import Diagnostic
 from ..graph.capture import Capture, Region
 from ..graph.norms import BNSite, OtherNormSite
 from ..graph.ops import source_line
+from ..graph.view import to_networkx
 
 
 @dataclass
 class RuleContext:
     cap: Capture
-    view: nx.DiGraph
     bn_sites: list[BNSite]
     other_norms: list[OtherNormSite] = field(default_factory=list)
+
+    @cached_property
+    def view(self) -> nx.DiGraph:
+        """The networkx view of every region, built on first use: a rule that walks paths
+        queries it; the built-in rules read the sites and need none."""
+        return to_networkx(self.cap)
 
     def diagnostic(self, code: str, message: str, region: Region, node: fx.Node) -> Diagnostic:
         """A diagnostic for ``node``: its code's severity, node name, module path, source line."""

@@ -48,3 +48,13 @@ def test_the_recording_leaves_no_mode_behind_when_the_model_fails():
     with pytest.raises(BnrewriteError, match="failed on the example inputs"):
         record_run(Broken(), (torch.randn(1, 3, 8, 8),))
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_module_at_finds_what_get_submodule_finds_and_its_errors():
+    from bnrewrite.graph.ops import module_at
+
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1)), nn.ModuleDict({"a": nn.ReLU()}))
+    for path, m in net.named_modules():
+        assert module_at(net, path) is m
+    with pytest.raises(AttributeError):
+        module_at(net, "0.7")

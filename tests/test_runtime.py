@@ -1,0 +1,90 @@
+"""Runs leave no trace: buffers restored, training flags restored, even when buffers are skipped."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnrewrite.graph.recording import record_run
+from bnrewrite.runtime import buffers_restored, eval_modes
+
+
+class Counter(nn.Module):
+    """Writes its buffer in every forward, in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(1))
+
+    def forward(self, x):
+        self.seen += 1
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.count = Counter()
+        self.bn2 = nn.BatchNorm2d(4)
+        self.count.register_buffer("shared", self.bn2.running_mean)  # a norm buffer another module holds
+
+    def forward(self, x):
+        self.count.shared.add_(1.0)
+        return self.bn2(self.count(self.bn(self.conv(x))))
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_an_eval_run_restores_every_buffer_something_writes():
+    net = Net().train()
+    before = _state(net)
+    with torch.no_grad(), buffers_restored(net, eval_run=True), eval_modes(net):
+        net(torch.randn(2, 3, 8, 8))
+        assert float(net.count.seen) == 1.0  # written during the run
+    after = _state(net)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net.training and net.bn.training  # flags back
+
+
+def test_a_hook_that_writes_a_norm_buffer_is_undone_too():
+    net = Net()
+
+    def doubles(m, _args, _out):
+        m.running_var.mul_(2.0)
+
+    net.bn.register_forward_hook(doubles)
+    before = _state(net)
+    record_run(net, (torch.randn(2, 3, 8, 8),))
+    assert all(torch.equal(before[k], v) for k, v in _state(net).items())
+
+
+def test_buffers_torchs_own_norms_only_read_are_not_copied():
+    net = Net()
+    guard = buffers_restored(net, eval_run=True)
+    with guard:
+        copied = {id(b) for b, _ in guard.saved}
+    assert id(net.bn.running_mean) not in copied and id(net.bn.running_var) not in copied
+    assert id(net.count.seen) in copied and id(net.bn2.running_mean) in copied  # shared: copied
+    with buffers_restored(net) as all_of_them:  # not an eval run: every buffer
+        assert len(all_of_them.saved) == len({id(b) for b in net.buffers()})
+
+
+def test_training_flags_set_by_a_custom_setattr_go_through_it():
+    class Loud(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sets = 0
+
+        def __setattr__(self, name, value):
+            if name == "training":
+                object.__setattr__(self, "sets", getattr(self, "sets", 0) + 1)
+            super().__setattr__(name, value)
+
+    m = nn.Sequential(Loud())
+    with eval_modes(m):
+        assert not m[0].training
+    assert m[0].training and m[0].sets == 2  # eval, then restore: both through its __setattr__
