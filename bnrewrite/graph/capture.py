@@ -104,19 +104,20 @@ def _capture_module(
             return Capture(model, [Region("", gm, "module", inputs)], [], inputs, rec)
         opaque.append(OpaquePart("", type(model).__name__, problem))
         gm = None
-    if inputs is not None:
-        exported = export_region(model, "", inputs, {})
-        if isinstance(exported, Region):
-            rec = record_run(model, inputs)
-            return Capture(model, [exported], [], inputs, rec, how="torch.export")
-        opaque[0] = OpaquePart("", type(model).__name__, f"{opaque[0].reason}; torch.export: {exported}")
-
-    # Parts: find the frontier without running, then one eager pass records its inputs.
+    # The parts' frontier is found without running; one eager pass records their inputs and
+    # what torch.export cannot follow (a failed export costs about as much as a good one).
     plan: list[tuple[str, nn.Module, fx.GraphModule | str]] = []
     for name, child in model.named_children():
         _plan_parts(child, name, tracer, plan)
     keep = {path for path, _m, _g in plan}
     rec = record_run(model, inputs, keep=keep) if inputs is not None else None
+    if inputs is not None:
+        assert rec is not None
+        exported = export_blocker(rec, "") or export_region(model, "", inputs, {})
+        if isinstance(exported, Region):
+            rec.inputs.clear()  # the parts' inputs are not needed: let them go
+            return Capture(model, [exported], [], inputs, rec, how="torch.export")
+        opaque[0] = OpaquePart("", type(model).__name__, f"{opaque[0].reason}; torch.export: {exported}")
     regions: list[Region] = []
     for path, module, traced in plan:
         _capture_part(module, path, traced, tracer, regions, opaque, rec, check_trace)
@@ -207,7 +208,8 @@ def _capture_part(
     else:
         reason = traced
     if args is not None:
-        exported = export_region(module, path, args, kwargs)
+        assert rec is not None
+        exported = export_blocker(rec, path) or export_region(module, path, args, kwargs)
         if isinstance(exported, Region):
             regions.append(exported)
             opaque[:] = [o for o in opaque if not o.module_path.startswith(path + ".")]
@@ -229,6 +231,35 @@ def _bind_positional(
             return None
         values.append(kwargs[key])
     return tuple(values)
+
+
+def export_blocker(rec: Recording, path: str) -> str | None:
+    """Why ``torch.export`` of the module at ``path`` must fail, known from the eager run: its
+    code branches on a tensor's value, or (the whole model) it returns a type export cannot
+    flatten. None when nothing rules it out (export is then tried)."""
+    inside = sorted(p for p in rec.value_branches if not path or p == path or p.startswith(path + "."))
+    if inside:
+        where = ", ".join(p or "<root>" for p in inside[:3])
+        return f"the forward of {where} branches on a tensor value (data-dependent control flow, seen in the eager run; not attempted)"
+    if not path:
+        odd = _unknown_output(rec.outputs)
+        if odd is not None:
+            return f"the model returns a {odd.__module__}.{odd.__qualname__}, which torch.export cannot flatten (register it as a pytree node; not attempted)"
+    return None
+
+
+def _unknown_output(outputs: Any) -> type | None:
+    """The first output type torch.export cannot return (its own rule), or None."""
+    from torch.utils import _pytree as pytree
+
+    try:
+        from torch._functorch._aot_autograd.utils import KNOWN_TYPES
+    except ImportError:  # pragma: no cover - other torch versions: let export decide
+        return None
+    for leaf in pytree.tree_leaves(outputs):
+        if not isinstance(leaf, tuple(KNOWN_TYPES)):
+            return type(leaf)
+    return None
 
 
 def export_region(

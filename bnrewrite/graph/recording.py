@@ -38,6 +38,10 @@ class Recording:
     # the code that called the module (not ops inside those modules). A fold that changes a
     # layer's output is only right when the one consumer the graph shows is the only one.
     readers: Counter[str] = field(default_factory=Counter)
+    # Module paths whose own forward code branched on a tensor's value (``if x.mean() > 0:``);
+    # "" is the model's forward. torch.export cannot follow such code (data-dependent control
+    # flow), so the capture does not try it there. Tensors made from literals do not count.
+    value_branches: set[str] = field(default_factory=set)
 
 
 # Tensor accessors that read no values: not consumers.
@@ -47,6 +51,7 @@ _NOT_READS = frozenset(
      "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"}
 )  # fmt: skip
 _SHAPE_OF_OTHERS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})  # read only args[0]
+_FROM_LITERALS = frozenset({"tensor", "as_tensor", "scalar_tensor"})  # values torch.export knows
 
 
 class _Readers(TorchFunctionMode):
@@ -58,6 +63,8 @@ class _Readers(TorchFunctionMode):
         self.depth = 0
         self.by_depth: dict[int, dict[int, tuple[str, Any]]] = {}  # depth -> id -> (path, weakref)
         self.paused: list[bool] = []  # per open module call: whether this mode was taken off the stack
+        self.paths: list[str] = []  # the module calls open now, innermost last
+        self.literals: set[int] = set()  # ids of tensors computed from literals alone
 
     def pause(self) -> bool:
         """Take this mode off the torch-function stack while a leaf layer runs (the ops inside a
@@ -97,12 +104,20 @@ class _Readers(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.by_depth.get(self.depth):  # ops inside a leaf layer read nothing recorded here
-            name = getattr(func, "__name__", "")
-            if name not in _NOT_READS:
-                shape_only = name in _SHAPE_OF_OTHERS
-                self.count(args[:1] if shape_only else args, {} if shape_only else kwargs)
-        return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "__bool__" and args and id(args[0]) not in self.literals:
+            self.rec.value_branches.add(self.paths[-1] if self.paths else "")
+        if self.by_depth.get(self.depth) and name not in _NOT_READS:  # (inside a leaf: nothing here)
+            shape_only = name in _SHAPE_OF_OTHERS
+            self.count(args[:1] if shape_only else args, {} if shape_only else kwargs)
+        out = func(*args, **kwargs)
+        if name in _FROM_LITERALS or (self.literals and self._literal_args(args)):
+            self.literals.add(id(out))  # (an id reused later only makes a branch go unnoticed)
+        return out
+
+    def _literal_args(self, args: Any) -> bool:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        return bool(tensors) and all(id(t) in self.literals for t in tensors)
 
 
 def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None = None) -> Recording:
@@ -150,6 +165,7 @@ def _install_hooks(model: nn.Module, rec: Recording, readers: _Readers, keep: se
             if args and path not in rec.in_ids:
                 rec.in_ids[path] = id(args[0])
             readers.count(args, kwargs)
+            readers.paths.append(path)
             readers.depth += 1
             readers.paused.append(leaf and readers.pause())
 
@@ -157,6 +173,8 @@ def _install_hooks(model: nn.Module, rec: Recording, readers: _Readers, keep: se
             if readers.paused and readers.paused.pop():
                 readers.resume()
             readers.depth -= 1
+            if readers.paths:
+                readers.paths.pop()
             if args and out is args[0] and isinstance(out, torch.Tensor):  # passed on (eval Dropout):
                 owner = readers.owner(out)  # its consumer reads the producer's output, not this call
                 if owner is not None:

@@ -1,7 +1,9 @@
+import pytest
 import torch
 from torch import nn
 
 from bnrewrite.graph import capture, node_shape, to_networkx
+from bnrewrite.graph.capture import export_blocker
 from tests.conftest import assert_unchanged, load_sample, randomize_bn, state_snapshot
 
 
@@ -110,3 +112,50 @@ def test_swap_knows_shapes_of_layers_no_graph_covers():
     model, inputs = load_sample("untraceable")
     swapped, report = swap(model, "gn", example_inputs=inputs, select="post_bn")
     assert isinstance(swapped.post_bn, nn.GroupNorm), [d.message for d in report.diagnostics]
+
+
+def _export_fails(module, args) -> bool:
+    try:
+        torch.export.export(module, tuple(args), strict=False)
+    except Exception:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", ["untraceable", "module_lists", "kwargs_dataclass"])
+def test_an_export_the_eager_run_rules_out_is_not_attempted_and_would_fail(name):
+    model, inputs = load_sample(name)
+    cap = capture(model, inputs)
+    assert cap.recording is not None
+    why = export_blocker(cap.recording, "")
+    assert why is not None and "not attempted" in why
+    assert any("not attempted" in o.reason for o in cap.opaque if o.module_path == "")
+    assert _export_fails(model.eval(), inputs)  # the prediction is right: export fails there
+
+
+def test_a_branch_on_a_literal_tensor_does_not_rule_export_out():
+    class Literal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.shape[1] == 3 and torch.tensor(2) > 1:  # fx cannot read it, export can
+                x = x * 2
+            return self.bn(self.conv(x))
+
+    model, x = Literal().eval(), torch.randn(2, 3, 8, 8)
+    cap = capture(model, x)
+    assert cap.how == "torch.export" and not _export_fails(model, (x,))
+
+
+def test_a_branch_inside_one_part_rules_out_that_part_only():
+    model, inputs = load_sample("untraceable")
+    cap = capture(model, inputs)
+    rec = cap.recording
+    assert rec is not None and rec.value_branches == {"gate"}  # `if x.mean() > 0` in Gated
+    assert export_blocker(rec, "gate") and export_blocker(rec, "")  # the part, and the whole
+    assert export_blocker(rec, "head") is None and export_blocker(rec, "stem") is None
+    args, kwargs = rec.inputs.get("gate", ((torch.randn(2, 8, 16, 16),), {}))
+    assert _export_fails(model.gate.eval(), args)
