@@ -157,5 +157,5 @@ def test_a_branch_inside_one_part_rules_out_that_part_only():
     assert rec is not None and rec.value_branches == {"gate"}  # `if x.mean() > 0` in Gated
     assert export_blocker(rec, "gate") and export_blocker(rec, "")  # the part, and the whole
     assert export_blocker(rec, "head") is None and export_blocker(rec, "stem") is None
-    args, kwargs = rec.inputs.get("gate", ((torch.randn(2, 8, 16, 16),), {}))
+    args, _kwargs = rec.inputs.get("gate", ((torch.randn(2, 8, 16, 16),), {}))
     assert _export_fails(model.gate.eval(), args)
