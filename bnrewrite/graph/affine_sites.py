@@ -163,15 +163,15 @@ def _probe(
                 env[a] = graph.get_attr(str(a.target))
         env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(env[out])
-    gm = fx.GraphModule(region.gm, graph)
+    run = fx.Interpreter(region.gm, graph=graph).run  # no GraphModule: nothing to compile
     probe_shape = (1, *shape[1:])
     g = torch.Generator().manual_seed(0)
     rand = torch.randn(probe_shape, generator=g, dtype=torch.float64)
     try:  # a GraphModule prints the traceback of a failing call: keep the probe quiet
         with torch.no_grad(), Float64Everywhere(), contextlib.redirect_stderr(io.StringIO()):
-            zero = gm(torch.zeros(probe_shape, dtype=torch.float64))
-            one = gm(torch.ones(probe_shape, dtype=torch.float64))
-            got = gm(rand)
+            zero = run(torch.zeros(probe_shape, dtype=torch.float64))
+            one = run(torch.ones(probe_shape, dtype=torch.float64))
+            got = run(rand)
     except Exception as exc:
         raise _NotAffine(f"its forward cannot be evaluated alone ({type(exc).__name__})") from exc
     if not all(isinstance(t, torch.Tensor) and t.shape == probe_shape for t in (zero, one, got)):
