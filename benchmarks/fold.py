@@ -226,18 +226,18 @@ def samples_section() -> None:
         total = sum(n.family in ("batch", "frozen", "affine") for n in bnrewrite.analyze(model, inputs).norms)
         try:
             fused_model = fuse(model)
-            fused = total - count_bn(fused_model)
+            fused = count_bn(torch.fx.symbolic_trace(model)) - count_bn(fused_model)  # BN calls it removed
             fuse_ok = "yes" if verify(model, fused_model, inputs).passed else "NO"
         except Exception:
             fused, fuse_ok = 0, "n/a"  # fuse cannot trace it
         folded, report = bnrewrite.fold(model, inputs)
         ok = "yes" if verify(model, folded, inputs).passed else "NO"
         kinds = [a.kind for a in report.actions]
-        ours = sum(k.startswith("fold") for k in kinds)
+        ours = sum(k.startswith("fold") or k == "merge-branches" for k in kinds)  # BNs gone
         print(
             f"{name:16} {total:4d} {fused:5d} {fuse_ok:>8} {ours:9d} {ok:>4}  (+{kinds.count('scale-shift')})"
         )
-        assert ours >= fused, name
+        assert ours >= fused or fuse_ok != "yes", name  # a fuse that changes the result counts for nothing
 
 
 def scaling_section(sizes: list[int], quick: bool, x_small: tuple[torch.Tensor, ...]) -> None:
