@@ -7,12 +7,15 @@ from collections.abc import Iterator
 import torch
 
 from ..diagnostics import Diagnostic
+from ..graph.norms import BNSite
 from .context import RuleContext
 
 CODE = "BN004"
 
 
 def check(ctx: RuleContext) -> Iterator[Diagnostic]:
+    if _all_fine(ctx.bn_sites):  # the common case, in a few ops for the whole model
+        return
     for site in ctx.bn_sites:
         problems = []
         var = site.running_var
@@ -26,3 +29,23 @@ def check(ctx: RuleContext) -> Iterator[Diagnostic]:
                 problems.append(f"{name} has NaN/Inf")
         if problems:
             yield ctx.diagnostic(CODE, "; ".join(problems), site.region, site.call)
+
+
+def _all_fine(sites: list[BNSite]) -> bool:
+    """True when every site's tensors are finite and every running_var positive: one check over
+    all of them (per-site checks cost several small ops per BatchNorm). Tensors that cannot be
+    joined (several devices) give False: then each site is checked on its own."""
+    values = [
+        t.detach().reshape(-1)
+        for s in sites
+        for t in (s.running_mean, s.running_var, s.weight, s.bias)
+        if isinstance(t, torch.Tensor)
+    ]
+    variances = [s.running_var.detach().reshape(-1) for s in sites if isinstance(s.running_var, torch.Tensor)]
+    if not values:
+        return True
+    try:
+        finite = bool(torch.isfinite(torch.cat(values)).all())
+        return finite and (not variances or bool((torch.cat(variances) > 0).all()))
+    except (RuntimeError, TypeError):
+        return False
