@@ -117,18 +117,7 @@ def plan_and_apply(
     )
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
     if dry_run:
-        result = _plan_only(cap, report, units, needs, graphs, diagnostics)
-        report.extra["plan"].extend(kept_step(d) for d in planned.kept)
-        merged = [a for s in merges for a in _merge_actions(s)]
-        absorbed = {a.node for a in merged}  # a BatchNorm a merge absorbs is not folded on its own
-        report.actions[:] = [a for a in report.actions if a.node not in absorbed] + merged
-        for step in report.extra["plan"]:  # a block that becomes its merged graph absorbs these
-            if "graph" in step:
-                scope = "" if step["graph"] == "<root>" else step["graph"]
-                step["folds"] += [
-                    a.module_path for a in merged if a.module_path and covers(scope, a.module_path)
-                ]
-        return result
+        return _dry_run(cap, report, planned, units, graphs, merges)
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
     root_graph = None
     rec = record_inputs(cap, set(graphs)) if len(graphs) > 1 else None  # one pass for every scope
@@ -150,6 +139,27 @@ def plan_and_apply(
     diagnostics.extend(_rest_notes(units))
     report.diagnostics.extend(diagnostics)
     return TreeResult(root, units, root_graph, stash)
+
+
+def _dry_run(
+    cap: Capture,
+    report: Report,
+    planned: _Planned,
+    units: list[Unit],
+    graphs: dict[str, list[str]],
+    merges: list[BranchSet],
+) -> TreeResult:
+    """The plan as data (``report.extra['plan']``), with the merges' actions; nothing applied."""
+    result = _plan_only(cap, report, units, planned.needs, graphs, planned.diagnostics)
+    report.extra["plan"].extend(kept_step(d) for d in planned.kept)
+    merged = [a for s in merges for a in _merge_actions(s)]
+    absorbed = {a.node for a in merged}  # a BatchNorm a merge absorbs is not folded on its own
+    report.actions[:] = [a for a in report.actions if a.node not in absorbed] + merged
+    for step in report.extra["plan"]:  # a block that becomes its merged graph absorbs these
+        if "graph" in step:
+            scope = "" if step["graph"] == "<root>" else step["graph"]
+            step["folds"] += [a.module_path for a in merged if a.module_path and covers(scope, a.module_path)]
+    return result
 
 
 def _fill(pending: list[tuple[Any, Any]], units: list[Unit], stash: Stash | None) -> None:
