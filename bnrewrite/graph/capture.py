@@ -7,6 +7,9 @@
    ``ModuleList``/``ModuleDict``); each part's inputs (args and kwargs) come from forward hooks
    in one eager pass, which also records every module's call count and output shape and the
    model's outputs (:class:`Recording`), so later steps need no further run to know them.
+When ``symbolic_trace`` fails, that eager pass runs before step 2: an export it rules out (code
+that branches on a tensor value, an output type export cannot flatten) is not attempted, since
+a failing ``torch.export`` costs about as much as one that succeeds (:func:`export_blocker`).
 Every part that stayed opaque is recorded with the reason. Capturing never changes the input
 model: graphs share its tensors but own their module containers, and every run restores buffers.
 """
