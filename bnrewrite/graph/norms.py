@@ -204,12 +204,14 @@ def module_bn_site(m: nn.Module, region: Region | None = None, node: fx.Node | N
     """The BatchNorm a BatchNorm-like module applies (with its graph position when known)."""
     inp = _first_input(node) if node is not None else None
     if is_batchnorm_module(m):
-        tracks = m.track_running_stats and m.running_mean is not None
+        tensors = _own_tensors(m, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+        weight, bias, mean, var, batches = tensors
+        tracks = m.track_running_stats and mean is not None
         return BNSite(
             region, node, node, inp, type(m).__name__, m,
-            m.weight if m.affine else None, m.bias if m.affine else None,
-            m.running_mean, m.running_var, float(m.eps), bool(m.training), bool(tracks), True,
-            num_batches_tracked=m.num_batches_tracked,
+            weight if m.affine else None, bias if m.affine else None,
+            mean, var, float(m.eps), bool(m.training), bool(tracks), True,
+            num_batches_tracked=batches,
         )  # fmt: skip
     if is_frozen_bn_module(m):
         return BNSite(
@@ -217,6 +219,21 @@ def module_bn_site(m: nn.Module, region: Region | None = None, node: fx.Node | N
             m.running_var, float(getattr(m, "eps", 1e-5)), False, True, True, frozen=True,
         )  # fmt: skip
     return None
+
+
+def _own_tensors(m: nn.Module, names: tuple[str, ...]) -> list[Any]:
+    """``getattr(m, name)`` for each name, read from the module's own tables where it keeps them
+    there (``nn.Module.__getattr__`` costs a microsecond per access; a plan reads them often)."""
+    params, buffers = m._parameters, m._buffers
+    out = []
+    for name in names:
+        if name in params:
+            out.append(params[name])
+        elif name in buffers:
+            out.append(buffers[name])
+        else:
+            out.append(getattr(m, name, None))
+    return out
 
 
 def bn_site(region: Region, node: fx.Node) -> BNSite | None:

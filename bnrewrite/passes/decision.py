@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..graph.layers import LayerSite
 from ..graph.norms import BNSite
@@ -63,7 +64,34 @@ class Decision:
 
 
 def stats_problem(site: BNSite) -> str | None:
-    """Why the stored statistics or affine parameters cannot be used, if they cannot."""
+    """Why the stored statistics or affine parameters cannot be used, if they cannot.
+
+    A plan asks this of every BatchNorm several times (each pass to a fixed point): the answer
+    is kept per tensor, for as long as those same tensors hold the same values (their version
+    counters); the tensors are only weakly referenced by the key."""
+    tensors = (
+        site.affine
+        if site.affine is not None
+        else (site.running_var, site.running_mean, site.weight, site.bias)
+    )
+    present = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not present:
+        return None
+    key, others = present[0], tuple(present[1:])
+    stamp = tuple(t._version for t in present)
+    hit = _STATS.get(key)
+    same = hit is not None and hit[1] == stamp and len(hit[0]) == len(others)
+    if hit is not None and same and all(a is b for a, b in zip(hit[0], others)):
+        return hit[2]
+    problem = _stats_problem(site)
+    _STATS[key] = (others, stamp, problem)
+    return problem
+
+
+_STATS: Any = WeakIdKeyDictionary()  # tensor -> (the other tensors, versions, answer)
+
+
+def _stats_problem(site: BNSite) -> str | None:
     if site.affine is not None:
         finite = all(bool(torch.isfinite(t).all()) for t in site.affine)
         return None if finite else "its evaluated scale or shift has NaN/Inf values"
