@@ -8,14 +8,15 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-import networkx as nx
+from typing import TYPE_CHECKING, Any
 
 from .errors import BnrewriteError, UsageError
 from .files import atomic_path, check_output, format_of
 from .graph.capture import capture
 from .graph.view import to_networkx
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 def graph_view(model: Any) -> nx.DiGraph:
@@ -29,6 +30,8 @@ def graph_view(model: Any) -> nx.DiGraph:
 
 def _plain(view: nx.DiGraph) -> nx.DiGraph:
     """GraphML wants scalar attributes: lists become strings, None becomes ''."""
+    import networkx as nx
+
     g = nx.DiGraph()
     for n, attrs in view.nodes(data=True):
         g.add_node(
@@ -98,6 +101,8 @@ def diff_view(
 
     A node is changed when its graph says a rewrite made it, or when it calls a module whose
     path is in ``changed`` (a fold's targets: the result is a module tree, traced afresh)."""
+    import networkx as nx  # imported where a view is built: it costs ~0.2 s at start-up
+
     changed = set(changed)
     union = nx.DiGraph()
     status: dict[str, str] = {}
@@ -156,6 +161,8 @@ def write_dot_and_svg(dot_text: str, path: str | os.PathLike[str], *, force: boo
 def write_graph(
     model: Any, path: str | os.PathLike[str], *, fmt: str | None = None, force: bool = False
 ) -> dict[str, Any]:
+    import networkx as nx
+
     kind = format_of(path, fmt)
     view = graph_view(model)
     if kind == "json":

@@ -88,3 +88,12 @@ def test_training_flags_set_by_a_custom_setattr_go_through_it():
     with eval_modes(m):
         assert not m[0].training
     assert m[0].training and m[0].sets == 2  # eval, then restore: both through its __setattr__
+
+
+def test_networkx_is_imported_only_when_a_view_is_built():
+    import subprocess
+    import sys
+
+    code = "import sys, bnrewrite, bnrewrite.cli; print('networkx' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # ~0.2 s of every CLI start-up otherwise

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import networkx as nx
 from torch import fx
 
 from .ops import module_at, node_shape, source_line, target_name
 
 if TYPE_CHECKING:
+    import networkx as nx
+
     from .captured import Capture
 
 
@@ -43,6 +44,8 @@ def node_attributes(region, node: fx.Node) -> dict[str, object]:
 
 def to_networkx(cap: Capture) -> nx.DiGraph:
     """Build the DiGraph view of every captured region."""
+    import networkx as nx  # here, not at import: it costs ~0.2 s and most runs need no view
+
     g = nx.DiGraph()
     fx_nodes: dict[str, tuple[object, fx.Node]] = {}
     for region in cap.regions:

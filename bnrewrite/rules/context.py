@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import networkx as nx
 from torch import fx, nn
 
 from ..codes import finding
@@ -15,6 +15,9 @@ from ..graph.capture import Capture, Region
 from ..graph.norms import BNSite, OtherNormSite
 from ..graph.ops import source_line
 from ..graph.view import to_networkx
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 @dataclass
