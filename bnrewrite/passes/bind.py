@@ -18,11 +18,11 @@ from ..stash import Stash
 from .tree_edit import _INPLACE, _MODULE, _PARAM, Edit, Unit, _ModuleEdit, _ParamEdit
 
 
-def bind(units: list[Unit], editor: Editor, stash: Stash | None = None) -> None:
+def bind(units: list[Unit], editor: Editor, stash: Stash | None = None, *, checks: bool = True) -> None:
     """Resolve deferred edits against the result tree (copy-on-write through ``editor``),
     record what each replaces, so every unit can be applied and undone, and give each unit its
-    local checks (:mod:`~bnrewrite.local_checks`). A parameter written in place has its old
-    values in ``stash``."""
+    local checks (:mod:`~bnrewrite.local_checks`) when a proof will run them (``checks``). A
+    parameter written in place has its old values in ``stash``."""
     for unit in units:
         bound: list[Edit] = []
         for e in unit.edits:
@@ -47,7 +47,7 @@ def bind(units: list[Unit], editor: Editor, stash: Stash | None = None) -> None:
             else:
                 bound.append(e)
         unit.edits = bound
-        unit.checks = _checks(unit, editor)
+        unit.checks = _checks(unit, editor) if checks else []
 
 
 def _checks(unit: Unit, editor: Editor) -> list[LocalCheck]:
