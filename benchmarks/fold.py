@@ -9,7 +9,8 @@ Peak memory (measured in a fresh subprocess per rewrite, so no freed memory is r
 process's resident-set high-water mark (``/proc/self/status`` VmHWM, reset
 through ``/proc/self/clear_refs``), with glibc's mmap threshold pinned so freed tensors go back
 to the OS (each memory worker re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` set; timings
-run with the default allocator, as a user's process does). Linux only.
+run with the default allocator, as a user's process does; the 300-block figures are printed a
+second time with the default allocator too, median of 3 fresh processes). Linux only.
 
 The "checks" section counts forward passes of a segmentation-sized model (1024x2048 input)
 during ``fold`` with its default checks: a dispatch-mode counter of convolutions executed,
@@ -162,14 +163,17 @@ def memory_worker(mode: str, blocks: int) -> None:
     print(extra)
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
+def best_times(fns: list, repeats: int) -> list[float]:
+    """Best time of each function over ``repeats`` interleaved rounds (each round runs every
+    function once): load on the machine hits them alike, not one run of one of them."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        gc.collect()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for fn, took in zip(fns, times):
+            gc.collect()
+            t = time.perf_counter()
+            fn()
+            took.append(time.perf_counter() - t)
+    return [min(t) for t in times]
 
 
 def bn_deleted(model: nn.Module) -> nn.Module:
@@ -248,7 +252,8 @@ def samples_section() -> None:
 
 def scaling_section(sizes: list[int], quick: bool, x_small: tuple[torch.Tensor, ...]) -> None:
     print("\n## Synthetic ResNets (width 64): ratios against torch.fx fuse")
-    print("time: fold / fuse, with example inputs (default checks: eager pass + proof) and without;")
+    print("time: fold / fuse, with example inputs (default checks: eager pass + proof) and without")
+    print("(best of interleaved rounds);")
     print("memory: extra peak RSS / model size, fresh process each")
     header = (
         f"{'blocks':>6} {'BN removed (ours/fuse)':>22} {'time':>6} {'time, no inputs':>15} "
@@ -261,10 +266,15 @@ def scaling_section(sizes: list[int], quick: bool, x_small: tuple[torch.Tensor, 
     for n in sizes:
         model = synthetic_resnet(n)
         size = model_bytes(model)
-        repeats = 1 if quick else (3 if n >= 300 else 7)
-        t_fuse = best_time(lambda model=model: fuse(model), repeats)
-        t_ours = best_time(lambda model=model: bnrewrite.fold(model, x_small), repeats)
-        t_bare = best_time(lambda model=model: bnrewrite.fold(model), repeats)
+        repeats = 1 if quick else (5 if n >= 300 else 9)
+        t_fuse, t_ours, t_bare = best_times(
+            [
+                lambda model=model: fuse(model),
+                lambda model=model: bnrewrite.fold(model, x_small),
+                lambda model=model: bnrewrite.fold(model),
+            ],
+            repeats,
+        )
         per_layer[n] = t_ours / (2 * n + 1)
         removed_fuse = count_bn(model) - count_bn(fuse(model))
         removed_ours = count_bn(model) - count_bn(bnrewrite.fold(model, x_small).model)
