@@ -100,8 +100,8 @@ def compare_outputs(reference: Any, got: Any) -> Comparison:
 
 def _run(model: nn.Module, inputs: tuple[Any, ...], checks: list[LocalCheck]) -> tuple[Any, str | None]:
     """One forward pass of the result with the local checks' hooks in place."""
-    with torch.no_grad(), buffers_restored(model, eval_run=True), eval_modes(model):
-        handles = [h for c in checks for h in c.install()]  # after choosing the buffers to restore
+    with torch.no_grad(), buffers_restored(model), eval_modes(model):
+        handles = [h for c in checks for h in c.install()]
         try:
             return model(*inputs), None
         except Exception as exc:

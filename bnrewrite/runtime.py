@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
 
 def error_reason(exc: BaseException) -> str:
@@ -28,17 +27,16 @@ def error_reason(exc: BaseException) -> str:
 class buffers_restored:
     """Context manager: every buffer of the given modules is restored on exit.
 
-    ``eval_run=True`` says the run inside is in eval mode (:func:`eval_modes`): then torch's own
-    norm layers do not write their statistics, and the buffers only they hold (without hooks)
-    are not copied; a BatchNorm-heavy model has most of its buffers there."""
+    Every buffer is copied, those of torch's own norm layers in an eval-mode run too: any code in
+    the forward (a parent's, a hook) can write a tensor it reaches, and the input model must come
+    back unchanged."""
 
-    def __init__(self, *modules: nn.Module, eval_run: bool = False) -> None:
+    def __init__(self, *modules: nn.Module) -> None:
         self.modules = modules
-        self.eval_run = eval_run
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> buffers_restored:
-        seen = _read_only_in_eval(self.modules) if self.eval_run else set()
+        seen: set[int] = set()
         for m in self.modules:
             for b in m.buffers():
                 if id(b) not in seen:
@@ -50,27 +48,6 @@ class buffers_restored:
         with torch.no_grad():
             for b, copy in self.saved:
                 b.copy_(copy)
-
-
-def _read_only_in_eval(modules: tuple[nn.Module, ...]) -> set[int]:
-    """ids of the buffers that only torch's own norm layers hold, none with a hook that could
-    write them: an eval-mode run reads these and writes none."""
-    from torch.nn.modules import module as _module
-
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return set()
-    norm_only: set[int] = set()
-    others: set[int] = set()
-    for root in modules:
-        for m in root.modules():
-            ids = {id(b) for b in m._buffers.values() if b is not None}
-            plain = (
-                isinstance(m, _NormBase)
-                and str(getattr(type(m).forward, "__module__", "")).startswith("torch.nn.")
-                and not (m._forward_hooks or m._forward_pre_hooks)
-            )
-            (norm_only if plain else others).update(ids)
-    return norm_only - others
 
 
 @contextlib.contextmanager

@@ -51,7 +51,22 @@ _NOT_READS = frozenset(
      "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"}
 )  # fmt: skip
 _SHAPE_OF_OTHERS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})  # read only args[0]
-_FROM_LITERALS = frozenset({"tensor", "as_tensor", "scalar_tensor"})  # values torch.export knows
+# Tensors built from Python numbers alone: a branch on one is not counted (export may know its
+# value; counting too few branches only means an export is tried that could have been skipped).
+_FROM_LITERALS = frozenset(
+    {
+        "tensor",
+        "as_tensor",
+        "scalar_tensor",
+        "new_tensor",
+        "full",
+        "zeros",
+        "ones",
+        "arange",
+        "linspace",
+        "eye",
+    }
+)
 
 
 class _Readers(TorchFunctionMode):
@@ -127,9 +142,8 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
     under each of them."""
     rec = Recording()
     readers = _Readers(rec)
-    # Eval mode: the outputs are what a fold must reproduce, and shapes do not depend on it. The
-    # buffers to restore are chosen before the hooks go in (the recording's hooks write none).
-    with torch.no_grad(), buffers_restored(model, eval_run=True), eval_modes(model):
+    # Eval mode: the outputs are what a fold must reproduce, and shapes do not depend on it.
+    with torch.no_grad(), buffers_restored(model), eval_modes(model):
         handles = _install_hooks(model, rec, readers, keep or set())
         try:
             with readers:
