@@ -156,7 +156,7 @@ def combination(gm: fx.GraphModule, node: fx.Node) -> Combination | None:
         if node.target in ("contiguous", "clone"):
             return Combination("identity", [node.args[0]])
     elif node.op == "call_module":
-        m = submodule(gm, str(node.target))
+        m = ops.module_at(gm, str(node.target))
         if isinstance(m, nn.Identity) or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training):
             return Combination("identity", [node.args[0]]) if node.args else None
     if kind is None or not node.args:
@@ -198,7 +198,7 @@ def branch_op(region: Region, node: fx.Node, eval_mode: bool = False) -> BranchO
     gm = region.gm
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
-    module = submodule(gm, str(node.target)) if node.op == "call_module" else None
+    module = ops.module_at(gm, str(node.target)) if node.op == "call_module" else None
     layer = layer_site(region, node) if module is None or isinstance(module, _LAYERS) else None
     if layer is not None:
         return _conv_op(gm, layer)
@@ -221,11 +221,6 @@ def branch_op(region: Region, node: fx.Node, eval_mode: bool = False) -> BranchO
 
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-def submodule(gm: fx.GraphModule, target: str) -> nn.Module:
-    """The module at ``target`` (looked up live, so it is never stale after an edit)."""
-    return ops.module_at(gm, target)
 
 
 def _stored(module: nn.Module) -> bool:
@@ -303,7 +298,7 @@ def _affine_op(site: Any, node: fx.Node, eval_mode: bool) -> BranchOp:
 
 def _pool_op(gm: fx.GraphModule, node: fx.Node) -> BranchOp | None:
     if node.op == "call_module":
-        m = submodule(gm, str(node.target))
+        m = ops.module_at(gm, str(node.target))
         if not isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)) or not node.args:
             return None
         nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
