@@ -23,7 +23,7 @@ from .errors import BnrewriteError, UsageError, VerificationError
 from .files import WEIGHT_FORMATS, atomic_path, check_output, format_of
 from .graph.norms import is_batchnorm_module
 from .graph_files import write_graph
-from .runtime import buffers_restored, torch_output_silenced
+from .runtime import buffers_restored, own_copies, torch_output_silenced
 from .runtime import error_reason as _reason
 
 
@@ -178,7 +178,7 @@ def check_onnx(path: Any, model: nn.Module, inputs: tuple[Any, ...] | None) -> d
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), inputs)}
     got = sess.run(None, feeds)
     with torch.no_grad(), buffers_restored(model):
-        want = torch.utils._pytree.tree_leaves(model(*inputs))
+        want = torch.utils._pytree.tree_leaves(model(*own_copies(inputs)))
     worst = 0.0
     for g, w in zip(got, want):
         worst = max(worst, float((torch.from_numpy(g).double() - w.double()).abs().max()))

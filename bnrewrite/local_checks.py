@@ -9,9 +9,11 @@ changed compute what the original modules would have produced from the same inpu
   the original BatchNorm module on the value whose normalization the fold moved upstream;
 - a module replaced by its folded graph: the original module on the same inputs.
 
-Each comparison allows for float32 rounding at that layer only, so a fold that drops an
-activation is caught however little it moves the final output, and the failing fold is named
-without bisection. A pre-hook on every module object a fold replaced checks that the edit took
+What the original gives is computed in a pre-hook, from copies of the inputs, before the
+result's module runs: user code that writes in place (an ``inplace=True`` activation, ``x += y``)
+changes neither what a check compares nor the values the result goes on with. Each comparison
+allows for float32 rounding at that layer only, so a fold that drops an activation is caught
+however little it moves the final output, and the failing fold is named without bisection. A pre-hook on every module object a fold replaced checks that the edit took
 effect: the old object must not run in the result (a block also held in a plain list would).
 """
 
@@ -28,7 +30,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
 
 from .modules import ChannelAffine
-from .runtime import eval_modes
+from .runtime import eval_modes, own_copies
 
 Absorbed = tuple[str, torch.Tensor, "torch.Tensor | None"]
 _HOOK_DICTS = (
@@ -70,28 +72,56 @@ def _quiet(hook: Callable[..., None]) -> Callable[..., None]:
     return wrapped
 
 
+_SKIP = object()  # no expectation for this call
+
+
 class LocalCheck:
-    """One check, bound to modules of the result tree; ``failure`` says what went wrong."""
+    """One check, bound to modules of the result tree; ``failure`` says what went wrong.
+
+    ``expect`` runs before the result's module (on the inputs as they arrive) and returns what
+    the original gives; ``check`` runs after it and compares. Calls nest (a module called inside
+    itself, a checked module inside another), so expectations wait on a stack."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.failure: str | None = None
         self.ran = False
+        self._pending: list[Any] = []
 
     new: nn.Module  # the module of the result whose calls are checked
 
     def install(self) -> list[Any]:
         """Put the hooks in place; returns the handles to remove."""
-        return [self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True)]
+        return [
+            self.new.register_forward_pre_hook(_quiet(self._pre), with_kwargs=True),
+            self.new.register_forward_hook(_quiet(self._hook), with_kwargs=True),
+        ]
+
+    def applies(self, args: tuple[Any, ...], out: Any = None) -> bool:
+        """Whether this call is one the check compares (a tensor in, a tensor out)."""
+        return (
+            bool(args)
+            and isinstance(args[0], torch.Tensor)
+            and (out is None or isinstance(out, torch.Tensor))
+        )
+
+    def _pre(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self._pending.append(self.expect(args, kwargs) if self.applies(args) else _SKIP)
 
     def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         self.ran = True
-        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+        want = self._pending.pop() if self._pending else _SKIP
+        if want is not _SKIP and self.applies(args, out):
             with torch.no_grad():
-                self.check(args, kwargs, out)
+                self.check(want, out)
 
-    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
-        """Compare one call's output with what the original modules give on its inputs."""
+    def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What the original modules give on these inputs (before the result's module runs)."""
+        raise NotImplementedError
+
+    def check(self, want: Any, out: Any) -> None:
+        """Compare one call's output with what ``expect`` computed for it."""
         raise NotImplementedError
 
     def fail(self, why: str) -> None:
@@ -166,23 +196,24 @@ _SAMPLE_SIDE = 64  # output positions per spatial dim a conv check recomputes (p
 _SAMPLE_ROWS = 256  # rows of a Linear's input a check recomputes
 
 
-def _sample(
-    layer: nn.Module, x: torch.Tensor, out: torch.Tensor, extra: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A corner of the layer's input and the part of its output that the corner determines
-    exactly (the corner starts at the input's own border, so padding there is the real one):
-    the check costs a fixed amount per layer however large the activations are."""
+def _sample(layer: nn.Module, x: torch.Tensor, extra: bool) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
+    """A corner of the layer's input and the index of the part of its output that the corner
+    determines exactly (the corner starts at the input's own border, so padding there is the
+    real one; None: all of it): the check costs a fixed amount per layer however large the
+    activations are."""
     if extra:
-        return x, out
+        return x, None
     if isinstance(layer, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] <= _SAMPLE_ROWS:
-            return x, out
-        return rows[:_SAMPLE_ROWS], out.reshape(-1, out.shape[-1])[:_SAMPLE_ROWS]
+            return x, None
+        return rows[:_SAMPLE_ROWS], (slice(0, _SAMPLE_ROWS),)  # of the output's rows
     if not isinstance(layer, _ConvNd) or layer.transposed or isinstance(layer.padding, str):
-        return x, out
-    x, out = x[:1], out[:1]
-    crop_in, crop_out = [slice(None)] * x.dim(), [slice(None)] * out.dim()
+        return x, None
+    crop_in, crop_out = (
+        [slice(0, 1)] + [slice(None)] * (x.dim() - 1),
+        [slice(0, 1)] + [slice(None)] * (x.dim() - 1),
+    )
     for i, (k, s, p, d) in enumerate(zip(layer.kernel_size, layer.stride, layer.padding, layer.dilation)):
         axis = x.dim() - len(layer.kernel_size) + i
         reach = d * (k - 1)
@@ -191,7 +222,15 @@ def _sample(
             continue
         crop_in[axis] = slice(0, size)
         crop_out[axis] = slice(0, (size - 1 + p - reach) // s + 1)  # outputs reading only the corner
-    return x[tuple(crop_in)], out[tuple(crop_out)]
+    return x[tuple(crop_in)], tuple(crop_out)
+
+
+def _output_part(layer: nn.Module, out: torch.Tensor, index: tuple[slice, ...] | None) -> torch.Tensor:
+    if index is None:
+        return out
+    if isinstance(layer, nn.Linear):
+        return out.reshape(-1, out.shape[-1])[index]
+    return out[index]
 
 
 def _cropped(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -221,8 +260,12 @@ class LayerCheck(LocalCheck):
         ]
         self.shift_max = max(shifts, default=0.0)
 
-    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
-        x, out = _sample(self.new, args[0], out, bool(args[1:] or kwargs))
+    def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        extra = bool(args[1:] or kwargs)
+        x, index = _sample(self.new, args[0], extra)
+        if extra:
+            args, kwargs = own_copies((args, kwargs))
+        x = x.clone()  # the reference layer is the user's class: it gets values of its own
         for side, s, t in reversed(self.absorbed):
             if side == "pre":
                 x = self._affine(x, s, t)
@@ -239,6 +282,11 @@ class LayerCheck(LocalCheck):
                 magnitude = y.abs().max()  # the scaled value before the shift (cancellation)
                 if t is not None:
                     y = y + self._view(t, y)
+        return y, index, magnitude
+
+    def check(self, want: Any, out: Any) -> None:
+        y, index, magnitude = want
+        out = _output_part(self.new, out, index)
         problem = _mismatch(out, _cropped(y, out), magnitude, _fan_in(self.new), self.shift_max)
         if problem:
             self.fail(f"the folded layer {problem}")
@@ -289,18 +337,26 @@ class SlotCheck(LocalCheck):
         # a per-channel norm followed by elementwise modules: a corner of the tensor decides
         self.elementwise = all(isinstance(m, _ELEMENTWISE) for m in new.modules())
 
-    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
-        z = args[0]
-        if self.elementwise and self.axis == 1 and not (args[1:] or kwargs):
-            z, out = _corner(z), _corner(out)
+    def _corner_only(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        return self.elementwise and self.axis == 1 and not (args[1:] or kwargs)
+
+    def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        corner = self._corner_only(args, kwargs)
+        z = _corner(args[0]) if corner else args[0]
         magnitude = float(z.abs().max()) if z.numel() else 0.0
         if self.affine is not None:
             scale, shift = (_channel_view(v, z, self.axis) for v in self.affine)
             nonzero = scale != 0
             z = torch.where(nonzero, (z - shift) / torch.where(nonzero, scale, 1), 0)
             magnitude += float(shift.abs().max()) if shift.numel() else 0.0
-        want = _run_original(self.original, (z, *args[1:]), kwargs)
-        problem = _mismatch(out, want, magnitude, 1)
+        else:
+            z = z.clone()  # the original module may write its input (an in-place activation)
+        want = _run_original(self.original, (z, *own_copies(args[1:])), own_copies(kwargs))
+        return want, magnitude, corner
+
+    def check(self, want: Any, out: Any) -> None:
+        want, magnitude, corner = want
+        problem = _mismatch(_corner(out) if corner else out, want, magnitude, 1)
         if problem:
             self.fail(f"the module in the BatchNorm's place {problem} (compared with the original module)")
 
@@ -313,9 +369,13 @@ class GraphCheck(LocalCheck):
         self.new = new
         self.original = bare_copy(original)  # without the hooks the proof puts on the old object
 
-    def _hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        self.ran = True  # any inputs and outputs: the original module is run as it was called
-        want = _run_original(self.original, args, kwargs)
+    def applies(self, args: tuple[Any, ...], out: Any = None) -> bool:
+        return True  # any inputs and outputs: the original module is run as it was called
+
+    def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _run_original(self.original, *own_copies((args, kwargs)))
+
+    def check(self, want: Any, out: Any) -> None:
         got_leaves, want_leaves = pytree.tree_leaves(out), pytree.tree_leaves(want)
         if len(got_leaves) != len(want_leaves):
             self.fail("the folded graph returns another structure")

@@ -20,7 +20,7 @@ from torch import nn
 
 from .local_checks import LocalCheck
 from .passes.tree_edit import Unit
-from .runtime import buffers_restored, eval_modes
+from .runtime import buffers_restored, eval_modes, own_copies
 from .verify import DEFAULT_TOLERANCES, output_leaves
 
 
@@ -103,7 +103,7 @@ def _run(model: nn.Module, inputs: tuple[Any, ...], checks: list[LocalCheck]) ->
     with torch.no_grad(), buffers_restored(model), eval_modes(model):
         handles = [h for c in checks for h in c.install()]
         try:
-            return model(*inputs), None
+            return model(*own_copies(inputs)), None  # the model may write its inputs
         except Exception as exc:
             return None, f"the result fails on the example inputs: {type(exc).__name__}: {exc}"[:300]
         finally:

@@ -106,3 +106,16 @@ def torch_output_silenced() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def own_copies(obj: Any, shared: frozenset[int] = frozenset()) -> Any:
+    """``obj`` with every tensor leaf cloned: what the tool still needs after user code ran on
+    the originals (an in-place activation, ``x += y``, ``relu_`` write into the values they get).
+    Tensors whose ``id`` is in ``shared`` (the model's own parameters and buffers, which the runs
+    restore) stay themselves."""
+    from torch.utils import _pytree as pytree
+
+    def copy(v: Any) -> Any:
+        return v.clone() if isinstance(v, torch.Tensor) and id(v) not in shared else v
+
+    return pytree.tree_map(copy, obj)

@@ -32,7 +32,7 @@ from .errors import BnrewriteError
 from .graph.capture import capture, normalize_inputs
 from .passes.fold_bn import EQUIV
 from .precision import Float64Everywhere
-from .runtime import buffers_restored
+from .runtime import buffers_restored, own_copies
 from .runtime import error_reason as _reason
 
 # dtype -> (rtol, atol), relative to the largest reference magnitude of each output
@@ -130,6 +130,7 @@ def output_leaves(obj: Any, path: str = "output") -> list[tuple[str, Any]]:
 
 
 def _run(model: nn.Module, inputs: tuple[Any, ...], *, float64: bool = False) -> list[tuple[str, Any]]:
+    inputs = own_copies(inputs)  # a model that writes its inputs leaves them unchanged for the next run
     try:
         with torch.no_grad(), buffers_restored(model):
             if float64:
@@ -314,7 +315,7 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if isinstance(out, torch.Tensor) and n.op not in ("get_attr", "placeholder"):
-            self.values[n.meta.get(EQUIV, n.name)] = out.detach()
+            self.values[n.meta.get(EQUIV, n.name)] = out.detach().clone()  # later ops may write it
         return out
 
 
@@ -363,7 +364,7 @@ def localize(
         rec = _Recorder(gm)
         try:
             with torch.no_grad(), buffers_restored(gm), Float64Everywhere() if float64 else nullcontext():
-                rec.run(*xs)
+                rec.run(*own_copies(xs))
         except Exception as exc:
             return None, f"divergence not localized: {_reason(exc)}"
         recs.append(rec.values)

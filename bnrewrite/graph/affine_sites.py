@@ -27,6 +27,7 @@ from torch import fx
 from ..precision import Float64Everywhere
 from . import ops as graph_ops
 from .ops import node_shape, propagate_shapes, reads_only_stored, stack_path
+from .readers import value_readers
 
 _META = "bnrewrite_affine"  # region.gm.meta key: (sites by output node, rejects by module path)
 
@@ -104,7 +105,7 @@ def _with_coefficients(nodes: list[fx.Node], order: dict[fx.Node, int]) -> list[
         for a in n.all_input_nodes:
             if a in members or a.op not in ("call_function", "call_method") or not reads_only_stored(a):
                 continue
-            if all(u in members for u in a.users):
+            if all(u in members for u in value_readers(a)):
                 members.add(a)
                 todo.append(a)
     return sorted(members, key=order.__getitem__)
@@ -123,7 +124,7 @@ def _examine(
     if not any(a.op == "get_attr" for n in nodes for a in n.all_input_nodes):
         return None, ""  # reads no stored tensor: an activation, not an affine layer
     external = {a for n in nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
-    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    outputs = [n for n in nodes if any(u not in members for u in value_readers(n))]
     if len(external) != 1 or len(outputs) != 1:
         return None, f"its forward reads {len(external)} activations and returns {len(outputs)} values"
     inp, out = next(iter(external)), outputs[0]

@@ -25,12 +25,13 @@ from torch import fx, nn
 
 from ..diagnostics import OpaquePart
 from ..errors import BnrewriteError
-from ..runtime import buffers_restored, eval_modes, torch_output_silenced
+from ..runtime import buffers_restored, eval_modes, own_copies, torch_output_silenced
 from ..runtime import error_reason as _reason
 from .captured import Capture, Region
 from .recording import Recording, record_run
 from .tracer import Tracer, _is_aten, clone_graph_module
 from .tracer import trace_module as _trace
+from .views import map_views
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
@@ -275,6 +276,7 @@ def export_region(
         gm = ep.module()
     except Exception as exc:
         return _reason(exc)
+    map_views(gm, module)  # ``model.slice(None, -1, None).0`` -> ``model.0``
     inputs = tuple(args) if not kwargs else None
     return Region(path, gm, "aten", inputs, shapes_known=True)
 
@@ -293,19 +295,19 @@ def _check(
     else:
         try:
             with torch.no_grad(), buffers_restored(module):
-                want = pytree.tree_leaves(module(*inputs))
+                want = pytree.tree_leaves(module(*own_copies(inputs)))
         except Exception as exc:
             if not any(m.training for m in module.modules()):
                 raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc)}") from exc
             mode = eval_modes(module)  # fails only in training mode: compare both in eval mode
             try:
                 with torch.no_grad(), buffers_restored(module), eval_modes(module):
-                    want = pytree.tree_leaves(module(*inputs))
+                    want = pytree.tree_leaves(module(*own_copies(inputs)))
             except Exception as exc2:
                 raise BnrewriteError(f"the model failed on the example inputs: {_reason(exc2)}") from exc2
     try:
         with torch.no_grad(), buffers_restored(gm), mode:
-            got = pytree.tree_leaves(gm(*inputs))
+            got = pytree.tree_leaves(gm(*own_copies(inputs)))
     except Exception as exc:
         return f"traced graph fails where eager execution works ({_reason(exc)})"
     same = len(got) == len(want) and all(

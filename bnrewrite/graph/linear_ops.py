@@ -21,6 +21,7 @@ from torch import fx, nn
 from . import ops
 from .layers import layer_site
 from .norms import bn_site, fetch_attr, is_norm_module
+from .readers import value_readers
 
 if TYPE_CHECKING:
     from .captured import Region
@@ -178,7 +179,7 @@ def combination(gm: fx.GraphModule, node: fx.Node) -> Combination | None:
 
 def _overwrites_alone(node: fx.Node) -> bool:
     first = node.args[0] if node.args else None
-    return isinstance(first, fx.Node) and len(first.users) == 1
+    return isinstance(first, fx.Node) and len(value_readers(first)) == 1
 
 
 def _identity_call(node: fx.Node) -> Combination | None:

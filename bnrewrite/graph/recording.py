@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import BnrewriteError
-from ..runtime import buffers_restored, error_reason, eval_modes
+from ..runtime import buffers_restored, error_reason, eval_modes, own_copies
 
 
 @dataclass
@@ -148,7 +148,7 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
         try:
             with readers:
                 try:
-                    rec.outputs = model(*inputs)
+                    rec.outputs = model(*own_copies(inputs))  # the model may write its inputs
                 finally:
                     while readers.paused:  # a layer that raised never reached its post-hook
                         if readers.paused.pop():
@@ -164,6 +164,7 @@ def record_run(model: nn.Module, inputs: Sequence[Any], *, keep: set[str] | None
 def _install_hooks(model: nn.Module, rec: Recording, readers: _Readers, keep: set[str]) -> list[Any]:
     """A pre- and a post-hook on every module path, filling ``rec`` as the model runs."""
     handles = []
+    stored = frozenset(id(t) for t in (*model.parameters(), *model.buffers())) if keep else frozenset()
     for path, module in model.named_modules(remove_duplicate=False):
         if not path:
             continue
@@ -175,7 +176,10 @@ def _install_hooks(model: nn.Module, rec: Recording, readers: _Readers, keep: se
         ) -> None:
             rec.calls[path] += 1
             if path in keep and path not in rec.inputs:
-                rec.inputs[path] = (tuple(args), dict(kwargs))
+                with torch._C.DisableTorchFunction():  # a copy of ours is no consumer
+                    rec.inputs[path] = own_copies(
+                        (tuple(args), dict(kwargs)), stored
+                    )  # later code may write them
             if args and path not in rec.in_ids:
                 rec.in_ids[path] = id(args[0])
             readers.count(args, kwargs)

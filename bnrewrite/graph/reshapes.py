@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .readers import value_readers
+
 aten = torch.ops.aten
 
 _METHODS = {"flatten", "reshape", "view", "transpose", "permute", "contiguous", "reshape_as", "view_as", "t"}
@@ -93,33 +95,6 @@ def regrouped(before: Sequence[int], after: Sequence[int], axis: int) -> int | N
         if n == size and math.prod(after[:q]) == prefix and math.prod(after[q + 1 :]) == suffix:
             return q
     return None
-
-
-def reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
-    """True when ``user`` reads only ``node``'s shape, not its values (``y.reshape_as(node)``,
-    ``node.size()``, ``node.shape``)."""
-    if user.op == "call_method" and user.target in ("size", "dim", "numel", "ndimension"):
-        return True
-    as_shape = user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as")
-    as_shape = as_shape or (user.op == "call_function" and user.target in _SHAPE_OF_SECOND)
-    if as_shape:
-        return user.args[0] is not node and node not in user.kwargs.values()
-    if user.op == "call_function" and user.target in (
-        aten.sym_size.int,
-        aten.sym_size.default,
-        aten._assert_tensor_metadata.default,
-    ):
-        return True
-    meta = ("shape", "ndim", "dtype", "device", "is_cuda")
-    return user.op == "call_function" and user.target is getattr and user.args[1:2] in [(m,) for m in meta]
-
-
-_SHAPE_OF_SECOND = (aten.reshape_as.default, aten.view_as.default, aten.expand_as.default)
-
-
-def value_readers(node: fx.Node) -> list[fx.Node]:
-    """The users of ``node`` that read its values."""
-    return [u for u in node.users if not reads_shape_only(u, node)]
 
 
 def chain_back(node: fx.Node) -> list[fx.Node]:

@@ -63,12 +63,23 @@ class Tracer(fx.Tracer):
         return cached[1], cached[2]
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if isinstance(m, nn.Sequential) and not self._installed(m):
+            # a view of a container (``self.model[:-1](x)``): a new Sequential of the user's
+            # modules, held nowhere in the tree; its modules are recorded under their own paths
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # the innermost module whose code could not be traced
                 self.failed_in = (self.path_of_module(m), m)
             raise
+
+    def _installed(self, m: nn.Module) -> bool:
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return False
+        return True
 
     def leaf_hint(self) -> str:
         """Where a ``--leaf`` would help: tracing failed inside a module without norm layers."""

@@ -23,6 +23,7 @@ from ..graph import ops
 from ..graph.captured import Region
 from ..graph.linear_ops import BranchOp, branch_op, combination, constant_value
 from ..graph.ops import node_shape
+from ..graph.readers import value_readers
 from ..graph.reshapes import ShapeOf
 from ..select import Selector
 from . import branch_math as bm
@@ -135,7 +136,7 @@ def _expand(
                 constants.append(coef * float(v))
                 return
             raise LookupError
-        comb = combination(gm, v) if (is_top or len(v.users) == 1) else None
+        comb = combination(gm, v) if (is_top or len(value_readers(v)) == 1) else None
         if comb is None:
             if ops.reads_only_stored(v):
                 c = constant_value(gm, v)
@@ -182,8 +183,9 @@ def _walk(region: Region, coef: torch.Tensor, leaf: fx.Node, eval_mode: bool) ->
     owned: set[fx.Node] = set()  # the nodes of the ops walked so far, which may read ``cur``
     for _ in range(_DEPTH):
         op = branch_op(region, cur, eval_mode) if problem is None else _any_op(cur)
-        readers = set(cur.users) - owned - (set(op.nodes) if op is not None else set())
-        if op is None or (readers if chain else len(cur.users) > 1):
+        values_read = value_readers(cur)  # (a shape assert on it is no reader)
+        readers = set(values_read) - owned - (set(op.nodes) if op is not None else set())
+        if op is None or (readers if chain else len(values_read) > 1):
             break
         why = op.problem or ("a nonlinear op" if op.kind == "nonlinear" else None)
         if why and problem is None:

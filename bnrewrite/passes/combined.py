@@ -19,7 +19,8 @@ from torch import fx, nn
 from ..graph.layers import LayerSite, layer_site
 from ..graph.norms import BNSite
 from ..graph.ops import module_at
-from ..graph.reshapes import chain_back, reshape_kind, track, value_readers
+from ..graph.readers import value_readers
+from ..graph.reshapes import chain_back, reshape_kind, track
 from .decision import PRECEDING, Decision, RankOf, label, out_channels, shape_of
 
 aten = torch.ops.aten
@@ -29,7 +30,7 @@ _ADDS = (operator.add, torch.add, aten.add.Tensor, "add", "__add__")
 def _passthrough(site: BNSite, node: fx.Node, eval_mode: bool) -> fx.Node:
     """Look through an eval-mode Dropout (identity) read by nothing else: a Dropout module, or
     ATen ``dropout(x, p, train=False)``."""
-    if len(node.users) != 1 or not node.args or not isinstance(node.args[0], fx.Node):
+    if len(value_readers(node)) != 1 or not node.args or not isinstance(node.args[0], fx.Node):
         return node
     if node.op == "call_module":
         m = module_at(site.region.gm, str(node.target)) if site.region else None
@@ -50,7 +51,7 @@ def check_combined(
     src = site.input
     if src is None or site.region is None or site.num_features is None or site.axis != 1:
         return None, None
-    if len(src.users) != 1:
+    if len(value_readers(src)) != 1:
         return None, None
     if src.op == "call_function" and src.target in (torch.cat, torch.concat, aten.cat.default):
         return _concat(site, src, rank_of, eval_mode)
@@ -74,7 +75,7 @@ def _pieces(site: BNSite, nodes: list[Any], eval_mode: bool) -> tuple[list[Layer
             return [], None
         if not layer.constant or layer.weight is None:
             return [], f"{label(layer)} has weights computed in the graph"
-        if len(node.users) != 1:
+        if len(value_readers(node)) != 1:
             return [], f"output of {label(layer)} is also used elsewhere"
         layers.append(layer)
     return layers, None
@@ -143,7 +144,7 @@ def _sum_terms(add: fx.Node) -> list[Any] | None:
         return None
     terms: list[Any] = []
     for arg in add.args:
-        nested = isinstance(arg, fx.Node) and arg.target in _ADDS and len(arg.users) == 1
+        nested = isinstance(arg, fx.Node) and arg.target in _ADDS and len(value_readers(arg)) == 1
         inner = _sum_terms(arg) if nested else None
         terms.extend(inner if inner is not None else [arg])
     return terms

@@ -12,7 +12,8 @@ from torch import fx
 from ..graph import ops
 from ..graph.layers import LayerSite, layer_site
 from ..graph.norms import BNSite
-from ..graph.reshapes import chain_forward, reshape_kind, track, value_readers
+from ..graph.readers import value_readers
+from ..graph.reshapes import chain_forward, reshape_kind, track
 from . import fold_cost
 from .combined import check_combined
 from .decision import (
@@ -90,7 +91,7 @@ Note = tuple[str, str]  # (code, message)
 def _check_following(site: BNSite, rank_of: RankOf) -> tuple[list[LayerSite], list[fx.Node], Note | None]:
     """Every reader of the BatchNorm's output is a layer (through a copying pad or reshapes)
     that can absorb it: (layers, the entry node of each, why not)."""
-    users = list(site.node.users)
+    users = value_readers(site.node)  # (shape reads follow the value the fold leaves)
     layers: list[LayerSite] = []
     entries: list[fx.Node] = []
     for entry in users:
@@ -114,14 +115,15 @@ def _following_layer(
     """The node that may be the layer reading ``entry``: itself, the reader of a copying pad
     (reflect/replicate/circular commute with a per-channel affine), or the reader of a reshape
     chain that keeps the channel axis as the feature axis. (node, through reshapes, why not)."""
-    if ops.is_copying_pad(entry) and len(entry.users) == 1:
-        user = next(iter(entry.users))
+    if ops.is_copying_pad(entry) and len(value_readers(entry)) == 1:
+        user = value_readers(entry)[0]
         return (user, False, None) if user.args and user.args[0] is entry else (None, False, None)
     if reshape_kind(entry) is None:
         return entry, False, None
     chain = [entry, *chain_forward(entry)]  # BN -> reshapes -> Linear
     end = chain[-1]
-    user = next(iter(end.users)) if len(end.users) == 1 else end
+    readers = value_readers(end)
+    user = readers[0] if len(readers) == 1 else end
     if user is end or not user.args or user.args[0] is not end:
         return None, False, None
     shape = shape_of(rank_of, end)

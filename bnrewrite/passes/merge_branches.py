@@ -25,6 +25,7 @@ from ..codes import finding
 from ..diagnostics import Action, Diagnostic
 from ..graph import ops
 from ..graph.captured import Region
+from ..graph.readers import metadata_readers, move_metadata_readers, value_readers
 from ..graph.reshapes import ShapeOf
 from . import branch_math as bm
 from .branch_sets import MERGE, BranchSet, find_branch_sets
@@ -54,6 +55,8 @@ def merge_region(
 ) -> RegionMerge:
     """Plan (``apply=False``: nothing changes) or carry out every branch merge of ``region``."""
     result = RegionMerge(find_branch_sets(region, policy, shape_of))
+    if apply and result.merging:
+        _shapes_for_reads(region, result.merging)
     for bset in result.sets:
         if bset.verdict != MERGE:
             if not bset.candidate:
@@ -198,7 +201,9 @@ def _apply(region: Region, bset: BranchSet) -> str:
         for t in bset.others:
             new = graph.call_function(add, (new, t.leaf))
     bset.top.replace_all_uses_with(new)
-    _erase_dead(graph, [*bset.inner, *(n for t in bset.terms for op in t.ops for n in op.nodes)])
+    dead = [*bset.inner, *(n for t in bset.terms for op in t.ops for n in op.nodes)]
+    _move_shape_reads(dead, bset, new)
+    _erase_dead(graph, dead)
     return target
 
 
@@ -220,6 +225,36 @@ def _exists(gm: fx.GraphModule, target: str) -> bool:
     except AttributeError:
         return hasattr(gm, target) if "." not in target else False
     return True
+
+
+def _shapes_for_reads(region: Region, sets: list[BranchSet]) -> None:
+    """Record every node's shape (one run of the region) when a branch value that a merge
+    removes has shape reads and no recorded shape: they move to a value of the same shape."""
+    if region.shapes_known or region.inputs is None:
+        return
+    nodes = (n for s in sets for t in s.terms for op in t.ops for n in op.nodes)
+    if any(metadata_readers(n) and ops.node_shape(n) is None for n in nodes):
+        ops.propagate_shapes(region.gm, region.inputs)
+        region.shapes_known = True
+
+
+def _move_shape_reads(dead: list[fx.Node], bset: BranchSet, new: fx.Node) -> None:
+    """Shape reads of the branches' values (``assert x.ndim == 4`` in a norm module) read a
+    value of the same shape that stays: the merged output, or the input the branches read.
+    Where neither has the same shape (or a shape is unknown) the read keeps its branch alive."""
+    top_shape, root_shape = ops.node_shape(bset.top), ops.node_shape(bset.root)
+    gone = set(dead)
+    for n in dead:
+        if not metadata_readers(n) or any(u not in gone for u in value_readers(n)):
+            continue
+        shape = ops.node_shape(n)
+        if shape is None:
+            continue
+        if shape == top_shape:
+            new.meta.setdefault("tensor_meta", bset.top.meta.get("tensor_meta"))
+            move_metadata_readers(n, new)
+        elif shape == root_shape:
+            move_metadata_readers(n, bset.root)
 
 
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:

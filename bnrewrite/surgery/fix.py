@@ -14,7 +14,7 @@ from ..graph.layers import layer_site
 from ..graph.norms import (
     bn_site,
 )
-from ..graph.reshapes import value_readers
+from ..graph.readers import value_readers
 from ..select import Selector
 from .rewriter import (
     Rewriter,

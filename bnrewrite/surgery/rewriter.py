@@ -32,7 +32,7 @@ from ..graph.tracer import compile_now
 from ..passes.fold_tree import describe_module
 from ..passes.norm_rest import Rest, ops_by_module, rest_of
 from ..passes.tree_edit import common_prefix, covers, node_scope
-from ..runtime import buffers_restored
+from ..runtime import buffers_restored, own_copies
 from ..select import Selector
 from ..verify import verify
 
@@ -155,7 +155,9 @@ def _eval_outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tenso
     if any(mod.training for mod in m.modules()):
         m = copy.deepcopy(m).eval()
     with torch.no_grad(), buffers_restored(m):
-        return [t for t in torch.utils._pytree.tree_leaves(m(*inputs)) if isinstance(t, torch.Tensor)]
+        return [
+            t for t in torch.utils._pytree.tree_leaves(m(*own_copies(inputs))) if isinstance(t, torch.Tensor)
+        ]
 
 
 def measure(report: Report, original: Any, result: nn.Module, inputs: tuple[Any, ...] | None) -> None:
