@@ -31,6 +31,7 @@ from ..graph.edit import Editor, shallow_copy
 from ..graph.layers import LayerSite
 from ..graph.norms import BNSite, bn_site, fetch_attr
 from ..graph.ops import source_line
+from ..graph.readers import move_metadata_readers
 from ..graph.tracer import compile_now
 from ..modules import ChannelAffine
 from . import fold_math
@@ -167,6 +168,7 @@ class _RegionFolder:
             site.input.meta[EQUIV] = equiv
         else:
             layers, absorbed, targets = self._into_following(d, scale, shift)
+            move_metadata_readers(site.node, site.input)  # ``B, C, H, W = x.shape``: same shape
         bn_call = site.call
         bn_attrs = [str(n.target) for n in bn_call.all_input_nodes if n.op == "get_attr"]
         self._erase_bn(site)
