@@ -64,8 +64,18 @@ BRANCH_BUILT = {
     "ghostnetv3_050", "ghostnetv3_100",
 }  # fmt: skip
 
-BN_OPS = {"native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "batch_norm"}
-BN_OPS |= {"cudnn_batch_norm", "miopen_batch_norm", "_batch_norm_impl_index", "_native_batch_norm_legit_functional"}
+BN_OPS = {
+    "native_batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit",
+    "batch_norm",
+}
+BN_OPS |= {
+    "cudnn_batch_norm",
+    "miopen_batch_norm",
+    "_batch_norm_impl_index",
+    "_native_batch_norm_legit_functional",
+}
 
 
 def _count_ops(model, inputs):  # noqa: ANN001, ANN202

@@ -155,3 +155,58 @@ def test_random_transposed_branch_sets_fold_exactly(case):
     assert sum(after.values()) <= sum(before.values())
     if any(s["verdict"] == "merge" for s in report.extra.get("branch_sets", [])):
         assert after["convolution"] < before["convolution"]
+
+
+@st.composite
+def mergeable_sets(draw):
+    """Sets every branch of which can merge at no extra cost: kxk convs of one shape, 1x1 convs
+    of the same groups and stride (nested in the kxk taps), identities and BatchNorms at stride
+    1, each conv with or without a BatchNorm. The merged conv is the kxk conv's shape."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    nd = draw(st.sampled_from([1, 2]))
+    c = draw(st.sampled_from([2, 4]))
+    groups = draw(st.sampled_from([1, 2]))
+    stride = draw(st.sampled_from([1, 2]))
+    k = draw(st.sampled_from([3, 5]))
+    extra = draw(
+        st.lists(
+            st.sampled_from(["kxk", "1x1"] + (["identity", "bn"] if stride == 1 else [])),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    branches = []
+    for kind in ["kxk", *extra]:
+        if kind in ("kxk", "1x1"):
+            size = k if kind == "kxk" else 1
+            layers = [CONV[nd](c, c, size, stride, size // 2, groups=groups, bias=draw(st.booleans()))]
+            if draw(st.booleans()):
+                layers.append(_bn(nd, c, draw(st.booleans()), g))
+        elif kind == "identity":
+            layers = [nn.Identity()]
+        else:
+            layers = [_bn(nd, c, draw(st.booleans()), g)]
+        branches.append(nn.Sequential(*layers))
+    with torch.no_grad():
+        for m in branches:
+            for p in m.parameters():
+                if p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return Branches(branches).eval(), torch.randn(2, c, *([7] * nd), generator=g)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mergeable_sets())
+def test_sets_every_branch_of_which_can_merge_are_merged(case):
+    """The other direction: where every branch can merge, the set is one conv."""
+    model, x = case
+    folded, report = fold(model, (x,))
+    sets = report.extra.get("branch_sets", [])
+    assert len(sets) == 1 and sets[0]["verdict"] == "merge", sets
+    after = executed(folded, (x,))
+    assert after["convolution"] == 1 and not after["add"] and not after.get("native_batch_norm"), after
+    ref = float64_reference(model, x)
+    with torch.no_grad():
+        base = (model(x).double() - ref).abs().max().item()
+        err = (folded(x).double() - ref).abs().max().item()
+    assert err <= 4 * base + 1e-6 * max(1.0, ref.abs().max().item()), (err, base)
