@@ -78,7 +78,7 @@ BN_OPS |= {
 }
 
 
-def _count_ops(model, inputs):  # noqa: ANN001, ANN202
+def _count_ops(model, inputs):
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -87,7 +87,7 @@ def _count_ops(model, inputs):  # noqa: ANN001, ANN202
             super().__init__()
             self.ops: Counter[str] = Counter()
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.ops[str(func.overloadpacket.__name__)] += 1
             return func(*args, **(kwargs or {}))
 
@@ -96,7 +96,7 @@ def _count_ops(model, inputs):  # noqa: ANN001, ANN202
     return counter.ops
 
 
-def _seeded(model):  # noqa: ANN001, ANN202
+def _seeded(model):
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -112,7 +112,7 @@ def _seeded(model):  # noqa: ANN001, ANN202
     return model.eval()
 
 
-def _export_limit(model, inputs) -> int | None:  # noqa: ANN001
+def _export_limit(model, inputs) -> int | None:
     """BatchNorms of torch.export's graph that an exporter's conv+BN fold reaches: the input is a
     convolution/linear output read by nothing else (shape reads aside)."""
     import torch
@@ -187,7 +187,7 @@ def run_one(name: str) -> dict:
     return out
 
 
-def _is_batchnorm(model, action) -> bool:  # noqa: ANN001
+def _is_batchnorm(model, action) -> bool:
     """The action's layer is a BatchNorm (a module with running statistics, or a functional
     ``batch_norm`` call), not another per-channel affine layer or a BatchNorm-free branch set."""
     path = action.module_path
