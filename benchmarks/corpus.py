@@ -136,7 +136,25 @@ def _export_limit(model, inputs) -> int | None:
     return count
 
 
-def run_one(name: str) -> dict:
+def _onnx_nodes(model, inputs) -> tuple[int, int] | None:
+    """(nodes, BatchNormalization nodes) of ``torch.onnx.export(dynamo=True, optimize=True)``."""
+    import tempfile
+
+    import onnx
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        try:
+            torch.onnx.export(model, inputs, path, dynamo=True, optimize=True, verbose=False)
+        except Exception:
+            return None
+        graph = onnx.load(path).graph
+    nodes = list(graph.node)
+    return len(nodes), sum(n.op_type == "BatchNormalization" for n in nodes)
+
+
+def run_one(name: str, onnx: bool = False) -> dict:
     """One model, in this process (the worker)."""
     import warnings
 
@@ -177,6 +195,8 @@ def run_one(name: str) -> dict:
         "seconds": seconds,
         "limit": _export_limit(model, x),
     }
+    if onnx:
+        out["onnx"] = {"exporter": _onnx_nodes(model, x), "bnrewrite": _onnx_nodes(folded, x)}
     if name in BRANCH_BUILT:
         import copy
 
@@ -212,6 +232,9 @@ def _row(r: dict) -> str:
         f"proof {'ok' if r['proof'] else r['proof']}  err {r['err_ratio']:.2f}x  "
         f"ops {r['ops_before']}->{r['ops_after']}  {r['seconds']:.2f}s"
     )
+    if r.get("onnx"):
+        e, b = r["onnx"]["exporter"], r["onnx"]["bnrewrite"]
+        text += f"  onnx {e[0] if e else '-'}/{e[1] if e else '-'} BN -> {b[0] if b else '-'}/{b[1] if b else '-'} BN"
     if "reparam_ops" in r:
         text += f"  reparam {r['reparam_ops']} ({r['ops_after'] / r['reparam_ops']:.2f}x)"
     if not r["class_kept"]:
@@ -219,8 +242,8 @@ def _row(r: dict) -> str:
     return text
 
 
-def _worker(name: str, timeout: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", name]
+def _worker(name: str, timeout: int, onnx: bool) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name] + (["--onnx"] if onnx else [])
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -238,11 +261,14 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--json", help="write every row to this file")
+    parser.add_argument(
+        "--onnx", action="store_true", help="also count ONNX nodes, exporter alone vs after fold"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         try:
-            print(json.dumps(run_one(args.one)))
+            print(json.dumps(run_one(args.one, args.onnx)))
         except Exception as exc:
             print(json.dumps({"model": args.one, "error": f"{type(exc).__name__}: {exc}"[:300]}))
         return 0
@@ -257,7 +283,7 @@ def main() -> int:
 
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        for r in pool.map(lambda n: _worker(n, args.timeout), names):
+        for r in pool.map(lambda n: _worker(n, args.timeout, args.onnx), names):
             rows.append(r)
             print(_row(r), flush=True)
     if args.json:
@@ -283,7 +309,20 @@ def _total(rows: list[dict]) -> str:
         f"{sum(r['verify'] for r in ok)}/{len(ok)}; worst err {max((r['err_ratio'] for r in ok), default=0):.2f}x; "
         f"more ops {more_ops}; class kept {sum(r['class_kept'] for r in ok)}/{len(ok)}; "
         f"branch-built within 1.05x of reparameterize_model {within}/{len(branch)}; "
-        f"fold time {sum(r['seconds'] for r in ok):.1f}s"
+        f"fold time {sum(r['seconds'] for r in ok):.1f}s" + _onnx_total(ok)
+    )
+
+
+def _onnx_total(rows: list[dict]) -> str:
+    pairs = [r["onnx"] for r in rows if r.get("onnx") and r["onnx"]["exporter"] and r["onnx"]["bnrewrite"]]
+    if not pairs:
+        return ""
+    never_more = sum(p["bnrewrite"][0] <= p["exporter"][0] for p in pairs)
+    with_bn = [p for p in pairs if p["exporter"][1]]
+    fewer = sum(p["bnrewrite"][0] < p["exporter"][0] for p in with_bn)
+    return (
+        f"; ONNX never more nodes {never_more}/{len(pairs)}, strictly fewer where the exporter "
+        f"leaves a BatchNormalization {fewer}/{len(with_bn)}"
     )
 
 
