@@ -40,8 +40,11 @@ _META_FUNCTIONS = frozenset(
         aten.new_full.default, aten.is_contiguous.default,
     }
 )  # fmt: skip
+# Tensor methods and torch functions, by name, that read no values: the eager recording pass
+# counts consumers of a module's output by these names (see graph/recording.py).
+METADATA_NAMES = _META_METHODS | {"zeros_like", "ones_like", "empty_like", "full_like", "numel", "is_tensor"}
 # These read the shape of their second argument only: ``y.reshape_as(x)`` reads x's shape.
-_SHAPE_OF_SECOND_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
+SHAPE_OF_SECOND_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
 _SHAPE_OF_SECOND = frozenset({aten.reshape_as.default, aten.view_as.default, aten.expand_as.default})
 
 
@@ -50,7 +53,7 @@ def reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
     if user.op == "call_method":
         if user.target in _META_METHODS:
             return user.args[:1] == (node,) and node not in user.args[1:] and node not in user.kwargs.values()
-        if user.target in _SHAPE_OF_SECOND_METHODS:
+        if user.target in SHAPE_OF_SECOND_METHODS:
             return user.args[0] is not node and node not in user.kwargs.values()
         return False
     if user.op != "call_function":

@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import BnrewriteError
 from ..runtime import buffers_restored, error_reason, eval_modes, own_copies
+from .readers import METADATA_NAMES, SHAPE_OF_SECOND_METHODS
 
 
 @dataclass
@@ -44,13 +45,10 @@ class Recording:
     value_branches: set[str] = field(default_factory=set)
 
 
-# Tensor accessors that read no values: not consumers.
-_NOT_READS = frozenset(
-    {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "data_ptr",
-     "element_size", "__len__", "get_device", "is_complex", "__format__", "__repr__", "zeros_like",
-     "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"}
-)  # fmt: skip
-_SHAPE_OF_OTHERS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})  # read only args[0]
+# Tensor accessors that read no values: not consumers (the shared definition, plus attribute
+# reads - ``x.shape``, ``x.ndim`` arrive as ``__get__`` - and printing).
+_NOT_READS = METADATA_NAMES | {"__get__", "data_ptr", "__len__", "__format__", "__repr__"}
+_SHAPE_OF_OTHERS = SHAPE_OF_SECOND_METHODS | {"type_as"}  # read only args[0]
 # Tensors built from Python numbers alone: a branch on one is not counted (export may know its
 # value; counting too few branches only means an export is tried that could have been skipped).
 _FROM_LITERALS = frozenset(
