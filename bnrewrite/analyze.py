@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import fx
 
+from . import weight_precision
 from .diagnostics import Action, NormEntry, Report
 from .fold import fold, gc_paused
 from .graph.capture import Capture, Region, capture
@@ -16,6 +17,7 @@ from .passes.fold_plan import NOT_FOLDABLE, decide, shape_lookup
 from .passes.merge_branches import MERGE_BRANCHES
 from .rules import RULES, RuleContext
 from .select import Selector
+from .weight_precision import PrecisionThresholds
 
 
 def _describe(region: Region, node: fx.Node | None) -> str | None:
@@ -142,6 +144,7 @@ def analyze(
     select: str | Iterable[str] | None = None,
     types: Iterable[str | type] | None = None,
     merge_branches: bool = True,
+    precision: PrecisionThresholds | None = None,
 ) -> Report:
     """Inventory every normalization layer and lint the model for BatchNorm pitfalls.
 
@@ -152,11 +155,15 @@ def analyze(
     ``fold`` applies, computed on the same capture: no second capture, no weights, no proof.
     Branch sets (parallel branches summed) are listed in ``extra['branch_sets']`` with their
     verdict and, when they are not merged, the reason; ``merge_branches=False`` plans as
-    ``fold --keep-branches`` does.
+    ``fold --keep-branches`` does. ``extra['precision']`` has the numbers of every layer a
+    fold would write, with findings PR001-PR005 (thresholds: ``precision``).
     """
     with gc_paused():  # as fold does: the trace's many objects would trigger full collections
         cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
-        return _analyze(model, cap, leaf_modules, rules, name, select, types, merge_branches)
+        report = _analyze(model, cap, leaf_modules, rules, name, select, types, merge_branches)
+        steps = [(e.module_path, e.node, e.verdict, e.target) for e in report.norms]
+        weight_precision.of_plan(cap.model, report, steps, precision)
+        return report
 
 
 def _analyze(

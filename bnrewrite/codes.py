@@ -1,7 +1,7 @@
 """The catalogue of stable diagnostic codes; `bnrewrite explain CODE` prints these texts.
 
 BN0xx are lint findings (rules/), FD1xx say what a fold does with a BatchNorm, FD2xx say why a
-BatchNorm cannot be folded into a neighbour. Codes are never renumbered or reused.
+BatchNorm cannot be folded into a neighbour, PR0xx what a fold does to low-precision deployment. Codes are never renumbered or reused.
 """
 
 from __future__ import annotations
@@ -338,6 +338,82 @@ _ALL += [
         "What: the rewrite is not exact in eval mode (e.g. BatchNorm -> GroupNorm uses per-sample\n"
         "statistics, removing a norm removes its normalization). The report gives the measured\n"
         "output deviation on the example inputs. Retrain, fine-tune or recalibrate afterwards.",
+    ),
+]
+
+_ALL += [
+    Code(
+        "PR001",
+        "fp16-overflow",
+        _E,
+        "a folded weight or bias leaves float16's range (|v| > 65504)",
+        "What: folding multiplied a layer's weights by gamma / sqrt(running_var + eps), and some\n"
+        "folded weight or bias values exceed 65504, the largest float16. Also reported for a\n"
+        "BatchNorm whose own scale exceeds the target dtype: it cannot run there folded or not.\n"
+        "Why: in float16 those values become Inf and the layer's output Inf/NaN.\n"
+        "Fix: `fold --target-dtype fp16` keeps such BatchNorms unfolded (FD111); or recalibrate\n"
+        "the statistics (tiny running_var is the usual cause), or run that layer in float32.",
+    ),
+    Code(
+        "PR002",
+        "int8-channel-spread",
+        _W,
+        "per-channel weight ranges spread so far that per-tensor int8 loses the small channels",
+        "What: the largest output channel's weight range is many times the smallest one's\n"
+        "(`channel_spread`), and symmetric per-tensor int8 quantization of the folded weights\n"
+        "loses several dB of SQNR against per-channel quantization (both given in dB).\n"
+        "Why: one int8 step sized for the largest channel rounds the small channels to a few\n"
+        "levels or to zero (BN folding is a known cause: per-tensor int8 after folding takes\n"
+        "MobileNetV2 to ~0.1% top-1).\n"
+        "Fix: quantize per channel, or run `bnrewrite equalize` (cross-layer equalization).\n"
+        "Threshold: [tool.bnrewrite.precision] int8-spread and sqnr-gap-db.",
+    ),
+    Code(
+        "PR003",
+        "subnormal-values",
+        _W,
+        "subnormal folded values in float32 or in the target dtype",
+        "What: nonzero folded weight or bias values below the smallest normal number of float32\n"
+        "(or of the target dtype: 6.1e-05 for float16).\n"
+        "Why: subnormal arithmetic is slow on many CPUs (a model went from 13 ms to 70-88 ms) and\n"
+        "loses precision; in float16 such values lose most of their digits.\n"
+        "Fix: flush them to zero (`torch.set_flush_denormal(True)`) or recalibrate the statistics.",
+    ),
+    Code(
+        "PR004",
+        "ill-conditioned-batchnorm",
+        _W,
+        "ill-conditioned BatchNorm: gamma / sqrt(var + eps) so large that folding amplifies rounding",
+        "What: in some channels |gamma| / sqrt(running_var + eps) exceeds the threshold (default\n"
+        "1000): the BatchNorm multiplies that channel's values, and their rounding error, by it.\n"
+        "Why: folding moves that factor into the weights; the folded layer's float32 rounding is\n"
+        "then amplified too, and a fold the proof undoes for this reason says so (FD207).\n"
+        "Fix: recalibrate the statistics (`bnrewrite recalibrate`); a tiny running_var usually\n"
+        "means dead or nearly constant channels. Threshold: [tool.bnrewrite.precision]\n"
+        "ill-conditioned-scale.",
+    ),
+    Code(
+        "PR005",
+        "dead-channel",
+        _I,
+        "a folded output channel is constant (all-zero folded weights)",
+        "What: a folded layer's output channel has only zero weights (gamma was 0): it outputs\n"
+        "its bias whatever the input.\n"
+        "Why: the channel costs compute and memory for a constant; pruning it (and folding the\n"
+        "constant into the next layer's bias) is exact.\n"
+        "Fix: prune the channel with your pruning tool; nothing to do for correctness.",
+    ),
+    Code(
+        "FD111",
+        "kept-for-target-dtype",
+        _W,
+        "BatchNorm kept: folding would overflow the target dtype or worsen its error",
+        "What: with `--target-dtype fp16|bf16` (`fold(..., target_dtype=...)`), this BatchNorm is\n"
+        "not folded: the folded weights would exceed the dtype's range, or running the folded layer\n"
+        "in that dtype would be more than twice as far from float64 as running the original layer\n"
+        "and BatchNorm in it.\n"
+        "Why: a fold is only worth shipping if it is as accurate in the dtype the model runs in.\n"
+        "Fix: none needed; recalibrate the statistics if the BatchNorm is ill-conditioned (PR004).",
     ),
 ]
 

@@ -9,6 +9,10 @@ upward, configures ``analyze``; command-line flags override it::
     fail-on = "warning"             # error | warning | info | never
     [tool.bnrewrite.per-module-ignores]
     "backbone.*" = ["BN001"]        # dotted module-path glob -> codes accepted there
+    [tool.bnrewrite.precision]
+    int8-spread = 16                # PR002: largest / smallest per-channel weight range
+    sqnr-gap-db = 6                 # PR002: per-tensor int8 SQNR this far below per-channel
+    ill-conditioned-scale = 1000    # PR004: |gamma| / sqrt(var + eps) above this
 
 A finding is reported when its code matches ``report`` (if given), matches no ``ignore``, and
 no per-module ignore whose glob matches its module path lists it.
@@ -17,12 +21,13 @@ no per-module ignore whose glob matches its module path lists it.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .diagnostics import Diagnostic, Report, Severity
 from .errors import UsageError
+from .weight_precision import PrecisionThresholds
 
 FAIL_ON = ("error", "warning", "info", "never")
 
@@ -34,6 +39,7 @@ class LintConfig:
     per_module_ignores: tuple[tuple[str, tuple[str, ...]], ...] = ()
     fail_on: str = "error"
     source: str | None = None  # the pyproject.toml it came from
+    precision: PrecisionThresholds = field(default_factory=PrecisionThresholds)
 
     def keeps(self, d: Diagnostic) -> bool:
         if self.report and not _matches(d.code, self.report):
@@ -123,7 +129,31 @@ def _table(path: Path) -> dict[str, Any] | None:
     return table if isinstance(table, dict) else None
 
 
-KEYS = {"report", "ignore", "per-module-ignores", "fail-on"}
+KEYS = {"report", "ignore", "per-module-ignores", "fail-on", "precision"}
+PRECISION_KEYS = {
+    "int8-spread": "int8_spread",
+    "sqnr-gap-db": "sqnr_gap_db",
+    "ill-conditioned-scale": "ill_conditioned_scale",
+}
+
+
+def _precision(table: Any, path: Path) -> PrecisionThresholds:
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: [tool.bnrewrite.precision] must be a table")
+    unknown = sorted(set(table) - set(PRECISION_KEYS))
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown [tool.bnrewrite.precision] keys: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(PRECISION_KEYS))})"
+        )
+    values = {}
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise UsageError(
+                f"{path}: [tool.bnrewrite.precision] {key} must be a positive number, got {value!r}"
+            )
+        values[PRECISION_KEYS[key]] = float(value)
+    return PrecisionThresholds(**values)
 
 
 def load_config(path: Path | None = None, *, search: bool = True) -> LintConfig:
@@ -152,4 +182,5 @@ def load_config(path: Path | None = None, *, search: bool = True) -> LintConfig:
         ),
         fail_on=_fail_on(table.get("fail-on", "error")),
         source=str(path),
+        precision=_precision(table.get("precision", {}), path),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -11,8 +12,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 
+from . import weight_precision
 from .codes import finding
 from .diagnostics import Diagnostic, Report
+from .errors import UsageError
 from .graph.capture import capture
 from .graph.captured import Capture
 from .graph.edit import Editor, shallow_copy
@@ -24,6 +27,7 @@ from .passes.fold_tree import TreeResult, kept_step, plan_and_apply
 from .passes.merge_branches import merge_region
 from .proof import prove as prove_units
 from .select import Selector
+from .weight_precision import PrecisionThresholds
 
 
 class RewriteResult(NamedTuple):
@@ -87,6 +91,8 @@ def fold(
     speed_check: bool = True,
     dry_run: bool = False,
     merge_branches: bool = True,
+    precision: PrecisionThresholds | None = None,
+    target_dtype: torch.dtype | None = None,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
 
@@ -118,11 +124,20 @@ def fold(
     whose forward sums them becomes its merged graph (FD104). ``dry_run=True`` returns the plan without
     changing anything: the model given, and a report whose actions say what a fold would do and
     whose ``extra['plan']`` lists every module edit and graph replacement (no weights computed,
-    no proof run).
+    no proof run). Every folded layer's numbers are in ``extra['precision']`` with findings
+    PR001-PR005 (thresholds: ``precision``; see ``bnrewrite.weight_precision``).
+    ``target_dtype`` (``torch.float16``/``torch.bfloat16``): the dtype the model will run in; a
+    BatchNorm stays unfolded where folding would overflow it, or where the folded layer run in it
+    is more than twice as far from float64 as the original layer and BatchNorm run in it (FD111);
+    the proof also runs both models in it and reports the two errors (``proof.target_dtype``).
     """
     selector = Selector.of(select, types) if (select or types) else None
-    policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector, merge_branches)
-    run = FoldRun(inplace, tuple(leaf_modules), record_sources, check_trace, prove, dry_run)
+    if target_dtype is not None and target_dtype not in (torch.float16, torch.bfloat16):
+        raise UsageError(f"target_dtype must be torch.float16 or torch.bfloat16, got {target_dtype}")
+    policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector, merge_branches, target_dtype)
+    if target_dtype is not None:
+        precision = dataclasses.replace(precision or PrecisionThresholds(), target_dtype=target_dtype)
+    run = FoldRun(inplace, tuple(leaf_modules), record_sources, check_trace, prove, dry_run, precision)
     with gc_paused():
         return _fold(model, example_inputs, policy, run, cap)
 
@@ -137,6 +152,7 @@ class FoldRun:
     check_trace: bool
     prove: bool
     dry_run: bool
+    precision: PrecisionThresholds | None = None
 
 
 @contextlib.contextmanager
@@ -185,10 +201,13 @@ def _fold(
     if run.dry_run:
         merged = {d.module_path for d in report.diagnostics if d.code == "FD109" and d.module_path}
         report.diagnostics.extend(d for d in opaque if not _inside(d.module_path, merged))
+        if own_capture:  # (analyze plans on its capture and reports precision itself)
+            steps = [(a.module_path, a.node, a.kind, a.target) for a in report.actions]
+            weight_precision.of_plan(cap.model, report, steps, run.precision)
         return RewriteResult(model, report)
     if proving:
         try:
-            _prove(cap, result, report)
+            _prove(cap, result, report, run.precision)
         finally:
             result.release()
         if inplace:
@@ -198,7 +217,9 @@ def _fold(
     report.actions.extend(a for u in result.units for a in u.actions)
     merged = {d.module_path for d in report.diagnostics if d.code == "FD109" and d.module_path}
     report.diagnostics.extend(d for d in opaque if not _inside(d.module_path, merged))
-    return RewriteResult(result.current(), report)
+    folded = result.current()
+    weight_precision.of_fold(cap.model, folded, report, run.precision)
+    return RewriteResult(folded, report)
 
 
 def _inside(path: str | None, scopes: set[str]) -> bool:
@@ -234,11 +255,35 @@ def _fold_graph(
             *(kept_step(d) for d in kept),
         ]
         return RewriteResult(model, report)
-    return RewriteResult(assemble(cap, inplace=run.inplace), report)
+    folded = assemble(cap, inplace=run.inplace)
+    weight_precision.of_fold(cap.model, folded, report, run.precision)
+    return RewriteResult(folded, report)
 
 
-def _prove(cap: Capture, result: TreeResult, report: Report) -> None:
-    """Run the proof, drop what it undid, and say so (FD207)."""
+def _errors_in(
+    original: nn.Module, folded: nn.Module, inputs: tuple[Any, ...], dtype: torch.dtype
+) -> dict[str, Any]:
+    """Both models run in ``dtype`` against float64: the two errors side by side."""
+    from .verify import verify
+
+    try:
+        result = verify(original, folded, inputs, random_sets=0, dtype=dtype)
+    except Exception as exc:  # a model that cannot run in the dtype at all: say so
+        return {"dtype": str(dtype).replace("torch.", ""), "error": str(exc)[:200]}
+    worst = result.worst()
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "passed": result.passed,
+        "original_error": worst.original_abs_error if worst else 0.0,
+        "folded_error": worst.max_abs_error if worst else 0.0,
+    }
+
+
+def _prove(
+    cap: Capture, result: TreeResult, report: Report, thresholds: PrecisionThresholds | None = None
+) -> None:
+    """Run the proof, drop what it undid, and say so (FD207; with the reason when the
+    BatchNorm is ill-conditioned, PR004)."""
     assert cap.recording is not None and cap.example_inputs is not None
     outcome = prove_units(result.current, cap.example_inputs, cap.recording.outputs, result.units)
     result.drop([u for u, _ in outcome.undone])
@@ -246,12 +291,20 @@ def _prove(cap: Capture, result: TreeResult, report: Report) -> None:
     unproven = [u.label for u in result.units if not u.proven]
     if unproven:  # the example inputs never reached these modules
         report.extra["proof"]["not_run"] = unproven
+    dtype = thresholds.target_dtype if thresholds is not None else None
+    if dtype is not None:
+        report.extra["proof"]["target_dtype"] = _errors_in(
+            cap.model, result.current(), cap.example_inputs, dtype
+        )
     for unit, why in outcome.undone:
         for a in unit.actions:
+            scale = weight_precision.batchnorm_scale(weight_precision._module(cap.model, a.module_path))
+            ill = weight_precision.ill_conditioned(scale, thresholds) if scale is not None else None
+            verb = "fold undone" if why.code == "FD207" else "kept for the target dtype"
             report.diagnostics.append(
                 finding(
-                    "FD207",
-                    f"{a.module_path or a.node}: fold undone: {why.problem}",
+                    why.code,
+                    f"{a.module_path or a.node}: {verb}: {why.problem}" + (f"; {ill}" if ill else ""),
                     a.node,
                     a.module_path,
                 )

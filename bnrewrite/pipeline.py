@@ -32,6 +32,8 @@ def fold_and_write(
     bn_to_affine: bool = False,
     speed_check: bool = True,
     merge_branches: bool = True,
+    precision: Any = None,
+    target_dtype: Any = None,
 ) -> Report:
     """Fold, optionally verify, and write; nothing is written unless every step succeeded."""
     kind = format_of(output, fmt)
@@ -48,6 +50,8 @@ def fold_and_write(
         "bn_to_affine": bn_to_affine,
         "speed_check": speed_check,
         "merge_branches": merge_branches,
+        "precision": precision,
+        "target_dtype": target_dtype,
     }
     return _fold_and_write(loaded, output, inputs, verify, kind, dynamic_batch, graph, force, options)
 

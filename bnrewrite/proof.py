@@ -31,6 +31,7 @@ class Comparison:
     max_abs_error: float = 0.0
     tolerance: float = 0.0
     problem: str | None = None
+    code: str = "FD207"  # the code an undone unit is reported with (FD111: the target dtype)
 
 
 @dataclass
@@ -129,10 +130,12 @@ def prove(
     out, crashed = _run(current(), inputs, [c for u in units for c in u.checks])
     proof.checks = sum(c.ran for u in units for c in u.checks)
     for unit in units:
-        failures = [c.failure for c in unit.checks if c.failure]
-        if failures:
+        failed = [c for c in unit.checks if c.failure]
+        if failed:
             unit.undo()
-            proof.undone.append((unit, Comparison(False, problem="; ".join(failures))))
+            code = "FD207" if any(c.code == "FD207" for c in failed) else failed[0].code
+            problem = "; ".join(str(c.failure) for c in failed)
+            proof.undone.append((unit, Comparison(False, problem=problem, code=code)))
     if proof.undone or crashed:
         proof.runs += 1
         out, crashed = _run(current(), inputs, [])

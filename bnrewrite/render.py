@@ -95,6 +95,10 @@ def render_report(report: Report, console: Console) -> None:
             if value:
                 console.print(_branch_sets_table(value))
             continue
+        if key == "precision":
+            if value:
+                console.print(_precision_table(value))
+            continue
         if key == "plan" and isinstance(value, list):
             edits = sum("keeps" not in step for step in value)
             console.print(_t(f"plan ({edits} edits, nothing changed):"))
@@ -103,6 +107,29 @@ def render_report(report: Report, console: Console) -> None:
             continue
         text = describe_proof(value) if key == "proof" and isinstance(value, dict) else value
         console.print(_t(f"{key}: {text}"))
+
+
+def _precision_table(entries: list[dict[str, Any]]) -> Table:
+    """One row per folded layer: what its weights will be in low precision."""
+    t = Table(title=f"Folded weights in low precision ({len(entries)} layers)", title_justify="left")
+    for col in (
+        "layer",
+        "|w| max",
+        "channel spread",
+        "int8 SQNR per-tensor / per-channel",
+        "fp16 overflow",
+        "subnormal",
+    ):
+        t.add_column(col, overflow="fold")
+    for e in entries:
+        db = e["int8_sqnr_db"]
+        fmt = lambda v: "inf" if v is None else f"{v:.1f} dB"  # noqa: E731
+        t.add_row(
+            _t(e["layer"]), _t(f"{e['weight_absmax']:.3g}"), _t(f"{e['channel_spread']:.3g}x"),
+            _t(f"{fmt(db['per_tensor'])} / {fmt(db['per_channel'])}"), _t(str(e["fp16_overflow"])),
+            _t(str(e["subnormal"])),
+        )  # fmt: skip
+    return t
 
 
 def _norms_table(report: Report) -> Table:

@@ -102,7 +102,7 @@ def analyze(
             loaded, inputs = base._load(spec, weights, trust_pickle, input_shape)
             report = run(
                 loaded.model, inputs, name=loaded.source, select=select, types=type_, leaf_modules=leaf or (),
-                merge_branches=not keep_branches,
+                merge_branches=not keep_branches, precision=lint.precision,
             )  # fmt: skip
         except BnrewriteError as exc:
             if len(models) == 1:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ..errors import BnrewriteError
+from ..errors import BnrewriteError, UsageError
 
 app = typer.Typer(
     name="bnrewrite",
@@ -62,6 +62,20 @@ LeafOpt = Annotated[
         help="Keep this module as one call when tracing: class name or dotted-path glob (repeatable).",
     ),
 ]
+
+
+def dtype_option(value: str | None, flag: str) -> Any:
+    """``fp16``/``bf16`` (or ``float16``/``bfloat16``) as a torch dtype; None stays None."""
+    if value is None:
+        return None
+    from ..weight_precision import DTYPES
+
+    dtype = DTYPES.get(value.lower())
+    if dtype is None:
+        raise UsageError(f"{flag} {value!r}: expected fp16 or bf16")
+    return dtype
+
+
 KeepBranchesOpt = Annotated[
     bool,
     typer.Option(

@@ -89,8 +89,17 @@ def fold(
     speed_check: SpeedCheckOpt = True,
     keep_branches: KeepBranchesOpt = False,
     dry_run: DryRunOpt = False,
+    target_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--target-dtype",
+            help="fp16|bf16: the dtype the model will run in. A BatchNorm stays unfolded where folding "
+            "would overflow it or make its error worse (FD111); the proof reports both models' errors in it.",
+        ),
+    ] = None,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
+    from ..config import load_config
     from ..fold import fold as fold_model
     from ..pipeline import fold_and_write
 
@@ -106,6 +115,8 @@ def fold(
         "bn_to_affine": bn_to_affine,
         "speed_check": speed_check,
         "merge_branches": not keep_branches,
+        "precision": load_config().precision,
+        "target_dtype": base.dtype_option(target_dtype, "--target-dtype"),
     }
     if dry_run:
         plan = fold_model(loaded.model, inputs, dry_run=True, record_sources=True, **options).report
@@ -137,6 +148,12 @@ def verify_cmd(
     atol: Annotated[float | None, typer.Option(help="Absolute tolerance (default by dtype).")] = None,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", help="fp16|bf16: run both models in this dtype against float64 and report both errors."
+        ),
+    ] = None,
 ) -> None:
     """Check that REWRITTEN computes what ORIGINAL computes (float64 reference)."""
     from ..load import inputs_for, load
@@ -153,7 +170,7 @@ def verify_cmd(
     if inputs is None:
         raise UsageError("no example inputs: pass --input-shape")
     progress.enable(progress.wanted(quiet=as_json))
-    result = verify(a.model, b.model, inputs, rtol=rtol, atol=atol)
+    result = verify(a.model, b.model, inputs, rtol=rtol, atol=atol, dtype=base.dtype_option(dtype, "--dtype"))
     if as_json:
         print(to_json(result.to_dict()))
     else:

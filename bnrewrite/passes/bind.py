@@ -18,11 +18,14 @@ from ..stash import Stash
 from .tree_edit import _INPLACE, _MODULE, _PARAM, Edit, Unit, _ModuleEdit, _ParamEdit
 
 
-def bind(units: list[Unit], editor: Editor, stash: Stash | None = None, *, checks: bool = True) -> None:
+def bind(
+    units: list[Unit], editor: Editor, stash: Stash | None = None, *, checks: bool = True, dtype: Any = None
+) -> None:
     """Resolve deferred edits against the result tree (copy-on-write through ``editor``),
     record what each replaces, so every unit can be applied and undone, and give each unit its
     local checks (:mod:`~bnrewrite.local_checks`) when a proof will run them (``checks``). A
-    parameter written in place has its old values in ``stash``."""
+    parameter written in place has its old values in ``stash``. ``dtype`` (a target dtype such as
+    float16): the layer checks also judge each fold in it (FD111)."""
     for unit in units:
         bound: list[Edit] = []
         for e in unit.edits:
@@ -47,10 +50,10 @@ def bind(units: list[Unit], editor: Editor, stash: Stash | None = None, *, check
             else:
                 bound.append(e)
         unit.edits = bound
-        unit.checks = _checks(unit, editor) if checks else []
+        unit.checks = _checks(unit, editor, dtype) if checks else []
 
 
-def _checks(unit: Unit, editor: Editor) -> list[LocalCheck]:
+def _checks(unit: Unit, editor: Editor, dtype: Any = None) -> list[LocalCheck]:
     """The unit's local checks, bound to the result tree's modules."""
     checks: list[LocalCheck] = []
     watched: dict[int, tuple[str, nn.Module]] = {}
@@ -86,5 +89,5 @@ def _checks(unit: Unit, editor: Editor) -> list[LocalCheck]:
             checks.append(SlotCheck(spec.path, e.new, e.old, affine, axis=spec.axis))
     for path, steps in absorbed.items():
         if path in owners:
-            checks.append(LayerCheck(path, owners[path], params[path], steps))
+            checks.append(LayerCheck(path, owners[path], params[path], steps, dtype=dtype))
     return checks

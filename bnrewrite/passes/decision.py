@@ -35,6 +35,7 @@ class FoldPolicy:
     speed_check: bool = True
     selector: Selector | None = None
     merge_branches: bool = True
+    target_dtype: Any = None  # torch.float16 / torch.bfloat16: no fold that overflows it (FD111)
 
 
 @dataclass

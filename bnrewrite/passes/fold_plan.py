@@ -7,6 +7,7 @@ layer, else a per-channel scale-and-shift, else (statistics unusable) left alone
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from ..graph import ops
@@ -14,7 +15,7 @@ from ..graph.layers import LayerSite, layer_site
 from ..graph.norms import BNSite
 from ..graph.readers import value_readers
 from ..graph.reshapes import chain_forward, reshape_kind, track
-from . import fold_cost
+from . import fold_cost, fold_math
 from .combined import check_combined
 from .decision import (
     FOLLOWING,
@@ -172,6 +173,10 @@ def decide(site: BNSite, rank_of: RankOf, policy: FoldPolicy | None = None) -> D
     policy = policy or FoldPolicy()
     eval_mode, bn_to_affine, speed_check = policy.eval_mode, policy.bn_to_affine, policy.speed_check
     d = _decide(site, rank_of, eval_mode, bn_to_affine)
+    if policy.target_dtype is not None and d.verdict in (PRECEDING, FOLLOWING):
+        why = _overflows(d, policy.target_dtype)
+        if why:
+            return Decision(site, NOT_FOLDABLE, "FD111", f"stays a BatchNorm: {why}", notes=[("FD111", why)])
     if not speed_check or bn_to_affine or d.verdict not in (PRECEDING, FOLLOWING):
         return d
     for layer, bn_after in _new_bias_layers(d):
@@ -185,6 +190,38 @@ def decide(site: BNSite, rank_of: RankOf, policy: FoldPolicy | None = None) -> D
             )
             return Decision(site, NOT_FOLDABLE, "FD108", f"stays a BatchNorm: {why}", notes=[("FD108", why)])
     return d
+
+
+def _overflows(d: Decision, dtype: torch.dtype) -> str | None:
+    """Why the folded weights would not fit ``dtype`` (values beyond its largest), or None."""
+    limit = float(torch.finfo(dtype).max)
+    scale, shift = d.site.eval_affine()
+    pieces: list[tuple[LayerSite, torch.Tensor, torch.Tensor | None]] = []
+    if d.verdict == FOLLOWING:
+        pieces = [(c, scale, shift) for c in d.consumers]
+    else:
+        for i, p in enumerate(d.producers or [d.producer]):
+            if p is None:
+                continue
+            s, t = scale, shift
+            if d.combine == "cat":
+                lo, hi = d.slices[i]
+                s, t = scale[lo:hi], shift[lo:hi]
+            elif d.combine == "sum" and i != d.shift_into:
+                t = None
+            pieces.append((p, s, t))
+    for layer, s, t in pieces:
+        if layer.weight is None:
+            continue
+        fold = fold_math.into_following if d.verdict == FOLLOWING else fold_math.into_preceding
+        w, b = fold(layer.kind, layer.weight, layer.bias, layer.groups, s, t if t is not None else shift * 0)
+        if d.verdict != FOLLOWING and t is None:
+            b = None
+        worst = max(float(w.abs().max()), float(b.abs().max()) if b is not None and b.numel() else 0.0)
+        if worst > limit:
+            name = str(dtype).replace("torch.", "")
+            return f"folding into {label(layer)} gives values up to {worst:.3g}, beyond {name}'s {limit:.6g}"
+    return None
 
 
 def _new_bias_layers(d: Decision) -> list[tuple[LayerSite, bool]]:

@@ -133,7 +133,9 @@ def plan_and_apply(
         cap.regions = []
     _fill(pending, units, stash)
     root = cap.model if inplace else shallow_copy(cap.model)
-    bind(units, Editor(root, inplace=inplace), stash, checks=keep_old)  # checks: only for a proof
+    bind(
+        units, Editor(root, inplace=inplace), stash, checks=keep_old, dtype=policy.target_dtype
+    )  # checks: only for a proof
     for u in units:
         u.apply()
     diagnostics.extend(_rest_notes(units))
