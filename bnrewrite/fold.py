@@ -203,6 +203,7 @@ def _fold(
         report.diagnostics.extend(d for d in opaque if not _inside(d.module_path, merged))
         if own_capture:  # (analyze plans on its capture and reports precision itself)
             steps = [(a.module_path, a.node, a.kind, a.target) for a in report.actions]
+            steps += [(d.module_path, d.node, "keeps", None) for d in report.diagnostics if d.code == "FD111"]
             weight_precision.of_plan(cap.model, report, steps, run.precision)
         return RewriteResult(model, report)
     if proving:
