@@ -404,6 +404,31 @@ _ALL += [
         "Fix: prune the channel with your pruning tool; nothing to do for correctness.",
     ),
     Code(
+        "EQ101",
+        "equalized",
+        _I,
+        "two layers' shared channels rescaled to equal weight ranges (cross-layer equalization)",
+        "What: `bnrewrite equalize` divided the first layer's output channels (weights and bias) by\n"
+        "a per-channel scale s > 0 and multiplied the second layer's matching input weights by s;\n"
+        "the ops between are positive-homogeneous (ReLU, LeakyReLU, PReLU, pooling, nearest\n"
+        "upsampling, concat slices, channel-keeping reshapes), so the model computes the same.\n"
+        "Why: equal ranges per channel let per-tensor int8 weight quantization keep every channel\n"
+        "(Nagel et al. 2019, 'Data-Free Quantization').\n"
+        "Fix: nothing to fix; the message gives the range of the scales.",
+    ),
+    Code(
+        "EQ201",
+        "not-equalizable",
+        _I,
+        "two layers joined by an op that is not positive-homogeneous: not equalized",
+        "What: a layer's output reaches the next layer through ReLU6, SiLU, hard-swish, GELU,\n"
+        "sigmoid, tanh or a similar op.\n"
+        "Why: such an op does not commute with a per-channel scale (ReLU6 clips at 6 whatever the\n"
+        "scale; SiLU(x/s) != SiLU(x)/s), so rescaling the channels would change the model.\n"
+        "Fix: none exact. ReLU6 can be replaced by ReLU with care (retraining), or quantize those\n"
+        "layers per channel.",
+    ),
+    Code(
         "FD111",
         "kept-for-target-dtype",
         _W,

@@ -95,9 +95,11 @@ def render_report(report: Report, console: Console) -> None:
             if value:
                 console.print(_branch_sets_table(value))
             continue
-        if key == "precision":
+        if key in ("precision", "precision_before"):
             if value:
-                console.print(_precision_table(value))
+                console.print(
+                    _precision_table(value, "before equalizing" if key == "precision_before" else "")
+                )
             continue
         if key == "plan" and isinstance(value, list):
             edits = sum("keeps" not in step for step in value)
@@ -105,13 +107,26 @@ def render_report(report: Report, console: Console) -> None:
             for step in value:
                 console.print(_t(f"  {describe_step(step)}"))
             continue
-        text = describe_proof(value) if key == "proof" and isinstance(value, dict) else value
+        text = describe_proof(value) if key == "proof" and isinstance(value, dict) else as_text(value)
         console.print(_t(f"{key}: {text}"))
 
 
-def _precision_table(entries: list[dict[str, Any]]) -> Table:
+def as_text(value: Any) -> str:
+    """A report value as one line of words: ``key value`` pairs for a mapping, items joined by
+    commas for a list; never a Python repr of a dict."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {as_text(v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(as_text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _precision_table(entries: list[dict[str, Any]], when: str = "") -> Table:
     """One row per folded layer: what its weights will be in low precision."""
-    t = Table(title=f"Folded weights in low precision ({len(entries)} layers)", title_justify="left")
+    title = f"Folded weights in low precision ({len(entries)} layers{', ' + when if when else ''})"
+    t = Table(title=title, title_justify="left")
     for col in (
         "layer",
         "|w| max",

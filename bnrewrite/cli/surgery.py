@@ -237,6 +237,34 @@ def fix_cmd(
     )
 
 
+@app.command("equalize")
+@handles_errors
+def equalize_cmd(
+    model: ModelArg,
+    output: RewriteOutputOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Show the pairs and scales and the precision before/after; write nothing."
+        ),
+    ] = False,
+    weights: WeightsOpt = None,
+    input_shape: ShapeOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Cross-layer equalization: rescale the channels between layers joined by ReLU-like ops so
+    per-tensor int8 weights keep every channel (folds BatchNorms first; proven against float64)."""
+    from ..equalize import equalize as run
+
+    opts = RewriteOptions(
+        output, dry_run, None, None, weights, input_shape, fmt, as_json, force, trust_pickle
+    )
+    _rewrite(model, opts, lambda m, x, dry_run: run(m, x, dry_run=dry_run))
+
+
 DataOpt = Annotated[
     str,
     typer.Option(

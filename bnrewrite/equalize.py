@@ -1,0 +1,463 @@
+"""`bnrewrite.equalize`: cross-layer equalization by analysis, for any model.
+
+Matches: every pair of layers (conv of any dims and groups, depthwise included, transposed conv,
+linear) where the first one's output reaches the second one only through positive-homogeneous
+ops - ReLU, LeakyReLU, PReLU, max and average pooling (adaptive too), nearest upsampling,
+identities and eval dropout, a channel slice of a concatenation, a mean over spatial dims, a
+flatten that keeps one value per channel - and nothing else reads it.
+
+Guarantees: for a per-channel scale ``s > 0``, ``f(x / s) = f(x) / s`` for each op between, so
+dividing the first layer's output channel (weights and bias) by ``s`` and multiplying the second
+layer's matching input weights by ``s`` changes nothing in exact arithmetic. Each ``s`` makes the
+two layers' weight ranges for that channel equal (``sqrt(r1 * r2)``, Nagel et al. 2019), iterated
+over all pairs until the scales stop moving. Computed in float64, written in the layers' dtype,
+into a copy of the user's tree (new parameters; the input model is not touched), and proven
+against float64 with the example inputs; a result that fails the proof is not returned. On a
+model with BatchNorms it equalizes what the fold gives (it folds first). Pairs joined by an op
+that is not positive-homogeneous (ReLU6, SiLU, hard-swish, GELU, ...) are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+
+from . import weight_precision
+from .codes import finding
+
+if TYPE_CHECKING:
+    from .fold import RewriteResult
+from .diagnostics import Action, Report
+from .errors import BnrewriteError
+from .graph.capture import capture
+from .graph.captured import Region
+from .graph.layers import LayerSite, layer_site
+from .graph.ops import module_at
+from .graph.readers import value_readers
+
+_HOMOGENEOUS_MODULES = (
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.dropout._DropoutNd,
+)  # fmt: skip
+_HOMOGENEOUS_FUNCTIONS = {
+    torch.relu, torch.nn.functional.relu, torch.nn.functional.leaky_relu, torch.nn.functional.max_pool1d,
+    torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d, torch.nn.functional.avg_pool1d,
+    torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d, torch.nn.functional.adaptive_avg_pool1d,
+    torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_avg_pool3d,
+    torch.nn.functional.adaptive_max_pool2d, torch.nn.functional.dropout,
+    torch.ops.aten.relu.default, torch.ops.aten.relu_.default, torch.ops.aten.leaky_relu.default,
+    torch.ops.aten.leaky_relu_.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.avg_pool2d.default,
+    torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten.dropout.default, torch.ops.aten.clone.default,
+    torch.ops.aten.prelu.default, torch.ops.aten._prelu_kernel.default,
+}  # fmt: skip
+_HOMOGENEOUS_METHODS = {"relu", "relu_", "contiguous", "clone"}
+_NOT_HOMOGENEOUS = {  # name -> why scaling its input does not scale its output
+    "ReLU6": "ReLU6 clips at 6: a scaled input clips elsewhere",
+    "Hardtanh": "Hardtanh clips: a scaled input clips elsewhere",
+    "SiLU": "SiLU(x) = x * sigmoid(x) is not positive-homogeneous",
+    "Hardswish": "hard-swish is not positive-homogeneous",
+    "GELU": "GELU is not positive-homogeneous",
+    "Sigmoid": "sigmoid is not positive-homogeneous",
+    "Tanh": "tanh is not positive-homogeneous",
+    "Mish": "Mish is not positive-homogeneous",
+    "ELU": "ELU is not positive-homogeneous",
+    "SELU": "SELU is not positive-homogeneous",
+    "Softplus": "softplus is not positive-homogeneous",
+    "hardtanh": "Hardtanh/ReLU6 clips: a scaled input clips elsewhere",
+    "silu": "SiLU(x) = x * sigmoid(x) is not positive-homogeneous",
+    "hardswish": "hard-swish is not positive-homogeneous",
+    "gelu": "GELU is not positive-homogeneous",
+    "sigmoid": "sigmoid is not positive-homogeneous",
+    "tanh": "tanh is not positive-homogeneous",
+    "relu6": "ReLU6 clips at 6: a scaled input clips elsewhere",
+}
+_CAT = {torch.cat, torch.concat, torch.ops.aten.cat.default}
+_TOLERANCE = 1e-6  # scales closer to 1 than this: converged
+_MAX_ROUNDS = 200
+
+
+@dataclass
+class Pair:
+    """Two layers whose shared channels can be rescaled: ``first``'s output channels
+    ``[0, n)`` are ``second``'s input channels ``[offset, offset + n)``."""
+
+    first: LayerSite
+    second: LayerSite
+    offset: int
+    between: list[str]
+    scales: torch.Tensor | None = None
+    flattened: bool = False  # a flatten between: the second layer must read the channels themselves
+
+    @property
+    def label(self) -> str:
+        return f"{self.first.module_path} -> {self.second.module_path}"
+
+
+@dataclass
+class Refused:
+    first: str
+    second: str | None
+    reason: str
+
+
+@dataclass
+class _Weights:
+    """A layer's weights in float64 as (out_channels rows) and its input-channel view."""
+
+    site: LayerSite
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    pairs: list[Pair] = field(default_factory=list)
+
+
+def _out_ranges(w: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
+    """The largest |weight| of each output channel of the layer."""
+    if kind == "conv_transpose":
+        cin, cout_g = w.shape[0], w.shape[1]
+        return w.reshape(groups, cin // groups, cout_g, -1).abs().amax(dim=(1, 3)).reshape(-1)
+    return w.reshape(w.shape[0], -1).abs().amax(dim=1)
+
+
+def _divide_out(w: torch.Tensor, kind: str, groups: int, s: torch.Tensor) -> None:
+    """Divide each output channel's weights by its scale, in place."""
+    if kind == "conv_transpose":
+        cin, cout_g = w.shape[0], w.shape[1]
+        w.view(groups, cin // groups, cout_g, -1).div_(s.reshape(groups, 1, cout_g, 1))
+    else:
+        w.view(w.shape[0], -1).div_(s.reshape(-1, 1))
+
+
+def _in_ranges(w: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
+    """The largest |weight| that reads each input channel of the layer."""
+    if kind == "linear":
+        return w.abs().amax(dim=0)
+    if kind == "conv_transpose":
+        return w.reshape(w.shape[0], -1).abs().amax(dim=1)
+    cout, cin_g = w.shape[0], w.shape[1]
+    return w.reshape(groups, cout // groups, cin_g, -1).abs().amax(dim=(1, 3)).reshape(-1)
+
+
+def _multiply_in(w: torch.Tensor, kind: str, groups: int, s: torch.Tensor) -> None:
+    """Multiply the weights that read each input channel by its scale, in place."""
+    if kind == "linear":
+        w.mul_(s.reshape(1, -1))
+    elif kind == "conv_transpose":
+        w.view(w.shape[0], -1).mul_(s.reshape(-1, 1))
+    else:
+        cout, cin_g = w.shape[0], w.shape[1]
+        w.view(groups, cout // groups, cin_g, -1).mul_(s.reshape(groups, 1, cin_g, 1))
+
+
+def _channels(site: LayerSite) -> int:
+    w = site.weight
+    assert w is not None
+    return int(w.shape[1] * site.groups) if site.kind == "conv_transpose" else int(w.shape[0])
+
+
+def _step(region: Region, node: fx.Node) -> tuple[str | None, str | None]:
+    """(what the op is, why not) for a reader of a channel value: ``("pass", None)`` for a
+    positive-homogeneous op, ``(None, reason)`` for one that is not, ``(None, None)`` otherwise."""
+    if node.op == "call_module":
+        m = module_at(region.gm, str(node.target))
+        if isinstance(m, nn.Upsample) and m.mode == "nearest":
+            return "pass", None
+        if isinstance(m, nn.Flatten):
+            return "flatten", None
+        if isinstance(m, _HOMOGENEOUS_MODULES) and not isinstance(m, (nn.ReLU6, nn.Hardtanh)):
+            return "pass", None
+        reason = _NOT_HOMOGENEOUS.get(type(m).__name__)
+        return None, reason
+    if node.op == "call_function":
+        if node.target in _HOMOGENEOUS_FUNCTIONS:
+            return "pass", None
+        if node.target in _CAT:
+            return "cat", None
+        if node.target in (torch.flatten, torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default):
+            return "flatten", None
+        if node.target in (torch.mean, torch.ops.aten.mean.dim):
+            return "mean", None
+        if node.target is torch.nn.functional.interpolate and node.kwargs.get("mode", "nearest") == "nearest":
+            return "pass", None
+        if node.target is operator.getitem:
+            return "getitem", None
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        return None, _NOT_HOMOGENEOUS.get(name)
+    if node.op == "call_method":
+        if node.target in _HOMOGENEOUS_METHODS:
+            return "pass", None
+        if node.target in ("flatten", "view", "reshape"):
+            return "flatten", None
+        if node.target == "mean":
+            return "mean", None
+        return None, _NOT_HOMOGENEOUS.get(str(node.target))
+    return None, None
+
+
+def _mean_keeps_channels(node: fx.Node) -> bool:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    return bool(dims) and all(isinstance(d, int) and (d >= 2 or d <= -1) for d in dims) and 1 not in dims
+
+
+def _walk(region: Region, first: LayerSite) -> tuple[Pair | None, Refused | None]:
+    """Follow ``first``'s output through positive-homogeneous ops to the next layer."""
+    cur, offset, between, flattened = first.node, 0, [], False
+    channels = _channels(first)
+    for _ in range(32):
+        readers = value_readers(cur)
+        if len(readers) != 1:
+            return None, None
+        nxt = readers[0]
+        second = layer_site(region, nxt)
+        if second is not None:
+            if not nxt.args or nxt.args[0] is not cur or second.weight is None or not second.constant:
+                return None, None
+            fan = second.weight.shape[0] if second.kind == "conv_transpose" else (
+                second.weight.shape[1] * (second.groups if second.kind == "conv" else 1)
+            )  # fmt: skip
+            if offset + channels > fan:
+                return None, None
+            return Pair(first, second, offset, between, flattened=flattened), None
+        kind, why = _step(region, nxt)
+        if kind is None:
+            if why:
+                return None, Refused(
+                    first.module_path or first.name, None, f"{why} ({region.module_path(nxt) or nxt.name})"
+                )
+            return None, None
+        if kind == "cat":
+            pieces = nxt.args[0] if nxt.args else []
+            dim = nxt.args[1] if len(nxt.args) > 1 else nxt.kwargs.get("dim", 0)
+            if dim != 1 or not isinstance(pieces, (list, tuple)):
+                return None, None
+            for p in pieces:
+                if p is cur:
+                    break
+                site = layer_site(region, p) if isinstance(p, fx.Node) else None
+                if site is None or site.weight is None:
+                    return None, None  # the slice of a piece we cannot count
+                offset += _channels(site)
+        elif (kind == "mean" and not _mean_keeps_channels(nxt)) or (kind == "getitem" and nxt.args[1] != 0):
+            return None, None
+        elif kind == "flatten":
+            flattened = True  # checked at the second layer: its fan-in must be the channels themselves
+        if nxt.args and nxt.args[0] is not cur and kind != "cat":
+            return None, None
+        between.append(region.module_path(nxt) or nxt.name)
+        cur = nxt
+    return None, None
+
+
+def find_pairs(region: Region) -> tuple[list[Pair], list[Refused]]:
+    """Every equalizable pair of ``region`` and every pair an op between rules out."""
+    pairs, refused = [], []
+    for node in region.gm.graph.nodes:
+        first = layer_site(region, node)
+        if first is None or first.weight is None or not first.constant or first.module is None:
+            continue
+        pair, why = _walk(region, first)
+        if pair is not None and pair.second.module is not None:
+            pairs.append(pair)
+        elif why is not None:
+            refused.append(why)
+    return pairs, refused
+
+
+def _flatten_ok(pair: Pair) -> bool:
+    """A flatten between keeps one value per channel only when the second layer reads exactly
+    the first one's channels (a global pool before it), not channels times positions."""
+    if not pair.flattened:
+        return True
+    weight = pair.second.weight
+    assert weight is not None
+    return pair.second.kind == "linear" and pair.offset == 0 and int(weight.shape[1]) == _channels(pair.first)
+
+
+def _solve(pairs: list[Pair]) -> dict[int, _Weights]:
+    """Scales for every pair, iterated to convergence; returns the new float64 weights by layer."""
+    layers: dict[int, _Weights] = {}
+    for p in pairs:
+        for site in (p.first, p.second):
+            if id(site.module) not in layers:
+                w = site.weight.detach().to(torch.float64).clone()  # type: ignore[union-attr]
+                b = site.bias.detach().to(torch.float64).clone() if site.bias is not None else None
+                layers[id(site.module)] = _Weights(site, w, b)
+        p.scales = torch.ones(_channels(p.first), dtype=torch.float64)
+    for _ in range(_MAX_ROUNDS):
+        moved = 0.0
+        for p in pairs:
+            one, two = layers[id(p.first.module)], layers[id(p.second.module)]
+            n = _channels(p.first)
+            r1 = _out_ranges(one.weight, p.first.kind, p.first.groups)
+            r2 = _in_ranges(two.weight, p.second.kind, p.second.groups)[p.offset : p.offset + n]
+            s = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp_min(1e-300)), torch.ones_like(r1))
+            _divide_out(one.weight, p.first.kind, p.first.groups, s)
+            if one.bias is not None:
+                one.bias.div_(s)
+            full = torch.ones(_in_ranges(two.weight, p.second.kind, p.second.groups).numel(), dtype=s.dtype)
+            full[p.offset : p.offset + n] = s
+            _multiply_in(two.weight, p.second.kind, p.second.groups, full)
+            assert p.scales is not None
+            p.scales *= s
+            moved = max(moved, float(s.log().abs().max()) if s.numel() else 0.0)
+        if moved < _TOLERANCE:
+            break
+    return layers
+
+
+def _write(root: nn.Module, layers: dict[int, _Weights]) -> None:
+    """New parameters (in each layer's dtype) in ``root``'s copies of the layers."""
+    by_id = {id(m): m for m in root.modules()}
+    for key, lw in layers.items():
+        module = by_id.get(key)
+        if module is None:
+            continue
+        old_w = module.weight
+        module.weight = nn.Parameter(lw.weight.to(old_w.dtype), requires_grad=old_w.requires_grad)
+        if lw.bias is not None and module.bias is not None:
+            module.bias = nn.Parameter(lw.bias.to(module.bias.dtype), requires_grad=module.bias.requires_grad)
+
+
+def _precision(model: nn.Module, paths: list[str]) -> list[dict[str, Any]]:
+    pr = weight_precision.PrecisionReport(None)
+    for path in paths:
+        layer = weight_precision._module(model, path)
+        kind = weight_precision._layer_kind(layer)
+        if kind is not None:
+            pr.layer(path, layer.weight, layer.bias, *kind)
+    return [e.to_dict() for e in pr.layers.values()]
+
+
+def mean_per_tensor_db(entries: list[dict[str, Any]]) -> float | None:
+    """The mean per-tensor int8 weight SQNR over layers (dB)."""
+    values = [e["int8_sqnr_db"]["per_tensor"] for e in entries if e["int8_sqnr_db"]["per_tensor"] is not None]
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def equalize(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    dry_run: bool = False,
+    leaf_modules: Any = (),
+) -> RewriteResult:
+    """Cross-layer equalization of ``model`` (see the module doc): ``(model, report)``.
+
+    The result is (a copy of) the user's own model with new weights; a model with BatchNorms is
+    folded first (``bnrewrite.fold``, proven) and the folded model equalized. With example inputs
+    the result is proven against a float64 evaluation of the original (``verify``); without, it
+    is returned unproven and the report says so. ``dry_run=True`` returns the model given and a
+    report of the pairs and scales it would apply. ``report.extra['precision_before']`` and
+    ``['precision']``: the equalized layers' numbers before and after."""
+    from .fold import RewriteResult, fold
+    from .verify import verify
+
+    if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
+        raise BnrewriteError("equalize takes an nn.Module (the user's model), not a graph or a program")
+    report = Report("equalize", type(model).__name__)
+    base = model
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        base, folded = fold(model, example_inputs, leaf_modules=leaf_modules)
+        report.actions.extend(folded.actions)
+        report.diagnostics.extend(d for d in folded.diagnostics if not d.code.startswith("PR"))
+        report.extra["fold_proof"] = folded.extra.get("proof")
+    cap = capture(base, example_inputs, leaf_modules=leaf_modules)
+    pairs, refused = [], []
+    for region in cap.regions:
+        found, why = find_pairs(region)
+        pairs.extend(p for p in found if _flatten_ok(p))
+        refused.extend(why)
+    paths = list(
+        dict.fromkeys(p for pair in pairs for p in (pair.first.module_path, pair.second.module_path) if p)
+    )
+    report.extra["precision_before"] = _precision(base, paths)
+    layers = _solve(pairs)
+    result = copy.copy(base) if dry_run else _own_copy(base, layers)
+    if not dry_run:
+        _write(result, _rekey(base, result, layers))
+    report.extra["precision"] = _precision(result if not dry_run else _preview(base, layers), paths)
+    report.extra["int8_weight_sqnr_db"] = {
+        "before": mean_per_tensor_db(report.extra["precision_before"]),
+        "after": mean_per_tensor_db(report.extra["precision"]),
+    }
+    for p in pairs:
+        s = p.scales if p.scales is not None else torch.ones(1)
+        detail = f"channels rescaled by {float(s.min()):.3g}..{float(s.max()):.3g} through {', '.join(p.between) or 'nothing'}"
+        report.actions.append(
+            Action(
+                "equalize",
+                p.first.module_path,
+                p.first.module_path,
+                detail,
+                target=p.second.module_path,
+                code="EQ101",
+            )
+        )
+        report.diagnostics.append(finding("EQ101", f"{p.label}: {detail}", p.first.name, p.first.module_path))
+    for r in refused:
+        report.diagnostics.append(
+            finding("EQ201", f"{r.first}: not equalized with the next layer: {r.reason}", None, r.first)
+        )
+    if dry_run:
+        return RewriteResult(model, report)
+    if example_inputs is not None and pairs:
+        check = verify(
+            model, result, cap.example_inputs if cap.example_inputs is not None else example_inputs
+        )
+        report.verification = {**check.to_dict(), "summary": check.summary()}
+        if not check.passed:
+            raise BnrewriteError(f"the equalized model does not verify against float64: {check.summary()}")
+    elif pairs:
+        report.extra["proof"] = {"passed": None, "note": "no example inputs: the result was not run"}
+    return RewriteResult(result, report)
+
+
+def _own_copy(base: nn.Module, layers: dict[int, _Weights]) -> nn.Module:
+    """A copy of the tree in which every module whose weights change is its own object."""
+    from .graph.edit import Editor, shallow_copy
+
+    root = shallow_copy(base)
+    editor = Editor(root, inplace=False)
+    for name, module in base.named_modules():
+        if id(module) in layers and name:
+            editor.own(name)
+    return root
+
+
+def _rekey(base: nn.Module, result: nn.Module, layers: dict[int, _Weights]) -> dict[int, _Weights]:
+    """``layers`` keyed by the result's module objects (same paths as in ``base``)."""
+    out = {}
+    paths = {id(m): n for n, m in base.named_modules()}
+    for key, lw in layers.items():
+        path = paths.get(key)
+        if path is not None:
+            out[id(result.get_submodule(path))] = lw
+    return out
+
+
+def _preview(base: nn.Module, layers: dict[int, _Weights]) -> nn.Module:
+    preview = copy.deepcopy(base)
+    _write(preview, _rekey(base, preview, layers))
+    return preview
+
+
+def int8_output_sqnr(model: nn.Module, inputs: tuple[Any, ...]) -> float:
+    """End-to-end output SQNR (dB) with every conv/linear weight quantized to int8 per tensor
+    (activations in float): what per-tensor weight quantization costs this model."""
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in q.modules():
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                w = m.weight
+                scale = w.abs().max() / 127.0
+                if scale > 0:
+                    w.copy_((w / scale).round().clamp(-127, 127) * scale)
+        ref, got = model(*inputs), q(*inputs)
+    noise = float(((got - ref) ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float((ref**2).sum()) / noise)
