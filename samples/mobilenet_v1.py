@@ -35,8 +35,11 @@ class MobileNetV1(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def realistic_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Seeded statistics as above; returns the model in eval mode."""
+def realistic_statistics(
+    model: nn.Module, seed: int = 0, shape: tuple[int, ...] = (64, 3, 64, 64)
+) -> nn.Module:
+    """Seeded statistics as above, each conv's channels calibrated on random inputs of ``shape``
+    to the variance its BatchNorm recorded; returns the model in eval mode."""
     g = torch.Generator().manual_seed(seed)
 
     def log_uniform(n: int, lo: float, hi: float) -> torch.Tensor:
@@ -54,26 +57,39 @@ def realistic_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(log_uniform(c, 0.1, 10))
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.bias.normal_(0, 0.1, generator=g)
-    return _calibrated(model.eval(), g)
+    return _calibrated(model.eval(), g, shape)
 
 
-def _calibrated(model: nn.Module, g: torch.Generator) -> nn.Module:
+def _pairs(model: nn.Module) -> dict[nn.Module, nn.BatchNorm2d]:
+    """Each conv and the BatchNorm registered right after it with its channel count."""
+    pairs: dict[nn.Module, nn.BatchNorm2d] = {}
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            last = m
+        elif isinstance(m, nn.BatchNorm2d) and last is not None and last.out_channels == m.num_features:
+            pairs[last], last = m, None
+    return pairs
+
+
+def _calibrated(model: nn.Module, g: torch.Generator, shape: tuple[int, ...]) -> nn.Module:
     """Each conv's output channels scaled so their spread on data matches the BatchNorm's
     running_var (as training leaves them): the network stays finite however small a variance."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    pairs = _pairs(model)
 
     def hook(conv: nn.Module, _args: object, out: torch.Tensor) -> torch.Tensor:
-        bn = bns[convs.index(conv)]
+        bn = pairs[conv]
         std = out.transpose(0, 1).reshape(out.shape[1], -1).std(dim=1)
         std = std.clamp_min(0.5 * float(std.median()) + 1e-12)  # (a nearly dead channel: not blown up)
         factor = bn.running_var.sqrt() / std
         conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+        if conv.bias is not None:
+            conv.bias.mul_(factor)
         return out * factor.reshape(1, -1, 1, 1)
 
-    handles = [c.register_forward_hook(hook) for c in convs]
+    handles = [c.register_forward_hook(hook) for c in pairs]
     with torch.no_grad():
-        model(torch.randn(64, 3, 64, 64, generator=g))
+        model(torch.randn(*shape, generator=g))
     for h in handles:
         h.remove()
     return model
