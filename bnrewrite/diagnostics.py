@@ -111,6 +111,9 @@ class Report:
     opaque: list[OpaquePart] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # In-memory detail behind ``extra`` that JSON does not carry (per-channel weight ranges for
+    # ``--plot``): never serialized.
+    details: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, diagnostic: Diagnostic) -> None:
         self.diagnostics.append(diagnostic)

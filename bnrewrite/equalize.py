@@ -324,14 +324,17 @@ def _write(root: nn.Module, layers: dict[int, _Weights]) -> None:
             module.bias = nn.Parameter(lw.bias.to(module.bias.dtype), requires_grad=module.bias.requires_grad)
 
 
-def _precision(model: nn.Module, paths: list[str]) -> list[dict[str, Any]]:
+def _precision(
+    model: nn.Module, paths: list[str], before: nn.Module | None = None
+) -> list[weight_precision.LayerPrecision]:
     pr = weight_precision.PrecisionReport(None)
     for path in paths:
         layer = weight_precision._module(model, path)
         kind = weight_precision._layer_kind(layer)
         if kind is not None:
-            pr.layer(path, layer.weight, layer.bias, *kind)
-    return [e.to_dict() for e in pr.layers.values()]
+            old = weight_precision._module(before, path) if before is not None else None
+            pr.layer(path, layer.weight, layer.bias, *kind, before=old)
+    return list(pr.layers.values())
 
 
 def mean_per_tensor_db(entries: list[dict[str, Any]]) -> float | None:
@@ -376,12 +379,15 @@ def equalize(
     paths = list(
         dict.fromkeys(p for pair in pairs for p in (pair.first.module_path, pair.second.module_path) if p)
     )
-    report.extra["precision_before"] = _precision(base, paths)
+    first = _precision(base, paths)
+    report.extra["precision_before"] = [e.to_dict() for e in first]
     layers = _solve(pairs)
     result = copy.copy(base) if dry_run else _own_copy(base, layers)
     if not dry_run:
         _write(result, _rekey(base, result, layers))
-    report.extra["precision"] = _precision(result if not dry_run else _preview(base, layers), paths)
+    after = _precision(result if not dry_run else _preview(base, layers), paths, before=base)
+    report.extra["precision"] = [e.to_dict() for e in after]
+    report.details["precision"] = after
     report.extra["int8_weight_sqnr_db"] = {
         "before": mean_per_tensor_db(report.extra["precision_before"]),
         "after": mean_per_tensor_db(report.extra["precision"]),

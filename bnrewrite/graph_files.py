@@ -123,6 +123,11 @@ def diff_view(
     return union, status, edges
 
 
+def _title(dot_text: str) -> str:
+    first = dot_text.split("\n", 1)[0]
+    return first.removeprefix("digraph ").rstrip(" {").strip('"') or "bnrewrite"
+
+
 def render_svg(dot_text: str) -> bytes | None:
     """SVG bytes from Graphviz's ``dot`` when it is installed, else None."""
     exe = shutil.which("dot")
@@ -137,8 +142,17 @@ def render_svg(dot_text: str) -> bytes | None:
     return res.stdout
 
 
-def write_dot_and_svg(dot_text: str, path: str | os.PathLike[str], *, force: bool) -> dict[str, Any]:
-    """Write ``.dot`` (always) and ``.svg`` (when Graphviz renders it) for a ``.svg``/``.dot`` path."""
+def write_dot_and_svg(
+    dot_text: str,
+    path: str | os.PathLike[str],
+    *,
+    force: bool,
+    view: Any = None,
+    status: dict[str, str] | None = None,
+    edge_status: dict[tuple[str, str], str] | None = None,
+) -> dict[str, Any]:
+    """Write ``.dot`` (always) and, for a ``.svg`` path, the picture: Graphviz's where ``dot`` is
+    installed, else the layered layout of :mod:`bnrewrite.graph_svg` drawn from ``view``."""
     p = Path(path)
     dot_path = p.with_suffix(".dot")
     info: dict[str, Any] = {"dot": str(dot_path)}
@@ -148,6 +162,12 @@ def write_dot_and_svg(dot_text: str, path: str | os.PathLike[str], *, force: boo
         tmp.write_text(dot_text)
     if p.suffix.lower() == ".svg":
         svg = render_svg(dot_text)
+        info["renderer"] = "graphviz"
+        if svg is None and view is not None:
+            from .graph_svg import render
+
+            svg = render(view, status=status, edge_status=edge_status, title=_title(dot_text)).encode()
+            info["renderer"] = "bnrewrite (Graphviz not found)"
         if svg is None:
             info["svg"] = None
             info["note"] = "Graphviz 'dot' not found: wrote the .dot only"
@@ -174,7 +194,7 @@ def write_graph(
         with atomic_path(path, force=force) as tmp:
             nx.write_graphml(_plain(view), tmp)
     elif kind in ("dot", "svg"):
-        return write_dot_and_svg(to_dot(view), path, force=force)
+        return write_dot_and_svg(to_dot(view), path, force=force, view=view)
     else:
         raise UsageError(f"{path}: {kind} is not a graph format")
     return {"format": kind, "path": str(path)}

@@ -91,7 +91,9 @@ def _fold_and_write(
         targets = [t.strip() for a in report.actions if a.target for t in a.target.split(",")]
         union, status, edges = diff_view(before, after, targets)
         dot = to_dot(union, status=status, edge_status=edges, title="fold: before and after")
-        report.extra["graph"] = write_dot_and_svg(dot, graph, force=force)
+        report.extra["graph"] = write_dot_and_svg(
+            dot, graph, force=force, view=union, status=status, edge_status=edges
+        )
     return report
 
 

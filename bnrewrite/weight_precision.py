@@ -99,6 +99,8 @@ class LayerPrecision:
     dead_channels: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))
     subnormal_dtype: str = "float32"
     node: str | None = None
+    ranges: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))  # per output channel
+    before_ranges: torch.Tensor | None = field(repr=False, default=None)  # the same, before the rewrite
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,8 +148,10 @@ def measure_layer(
     sub_w = (rows != 0) & (rows.abs() < tiny)
     sub_b = (b != 0) & (b.abs() < tiny)
     total = int(sub_w.sum() + sub_b.sum())
+    before_ranges = None
     if before is not None:  # only what the fold made subnormal
         w0 = per_channel(before[0], kind, groups)
+        before_ranges = w0.abs().amax(dim=1)
         if w0.shape == rows.shape:
             sub_w = sub_w & ~((w0 != 0) & (w0.abs() < tiny))
         if before[1] is not None and before[1].numel() == b.numel():
@@ -173,6 +177,8 @@ def measure_layer(
         dead_channels=(~live).nonzero().flatten(),
         subnormal_dtype=str(low).replace("torch.", ""),
         node=node,
+        ranges=ranges,
+        before_ranges=before_ranges,
     )
 
 
@@ -350,6 +356,7 @@ class PrecisionReport:
 
     def write(self, report: Any) -> None:
         report.extra["precision"] = [e.to_dict() for e in self.layers.values()]
+        report.details["precision"] = list(self.layers.values())
         report.diagnostics.extend(self.findings)
 
 

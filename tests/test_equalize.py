@@ -108,10 +108,8 @@ def test_pairs_across_ops_that_are_not_positive_homogeneous_are_listed_and_kept(
     result, report = equalize(model, inputs)
     refused = [d for d in report.diagnostics if d.code == "EQ201"]
     assert (
-        ([d.module_path for d in refused] == ["0"]
-        and "positive-homogeneous" in refused[0].message)
-        or "clips" in refused[0].message
-    )
+        [d.module_path for d in refused] == ["0"] and "positive-homogeneous" in refused[0].message
+    ) or "clips" in refused[0].message
     assert torch.equal(result[0].weight, model[0].weight)  # not touched
     assert [(a.module_path, a.target) for a in report.actions] == [("2", "4")]
     assert verify(model, result, inputs).passed

@@ -82,6 +82,7 @@ def analyze(
     type_: TypeOpt = None,
     leaf: LeafOpt = None,
     keep_branches: KeepBranchesOpt = False,
+    plot: base.PlotOpt = None,
 ) -> None:
     """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls.
 
@@ -96,6 +97,9 @@ def analyze(
         report=only_codes, ignore=ignore_codes, per_module_ignores=per_module_ignore, fail_on=fail_on
     )
     progress.enable(progress.wanted(quiet=kind != "text"))
+    if plot is not None and len(models) > 1:
+        raise UsageError("--plot draws one model: analyze one model with it")
+    base.check_plot(plot, False)
     outcomes: list[tuple[str, Any, str | None]] = []
     for spec in progress.track(models, "models analyzed") if len(models) > 1 else models:
         try:
@@ -109,6 +113,7 @@ def analyze(
                 raise
             outcomes.append((spec, None, str(exc)))
             continue
+        base.write_plot(report, plot, False)
         outcomes.append((spec, lint.filter(report), None))
     _print(outcomes, kind, lint, several=len(models) > 1)
     reports = [r for _, r, _ in outcomes if r is not None]

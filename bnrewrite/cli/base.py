@@ -64,6 +64,32 @@ LeafOpt = Annotated[
 ]
 
 
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Also draw each layer's per-channel weight ranges before and after, log scale, the "
+        "channels behind precision findings marked (.svg or .png; needs bnrewrite[plot]).",
+    ),
+]
+
+
+def write_plot(report: Any, plot: Path | None, force: bool) -> None:
+    """Draw ``--plot`` for the report (its path goes into ``extra['plot']``)."""
+    if plot is not None:
+        from ..plot_ranges import plot_ranges
+
+        report.extra["plot"] = plot_ranges(report, plot, force=force)
+
+
+def check_plot(plot: Path | None, force: bool) -> None:
+    """Fail before any work when ``--plot`` cannot be written."""
+    if plot is not None:
+        from ..plot_ranges import check_plot_path
+
+        check_plot_path(plot, force=force)
+
+
 def dtype_option(value: str | None, flag: str) -> Any:
     """``fp16``/``bf16`` (or ``float16``/``bfloat16``) as a torch dtype; None stays None."""
     if value is None:

@@ -97,6 +97,7 @@ def fold(
             "would overflow it or make its error worse (FD111); the proof reports both models' errors in it.",
         ),
     ] = None,
+    plot: base.PlotOpt = None,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
     from ..config import load_config
@@ -106,6 +107,7 @@ def fold(
     if output is None and not dry_run:
         raise UsageError("fold needs -o OUT (or --dry-run to only show the plan)")
     progress.enable(progress.wanted(quiet=as_json))
+    base.check_plot(plot, force)
     loaded, inputs = base._load(model, weights, trust_pickle, input_shape)
     options = {
         "eval_mode": eval_mode,
@@ -121,6 +123,7 @@ def fold(
     if dry_run:
         plan = fold_model(loaded.model, inputs, dry_run=True, record_sources=True, **options).report
         plan.model = loaded.source
+        base.write_plot(plan, plot, force)
         _emit(plan, as_json)
         return
     assert output is not None
@@ -135,6 +138,7 @@ def fold(
         force=force,
         **options,
     )
+    base.write_plot(report, plot, force)
     _emit(report, as_json)
 
 

@@ -103,7 +103,7 @@ def rewrite_command(fn: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[..., Any]) -> None:
+def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[..., Any], plot: Path | None = None) -> None:
     """Run ``rewrite(model, inputs, dry_run=...)`` and write the result, or only show its plan."""
     from ..pipeline import rewrite_to_file
 
@@ -113,6 +113,7 @@ def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[..., Any]) -> N
     if opts.dry_run:
         report = rewrite(loaded.model, inputs, dry_run=True).report
         report.model = loaded.source
+        base.write_plot(report, plot, opts.force)
         _emit(report, opts.as_json)
         return
     assert opts.output is not None
@@ -124,6 +125,7 @@ def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[..., Any]) -> N
         fmt=opts.fmt,
         force=opts.force,
     )
+    base.write_plot(report, plot, opts.force)
     _emit(report, opts.as_json)
 
 
@@ -254,6 +256,7 @@ def equalize_cmd(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
+    plot: base.PlotOpt = None,
 ) -> None:
     """Cross-layer equalization: rescale the channels between layers joined by ReLU-like ops so
     per-tensor int8 weights keep every channel (folds BatchNorms first; proven against float64)."""
@@ -262,7 +265,8 @@ def equalize_cmd(
     opts = RewriteOptions(
         output, dry_run, None, None, weights, input_shape, fmt, as_json, force, trust_pickle
     )
-    _rewrite(model, opts, lambda m, x, dry_run: run(m, x, dry_run=dry_run))
+    base.check_plot(plot, force)
+    _rewrite(model, opts, lambda m, x, dry_run: run(m, x, dry_run=dry_run), plot=plot)
 
 
 DataOpt = Annotated[
