@@ -334,6 +334,7 @@ def _precision(
         if kind is not None:
             old = weight_precision._module(before, path) if before is not None else None
             pr.layer(path, layer.weight, layer.bias, *kind, before=old)
+    pr.measure()
     return list(pr.layers.values())
 
 

@@ -49,32 +49,38 @@ def _channels(idx: torch.Tensor, limit: int = 8) -> str:
 
 
 def per_channel(weight: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
-    """The weight as ``(out_channels, -1)``: one row per output channel of the layer."""
-    w = weight.detach().to(torch.float64)
+    """The weight as ``(out_channels, -1)``: one row per output channel of the layer (float32
+    at least: the numbers describe float32-or-narrower storage, and float64 would double the cost)."""
+    w = weight.detach()
+    if w.dtype not in (torch.float32, torch.float64):
+        w = w.float()
     if kind == "conv_transpose":  # [in, out/groups, k...] -> [out, in/groups * k...]
         cin, cout_g = w.shape[0], w.shape[1]
-        w = w.reshape(groups, cin // groups, cout_g, -1).permute(0, 2, 1, 3).reshape(groups * cout_g, -1)
-        return w
+        return w.reshape(groups, cin // groups, cout_g, -1).permute(0, 2, 1, 3).reshape(groups * cout_g, -1)
     return w.reshape(w.shape[0], -1)
 
 
-def int8_sqnr_db(rows: torch.Tensor, per_channel_scale: bool) -> float:
+def int8_sqnr_db(rows: torch.Tensor, per_channel_scale: bool, absmax: torch.Tensor | None = None) -> float:
     """SQNR (dB) of symmetric int8 quantization of ``rows``, per tensor or per output channel,
     averaged over the output channels (each channel's own signal over its own noise: a small
-    channel rounded to a few levels counts as much as a large one; capped at 100 dB)."""
-    amax = (
-        rows.abs().amax(dim=1, keepdim=True)
-        if per_channel_scale
-        else rows.abs().max().expand(rows.shape[0], 1)
-    )
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = (rows / scale).round().clamp(-127, 127) * scale
-    signal, noise = (rows**2).sum(dim=1), ((rows - q) ** 2).sum(dim=1)
+    channel rounded to a few levels counts as much as a large one; capped at 100 dB).
+    ``absmax``: the rows' largest |value| each, when already known."""
+    amax = absmax if absmax is not None else rows.abs().amax(dim=1)
+    per_tensor, per_channel = _int8_sqnr_both(rows, amax)
+    return per_channel if per_channel_scale else per_tensor
+
+
+def _int8_sqnr_both(rows: torch.Tensor, amax: torch.Tensor) -> tuple[float, float]:
+    """(per-tensor, per-channel) int8 SQNR in dB, both in one pass over the weights."""
+    scales = torch.stack([amax.max().expand_as(amax), amax]).clamp_min(1e-38).div_(127.0).unsqueeze(-1)
+    noise = torch.div(rows, scales).round_().clamp_(-127, 127).mul_(scales).sub_(rows).square_().sum(dim=2)
+    signal = rows.square().sum(dim=1)
+    db = torch.log10(signal / noise.clamp_min(signal * 10 ** (-_CAP_DB / 10)).clamp_min(1e-300)).mul_(10.0)
     live = signal > 0
-    if not bool(live.any()):
-        return _CAP_DB
-    db = 10.0 * torch.log10(signal[live] / noise[live].clamp_min(signal[live] * 10 ** (-_CAP_DB / 10)))
-    return float(db.mean())
+    count = live.sum()
+    means = torch.where(live, db, 0.0).sum(dim=1) / count.clamp_min(1)
+    per_tensor, per_channel, n = torch.cat([means.double(), count.reshape(1).double()]).tolist()
+    return (per_tensor, per_channel) if n else (_CAP_DB, _CAP_DB)
 
 
 _CAP_DB = 100.0
@@ -100,7 +106,16 @@ class LayerPrecision:
     subnormal_dtype: str = "float32"
     node: str | None = None
     ranges: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))  # per output channel
-    before_ranges: torch.Tensor | None = field(repr=False, default=None)  # the same, before the rewrite
+    before: torch.Tensor | None = field(repr=False, default=None)  # the weight before the rewrite
+    kind: str = "conv"
+    groups: int = 1
+
+    @property
+    def before_ranges(self) -> torch.Tensor | None:
+        """Per output channel, the largest |weight| before the rewrite (for pictures)."""
+        if self.before is None:
+            return None
+        return per_channel(self.before, self.kind, self.groups).abs().amax(dim=1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +135,33 @@ def _finite(x: float) -> float | None:
     return round(x, 2) if math.isfinite(x) else None
 
 
+@dataclass
+class _Item:
+    """One layer waiting to be measured."""
+
+    layer: str
+    rows: torch.Tensor  # (out_channels, -1)
+    bias: torch.Tensor  # (out_channels,)
+    kind: str
+    groups: int
+    before: tuple[torch.Tensor, torch.Tensor | None] | None
+    node: str | None = None
+
+
+def _item(
+    layer: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kind: str,
+    groups: int,
+    before: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    node: str | None = None,
+) -> _Item:
+    rows = per_channel(weight, kind, groups)
+    b = bias.detach().reshape(-1).to(rows.dtype) if bias is not None else rows.new_zeros(rows.shape[0])
+    return _Item(layer, rows, b, kind, groups, before, node)
+
+
 def measure_layer(
     layer: str,
     weight: torch.Tensor,
@@ -132,53 +174,113 @@ def measure_layer(
 ) -> LayerPrecision:
     """The numbers of one layer's weights as they will be stored. ``before``: the layer's
     weight and bias before the fold; values already subnormal there are not the fold's doing."""
+    return measure_layers([_item(layer, weight, bias, kind, groups, before, node)], thresholds)[0]
+
+
+_CHUNK = 1 << 22  # weights measured together (16 MB of float32): few ops per layer, bounded memory
+
+
+def measure_layers(items: list[_Item], thresholds: PrecisionThresholds | None = None) -> list[LayerPrecision]:
+    """Measure many layers: those of one weight shape together, in a handful of tensor ops (a
+    network of 600 layers must not pay 40 small ops per layer), then the rare cases one by one."""
     th = thresholds or PrecisionThresholds()
-    rows = per_channel(weight, kind, groups)
-    b = (
-        bias.detach().to(torch.float64).reshape(-1)
-        if bias is not None
-        else torch.zeros(rows.shape[0], dtype=torch.float64)
+    out: dict[int, LayerPrecision] = {}
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault((tuple(it.rows.shape), it.rows.dtype), []).append(i)
+    for (shape, _dtype), idx in groups.items():
+        per_chunk = max(1, _CHUNK // max(1, shape[0] * shape[1]))
+        for start in range(0, len(idx), per_chunk):
+            chunk = idx[start : start + per_chunk]
+            for i, entry in zip(chunk, _measure_stack([items[i] for i in chunk], th)):
+                out[i] = entry
+    return [out[i] for i in range(len(items))]
+
+
+def _measure_stack(items: list[_Item], th: PrecisionThresholds) -> list[LayerPrecision]:
+    rows = torch.stack([it.rows for it in items])  # (L, C, N)
+    b = torch.stack([it.bias for it in items])  # (L, C)
+    ranges = rows.abs().amax(dim=2)
+    babs = b.abs()
+    inf = torch.tensor(torch.inf, dtype=rows.dtype)
+    nonzero_min = torch.where(rows != 0, rows.abs(), inf).amin(dim=(1, 2))
+    b_nonzero_min = torch.where(b != 0, babs, inf).amin(dim=1)
+    r_min = torch.where(ranges > 0, ranges, inf).amin(dim=1)
+    r_max, b_max = ranges.amax(dim=1), babs.amax(dim=1)
+    dead = (ranges == 0).sum(dim=1)
+    scales = (
+        torch.stack([r_max.unsqueeze(1).expand_as(ranges), ranges]).clamp_min(1e-38).div_(127.0).unsqueeze(-1)
     )
-    ranges = rows.abs().amax(dim=1)
-    live = ranges > 0
-    spread = float(ranges[live].max() / ranges[live].min()) if bool(live.any()) else 1.0
-    overflow = (rows.abs() > FP16_MAX).any(dim=1) | (b.abs() > FP16_MAX)
+    noise = (
+        torch.div(rows, scales).round_().mul_(scales).sub_(rows).square_().sum(dim=3)
+    )  # (|x| <= 127 steps: no clamp)
+    signal = rows.square().sum(dim=2)  # (L, C)
+    db = torch.log10(signal / noise.clamp_min(signal * 10 ** (-_CAP_DB / 10)).clamp_min(1e-300)).mul_(10.0)
+    live = signal > 0
+    count = live.sum(dim=1)
+    means = torch.where(live, db, 0.0).sum(dim=2) / count.clamp_min(1)  # (2, L)
+    table = torch.stack(
+        [means[0].double(), means[1].double(), count.double(), nonzero_min.double(), b_nonzero_min.double(),
+         r_min.double(), r_max.double(), b_max.double(), dead.double()]
+    ).T.tolist()  # fmt: skip
+    return [_entry(it, ranges[k], row, th) for k, (it, row) in enumerate(zip(items, table))]
+
+
+def _entry(it: _Item, ranges: torch.Tensor, numbers: list[float], th: PrecisionThresholds) -> LayerPrecision:
+    """One layer's entry from its batched numbers; the rare cases (subnormals, overflow, a wide
+    spread, dead channels) look at the layer's own tensors."""
+    per_tensor, per_channel_db, count, w_min, bw_min, r_min, r_max, b_max, dead = numbers
+    if not count:
+        per_tensor = per_channel_db = _CAP_DB
+    spread = r_max / r_min if r_min != float("inf") and r_min > 0 else 1.0
     low = th.target_dtype if th.target_dtype in _TINY else torch.float32
     tiny = _TINY[low]
-    sub_w = (rows != 0) & (rows.abs() < tiny)
-    sub_b = (b != 0) & (b.abs() < tiny)
-    total = int(sub_w.sum() + sub_b.sum())
-    before_ranges = None
-    if before is not None:  # only what the fold made subnormal
-        w0 = per_channel(before[0], kind, groups)
-        before_ranges = w0.abs().amax(dim=1)
-        if w0.shape == rows.shape:
-            sub_w = sub_w & ~((w0 != 0) & (w0.abs() < tiny))
-        if before[1] is not None and before[1].numel() == b.numel():
-            b0 = before[1].detach().to(torch.float64).reshape(-1)
-            sub_b = sub_b & ~((b0 != 0) & (b0.abs() < tiny))
-    sub_w = sub_w.sum(dim=1)
-    small = ranges[live].min() if bool(live.any()) else ranges.new_tensor(0.0)
+    rows, b = it.rows, it.bias
+    subnormal = new_subnormal = 0
+    none = torch.zeros(0, dtype=torch.long)
+    sub_channels = overflow = spread_channels = dead_channels = none
+    if min(w_min, bw_min) < tiny:
+        absw, babs = rows.abs(), b.abs()
+        sub_w, sub_b = (absw < tiny) & (absw > 0), (babs < tiny) & (babs > 0)
+        subnormal = int(sub_w.sum() + sub_b.sum())
+        if it.before is not None:  # only what the fold made subnormal
+            a0 = per_channel(it.before[0], it.kind, it.groups).abs()
+            if a0.shape == absw.shape:
+                sub_w = sub_w & ~((a0 != 0) & (a0 < tiny))
+            if it.before[1] is not None and it.before[1].numel() == b.numel():
+                b0 = it.before[1].detach().reshape(-1).abs().to(b.dtype)
+                sub_b = sub_b & ~((b0 != 0) & (b0 < tiny))
+        rows_sub = sub_w.sum(dim=1)
+        new_subnormal = int(rows_sub.sum() + sub_b.sum())
+        sub_channels = ((rows_sub > 0) | sub_b).nonzero().flatten()
+    overflow_count = 0
+    if max(r_max, b_max) > FP16_MAX:
+        overflow_count = int((rows.abs() > FP16_MAX).sum() + (b.abs() > FP16_MAX).sum())
+        overflow = ((ranges > FP16_MAX) | (b.abs() > FP16_MAX)).nonzero().flatten()
+    if spread > th.int8_spread:
+        spread_channels = ((ranges > 0) & (ranges * th.int8_spread <= r_max)).nonzero().flatten()
+    if dead:
+        dead_channels = (ranges == 0).nonzero().flatten()
     return LayerPrecision(
-        layer=layer,
-        weight_absmax=float(ranges.max()) if ranges.numel() else 0.0,
+        layer=it.layer,
+        weight_absmax=r_max if ranges.numel() else 0.0,
         channel_spread=spread,
-        per_tensor_db=int8_sqnr_db(rows, False),
-        per_channel_db=int8_sqnr_db(rows, True),
-        fp16_overflow=int((rows.abs() > FP16_MAX).sum() + (b.abs() > FP16_MAX).sum()),
-        subnormal=total,
+        per_tensor_db=per_tensor,
+        per_channel_db=per_channel_db,
+        fp16_overflow=overflow_count,
+        subnormal=subnormal,
         values=rows.numel() + b.numel(),
-        new_subnormal=int(sub_w.sum() + sub_b.sum()),
-        overflow_channels=overflow.nonzero().flatten(),
-        spread_channels=(live & (ranges * th.int8_spread <= ranges.max())).nonzero().flatten()
-        if spread > th.int8_spread
-        else (ranges == small).nonzero().flatten(),
-        subnormal_channels=((sub_w > 0) | sub_b).nonzero().flatten(),
-        dead_channels=(~live).nonzero().flatten(),
+        new_subnormal=new_subnormal,
+        overflow_channels=overflow,
+        spread_channels=spread_channels,
+        subnormal_channels=sub_channels,
+        dead_channels=dead_channels,
         subnormal_dtype=str(low).replace("torch.", ""),
-        node=node,
+        node=it.node,
         ranges=ranges,
-        before_ranges=before_ranges,
+        before=it.before[0] if it.before is not None else None,
+        kind=it.kind,
+        groups=it.groups,
     )
 
 
@@ -325,6 +427,8 @@ class PrecisionReport:
         self.layers: dict[str, LayerPrecision] = {}
         self.findings: list[Diagnostic] = []
         self._bns: set[str] = set()
+        self._queue: dict[str, _Item] = {}
+        self._bn_queue: list[tuple[str, Any, str | None]] = []
 
     def layer(
         self,
@@ -335,16 +439,50 @@ class PrecisionReport:
         groups: int,
         before: Any = None,
     ) -> None:
-        if path in self.layers or not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        if path in self._queue or not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             return
         old = (
             (before.weight, before.bias)
             if isinstance(getattr(before, "weight", None), torch.Tensor)
             else None
         )
-        entry = measure_layer(path, weight, bias, kind, groups, self.th, before=old)
-        self.layers[path] = entry
-        self.findings.extend(layer_findings(entry, self.th))
+        self._queue[path] = _item(path, weight, bias, kind, groups, old)
+
+    def batchnorm_later(self, path: str | None, module: Any, node: str | None = None) -> None:
+        """Like :meth:`batchnorm` when the scale is not needed now: checked with the others
+        of its width in one pass (most BatchNorms are fine)."""
+        if path and path not in self._bns and isinstance(getattr(module, "running_var", None), torch.Tensor):
+            self._bns.add(path)
+            self._bn_queue.append((path, module, node))
+
+    def _measure_batchnorms(self) -> None:
+        by_width: dict[int, list[tuple[str, Any, str | None]]] = {}
+        for entry in self._bn_queue:
+            by_width.setdefault(entry[1].running_var.numel(), []).append(entry)
+        self._bn_queue.clear()
+        limit = self.th.ill_conditioned_scale
+        big = _MAX.get(self.th.target_dtype, math.inf) if self.th.target_dtype is not None else math.inf
+        for entries in by_width.values():
+            var = torch.stack([m.running_var.detach().float() for _, m, _ in entries])
+            eps = torch.tensor([float(getattr(m, "eps", 1e-5)) for _, m, _ in entries]).unsqueeze(1)
+            gamma = torch.stack(
+                [m.weight.detach().float() if isinstance(m.weight, torch.Tensor) else torch.ones_like(m.running_var, dtype=torch.float32) for _, m, _ in entries]
+            )  # fmt: skip
+            worst = (gamma.abs() / (var.double() + eps.double()).sqrt()).amax(dim=1).tolist()
+            for (path, module, node), w in zip(entries, worst):
+                if w > limit or w > big or w != w:  # the rare one: its own check, with its channels
+                    scale = batchnorm_scale(module)
+                    if scale is not None:
+                        self.findings.extend(batchnorm_findings(path, scale, self.th, node))
+
+    def measure(self) -> None:
+        """Measure every queued layer (together: see :func:`measure_layers`)."""
+        self._measure_batchnorms()
+        items = list(self._queue.values())
+        self._queue.clear()
+        for entry in measure_layers(items, self.th):
+            self.layers[entry.layer] = entry
+            self.findings.extend(layer_findings(entry, self.th))
 
     def batchnorm(self, path: str | None, module: Any, node: str | None = None) -> torch.Tensor | None:
         scale = batchnorm_scale(module)
@@ -355,6 +493,7 @@ class PrecisionReport:
         return scale
 
     def write(self, report: Any) -> None:
+        self.measure()
         report.extra["precision"] = [e.to_dict() for e in self.layers.values()]
         report.details["precision"] = list(self.layers.values())
         report.diagnostics.extend(self.findings)
@@ -365,11 +504,11 @@ def of_fold(original: Any, result: Any, report: Any, thresholds: PrecisionThresh
     pr = PrecisionReport(thresholds)
     for d in list(report.diagnostics):  # BatchNorms kept for the dtype or undone: their own numbers
         if d.code in ("FD111", "FD207"):
-            pr.batchnorm(d.module_path, _module(original, d.module_path), d.node)
+            pr.batchnorm_later(d.module_path, _module(original, d.module_path), d.node)
     for action in report.actions:
         if not (action.kind.startswith("fold") or action.kind == "merge-branches"):
             continue
-        pr.batchnorm(action.module_path, _module(original, action.module_path), action.node)
+        pr.batchnorm_later(action.module_path, _module(original, action.module_path), action.node)
         for path in _targets(action.target):
             layer = _module(result, path)
             kind = _layer_kind(layer)
