@@ -177,7 +177,7 @@ def measure_layer(
     return measure_layers([_item(layer, weight, bias, kind, groups, before, node)], thresholds)[0]
 
 
-_CHUNK = 1 << 22  # weights measured together (16 MB of float32): few ops per layer, bounded memory
+_CHUNK = 1 << 19  # weights measured together (2 MB of float32): few ops per layer, bounded memory
 
 
 def measure_layers(items: list[_Item], thresholds: PrecisionThresholds | None = None) -> list[LayerPrecision]:
@@ -198,24 +198,28 @@ def measure_layers(items: list[_Item], thresholds: PrecisionThresholds | None = 
 
 
 def _measure_stack(items: list[_Item], th: PrecisionThresholds) -> list[LayerPrecision]:
-    rows = torch.stack([it.rows for it in items])  # (L, C, N)
+    rows = torch.stack([it.rows for it in items])  # (L, C, N): the one copy, plus one work buffer
     b = torch.stack([it.bias for it in items])  # (L, C)
-    ranges = rows.abs().amax(dim=2)
+    work = torch.abs(rows)
+    ranges = work.amax(dim=2)
+    nonzero_min = work.masked_fill_(rows == 0, torch.inf).amin(dim=(1, 2))
     babs = b.abs()
     inf = torch.tensor(torch.inf, dtype=rows.dtype)
-    nonzero_min = torch.where(rows != 0, rows.abs(), inf).amin(dim=(1, 2))
     b_nonzero_min = torch.where(b != 0, babs, inf).amin(dim=1)
     r_min = torch.where(ranges > 0, ranges, inf).amin(dim=1)
     r_max, b_max = ranges.amax(dim=1), babs.amax(dim=1)
     dead = (ranges == 0).sum(dim=1)
-    scales = (
-        torch.stack([r_max.unsqueeze(1).expand_as(ranges), ranges]).clamp_min(1e-38).div_(127.0).unsqueeze(-1)
-    )
-    noise = (
-        torch.div(rows, scales).round_().mul_(scales).sub_(rows).square_().sum(dim=3)
-    )  # (|x| <= 127 steps: no clamp)
-    signal = rows.square().sum(dim=2)  # (L, C)
-    db = torch.log10(signal / noise.clamp_min(signal * 10 ** (-_CAP_DB / 10)).clamp_min(1e-300)).mul_(10.0)
+    signal = torch.mul(rows, rows, out=work).sum(dim=2)  # (L, C)
+    noise = []
+    for scale in (r_max.unsqueeze(1).expand_as(ranges), ranges):  # per tensor, per channel
+        step = scale.clamp_min(1e-38).div(127.0).unsqueeze(-1)
+        # |x| <= 127 steps by construction: no clamp
+        torch.div(rows, step, out=work).round_().mul_(step).sub_(rows).square_()
+        noise.append(work.sum(dim=2))
+    del work, rows
+    db = torch.log10(
+        signal / torch.stack(noise).clamp_min(signal * 10 ** (-_CAP_DB / 10)).clamp_min(1e-300)
+    ).mul_(10.0)
     live = signal > 0
     count = live.sum(dim=1)
     means = torch.where(live, db, 0.0).sum(dim=2) / count.clamp_min(1)  # (2, L)
@@ -223,7 +227,7 @@ def _measure_stack(items: list[_Item], th: PrecisionThresholds) -> list[LayerPre
         [means[0].double(), means[1].double(), count.double(), nonzero_min.double(), b_nonzero_min.double(),
          r_min.double(), r_max.double(), b_max.double(), dead.double()]
     ).T.tolist()  # fmt: skip
-    return [_entry(it, ranges[k], row, th) for k, (it, row) in enumerate(zip(items, table))]
+    return [_entry(it, ranges[k].clone(), row, th) for k, (it, row) in enumerate(zip(items, table))]
 
 
 def _entry(it: _Item, ranges: torch.Tensor, numbers: list[float], th: PrecisionThresholds) -> LayerPrecision:
