@@ -233,6 +233,7 @@ def _fold_graph(
 ) -> RewriteResult:
     """A GraphModule or ExportedProgram: folded as the graph it is, and returned as one."""
     kept: list[Any] = []
+    scales = _batchnorm_scales(cap) if not run.dry_run else {}  # (the graph loses them as it folds)
     absorbed: set[str | None] = set()  # BatchNorms a (planned) merge absorbs
     for region in cap.regions:
         if policy.merge_branches:
@@ -257,8 +258,19 @@ def _fold_graph(
         ]
         return RewriteResult(model, report)
     folded = assemble(cap, inplace=run.inplace)
-    weight_precision.of_fold(cap.model, folded, report, run.precision)
+    weight_precision.of_fold(cap.model, folded, report, run.precision, scales=scales)
     return RewriteResult(folded, report)
+
+
+def _batchnorm_scales(cap: Capture) -> dict[str, torch.Tensor]:
+    """Each BatchNorm's ``gamma / sqrt(var + eps)`` by module path, read from the graphs."""
+    from .graph.norms import find_norms
+
+    out = {}
+    for site in find_norms(cap)[0]:
+        if site.module_path and site.running_var is not None and site.constant:
+            out.setdefault(site.module_path, site.eval_affine()[0])
+    return out
 
 
 def _errors_in(

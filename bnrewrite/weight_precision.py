@@ -503,12 +503,25 @@ class PrecisionReport:
         report.diagnostics.extend(self.findings)
 
 
-def of_fold(original: Any, result: Any, report: Any, thresholds: PrecisionThresholds | None = None) -> None:
-    """What the fold produced: every layer an applied fold wrote, every BatchNorm it absorbed."""
+def of_fold(
+    original: Any,
+    result: Any,
+    report: Any,
+    thresholds: PrecisionThresholds | None = None,
+    scales: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """What the fold produced: every layer an applied fold wrote, every BatchNorm it absorbed.
+    ``scales``: BatchNorm scales by module path, where ``original`` holds no modules (a program)."""
     pr = PrecisionReport(thresholds)
-    for d in list(report.diagnostics):  # BatchNorms kept for the dtype or undone: their own numbers
-        if d.code in ("FD111", "FD207"):
-            pr.batchnorm_later(d.module_path, _module(original, d.module_path), d.node)
+    for path, scale in (scales or {}).items():
+        if path not in pr._bns:
+            pr._bns.add(path)
+            pr.findings.extend(batchnorm_findings(path, scale, pr.th))
+    graph_layers = _graph_layers(result)  # a graph result (a program's fold): layers by module path
+    if scales is None and hasattr(original, "named_modules"):  # every BatchNorm, as analyze checks
+        for path, module in original.named_modules():
+            if path and isinstance(getattr(module, "running_var", None), torch.Tensor):
+                pr.batchnorm_later(path, module)
     for action in report.actions:
         if not (action.kind.startswith("fold") or action.kind == "merge-branches"):
             continue
@@ -518,7 +531,29 @@ def of_fold(original: Any, result: Any, report: Any, thresholds: PrecisionThresh
             kind = _layer_kind(layer)
             if kind is not None:
                 pr.layer(path, layer.weight, layer.bias, *kind, before=_module(original, path))
+            elif path in graph_layers:
+                site = graph_layers[path]
+                pr.layer(path, site.weight, site.bias, site.kind, site.groups)
     pr.write(report)
+
+
+def _graph_layers(result: Any) -> dict[str, Any]:
+    """The conv/linear applications of an ATen graph by module path (weights as stored)."""
+    from torch import fx
+
+    if not isinstance(result, fx.GraphModule):
+        return {}
+    from .graph.captured import Region
+    from .graph.layers import layer_site
+
+    region = Region("", result, "aten")
+    found: dict[str, Any] = {}
+    for node in result.graph.nodes:
+        if node.op in ("call_function", "call_module"):
+            site = layer_site(region, node)
+            if site is not None and site.weight is not None and site.module_path:
+                found.setdefault(site.module_path, site)
+    return found
 
 
 def of_plan(

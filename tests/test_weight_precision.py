@@ -164,3 +164,12 @@ def test_fold_cli_target_dtype():
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert {d["code"] for d in data["diagnostics"]} >= {"FD111", "PR001"}
+
+
+def test_the_aten_path_reports_what_the_module_path_reports():
+    """A program folded as a graph gets the same precision findings as the module it came from."""
+    model, inputs = load_sample("precision_cases")
+    by_module = _codes(fold(model, inputs).report)
+    program = torch.export.export(model, inputs)
+    by_graph = _codes(fold(program, inputs).report)
+    assert by_graph == by_module
