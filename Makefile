@@ -26,6 +26,8 @@ demo: $(VENV)/.installed
 	$(BNR) verify samples.resnet:build $(DEMO_OUT)/resnet_folded.pt2
 	@echo "== 4. BN after the activation: folds into the following conv where exact =="
 	$(BNR) fold samples.bn_after_act:build -o $(DEMO_OUT)/bn_after_act.pt2 --verify --force
+	@echo "== 5. low precision: cross-layer equalization of a MobileNetV1 for int8 weights, with a picture =="
+	$(BNR) equalize samples.mobilenet_v1:build -o $(DEMO_OUT)/mobilenet_v1_equalized.pt --plot $(DEMO_OUT)/mobilenet_v1_ranges.png --force
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check bnrewrite tests samples benchmarks

@@ -45,7 +45,7 @@ def plot_ranges(report: Any, path: str | os.PathLike[str], *, force: bool = Fals
         "PR002 small for int8": ("spread_channels", "#e69138", "v"),
         "PR003 subnormal": ("subnormal_channels", "#674ea7", "s"),
         "PR005 dead": ("dead_channels", "#000000", "o"),
-    }
+    }  # drawn where the layer has that finding
     seen: set[str] = set()
     positive = [
         float(r[r > 0].min())
@@ -64,10 +64,9 @@ def plot_ranges(report: Any, path: str | os.PathLike[str], *, force: bool = Fals
         ax.scatter([i + 0.18] * len(after), after, s=6, color="#1f77b4", label=None if seen else "after")
         seen.add("points")
         for name, (attr, color, marker) in marks.items():
-            idx = [int(c) for c in getattr(layer, attr).tolist()]
-            if attr == "spread_channels" and layer.channel_spread <= 16:
-                continue  # (the smallest channel of a healthy layer is no finding)
-            idx = [c for c in idx if c < len(after)]
+            if name.split()[0] not in layer.codes:
+                continue
+            idx = [int(c) for c in getattr(layer, attr).tolist() if int(c) < len(after)]
             if idx:
                 style = {"c": color} if marker == "x" else {"facecolors": "none", "edgecolors": color}
                 ax.scatter(

@@ -109,6 +109,7 @@ class LayerPrecision:
     before: torch.Tensor | None = field(repr=False, default=None)  # the weight before the rewrite
     kind: str = "conv"
     groups: int = 1
+    codes: set[str] = field(default_factory=set)  # the findings raised for this layer
 
     @property
     def before_ranges(self) -> torch.Tensor | None:
@@ -486,7 +487,9 @@ class PrecisionReport:
         self._queue.clear()
         for entry in measure_layers(items, self.th):
             self.layers[entry.layer] = entry
-            self.findings.extend(layer_findings(entry, self.th))
+            found = layer_findings(entry, self.th)
+            entry.codes = {d.code for d in found}
+            self.findings.extend(found)
 
     def batchnorm(self, path: str | None, module: Any, node: str | None = None) -> torch.Tensor | None:
         scale = batchnorm_scale(module)
