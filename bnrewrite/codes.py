@@ -429,6 +429,19 @@ _ALL += [
         "layers per channel.",
     ),
     Code(
+        "EQ202",
+        "equalization-weakened",
+        _I,
+        "full equalization would lower the int8 output SQNR on the example inputs: weakened or not applied",
+        "What: with every pair's scales applied, per-tensor int8 weights gave a lower output SQNR\n"
+        "on the example inputs than the unequalized model; equalize applied the scales to a\n"
+        "power (0.5, then 0.25), or not at all, whichever first did not lower it.\n"
+        "Why: equal weight ranges make each layer's int8 weights more precise, but a layer's\n"
+        "quantization noise reaches the output scaled by what follows it; the tool measures\n"
+        "instead of assuming. The message gives the SQNR of each strength tried.\n"
+        "Fix: nothing to fix; per-channel quantization avoids the question.",
+    ),
+    Code(
         "FD111",
         "kept-for-target-dtype",
         _W,

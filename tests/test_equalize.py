@@ -141,3 +141,28 @@ def test_dry_run_changes_nothing_and_the_cli_writes_the_model(tmp_path):
     assert res.exit_code == 0 and out.exists(), res.output
     assert "{" not in res.stdout  # every line is text
     assert runner.invoke(app, ["equalize", "samples.mobilenet_v1:build"]).exit_code == 2
+
+
+@pytest.mark.parametrize("outcomes, strength", [([10.0, 5.0, 12.0], 0.5), ([10.0, 5.0, 6.0, 7.0], 0.0)])
+def test_equalization_that_would_lower_the_output_sqnr_is_weakened_or_dropped(
+    monkeypatch, outcomes, strength
+):
+    """Measured, not assumed: the strongest equalization that does not lower the int8 output
+    SQNR on the example inputs is applied (EQ202 says so), or none."""
+    import importlib
+
+    eq_module = importlib.import_module("bnrewrite.equalize")  # (the package exports the function)
+    answers = iter(outcomes)
+    monkeypatch.setattr(eq_module, "int8_output_sqnr", lambda *_a: next(answers))
+    model, inputs = _spread(Joined()), (torch.randn(2, 3, 8, 8),)
+    result, report = equalize(model, inputs)
+    notes = [d for d in report.diagnostics if d.code == "EQ202"]
+    assert len(notes) == 1 and (
+        "strength 0.5" in notes[0].message if strength else "not applied" in notes[0].message
+    )
+    equalized = [a for a in report.actions if a.kind == "equalize"]
+    if strength:
+        assert equalized and verify(model, result, inputs).passed
+        assert not torch.equal(result.a.weight, model.a.weight)
+    else:
+        assert not equalized and torch.equal(result.a.weight, model.a.weight)
