@@ -571,9 +571,11 @@ def of_plan(
     pr = PrecisionReport(thresholds)
     for path, node, verdict, target in steps:
         bn = _module(model, path)
-        scale = pr.batchnorm(path, bn, node)
-        if scale is not None and verdict in ("fold-into-preceding", "fold-into-following"):
-            _planned_fold(pr, model, bn, scale, verdict, _targets(target))
+        pr.batchnorm_later(path, bn, node)  # PR004: every BatchNorm, in one pass per width
+        if verdict in ("fold-into-preceding", "fold-into-following"):
+            scale = batchnorm_scale(bn)
+            if scale is not None:
+                _planned_fold(pr, model, bn, scale, verdict, _targets(target))
     pr.write(report)
 
 
@@ -582,6 +584,9 @@ def _planned_fold(
 ) -> None:
     from .passes import fold_math
 
+    layers = [(p, _module(model, p)) for p in targets]
+    if not layers or any(_layer_kind(m) is None for _, m in layers):
+        return
     mean, beta = getattr(bn, "running_mean", None), getattr(bn, "bias", None)
     shift = (
         -mean.detach().to(torch.float64) * scale
@@ -590,9 +595,6 @@ def _planned_fold(
     )
     if isinstance(beta, torch.Tensor):
         shift = shift + beta.detach().to(torch.float64)
-    layers = [(p, _module(model, p)) for p in targets]
-    if not layers or any(_layer_kind(m) is None for _, m in layers):
-        return
     widths = [getattr(m, "out_channels", getattr(m, "out_features", 0)) for _, m in layers]
     concat = verdict == "fold-into-preceding" and len(layers) > 1 and sum(widths) == len(scale)
     start = 0
