@@ -79,21 +79,11 @@ BN_OPS |= {
 
 
 def _count_ops(model, inputs):
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Executed ATen ops of one forward pass (``benchmarks/ops.py``'s counter)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ops import count_ops
 
-    class Counter_(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: Counter[str] = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func.overloadpacket.__name__)] += 1
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Counter_() as counter:
-        model(*inputs)
-    return counter.ops
+    return count_ops(model, inputs)
 
 
 def _seeded(model):

@@ -282,8 +282,8 @@ def _flatten_ok(pair: Pair) -> bool:
     return pair.second.kind == "linear" and pair.offset == 0 and int(weight.shape[1]) == _channels(pair.first)
 
 
-def _solve(pairs: list[Pair]) -> dict[int, _Weights]:
-    """Scales for every pair, iterated to convergence; returns the new float64 weights by layer."""
+def _float64_weights(pairs: list[Pair]) -> dict[int, _Weights]:
+    """A float64 copy of the weights of every layer of ``pairs``, by module."""
     layers: dict[int, _Weights] = {}
     for p in pairs:
         for site in (p.first, p.second):
@@ -291,6 +291,13 @@ def _solve(pairs: list[Pair]) -> dict[int, _Weights]:
                 w = site.weight.detach().to(torch.float64).clone()  # type: ignore[union-attr]
                 b = site.bias.detach().to(torch.float64).clone() if site.bias is not None else None
                 layers[id(site.module)] = _Weights(site, w, b)
+    return layers
+
+
+def _solve(pairs: list[Pair]) -> dict[int, _Weights]:
+    """Scales for every pair, iterated to convergence; returns the new float64 weights by layer."""
+    layers = _float64_weights(pairs)
+    for p in pairs:
         p.scales = torch.ones(_channels(p.first), dtype=torch.float64)
     for _ in range(_MAX_ROUNDS):
         moved = 0.0
@@ -317,13 +324,7 @@ def _solve(pairs: list[Pair]) -> dict[int, _Weights]:
 def _scaled(pairs: list[Pair], strength: float) -> dict[int, _Weights]:
     """The layers' float64 weights with every pair's scales raised to ``strength`` (1: the
     solution itself; a power of the scales is as exact, only less equal)."""
-    layers: dict[int, _Weights] = {}
-    for p in pairs:
-        for site in (p.first, p.second):
-            if id(site.module) not in layers:
-                w = site.weight.detach().to(torch.float64).clone()  # type: ignore[union-attr]
-                b = site.bias.detach().to(torch.float64).clone() if site.bias is not None else None
-                layers[id(site.module)] = _Weights(site, w, b)
+    layers = _float64_weights(pairs)
     for p in pairs:
         assert p.scales is not None
         s = p.scales**strength
