@@ -80,9 +80,13 @@ BN_OPS |= {
 
 def _count_ops(model, inputs):
     """Executed ATen ops of one forward pass (``benchmarks/ops.py``'s counter)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from ops import count_ops
+    import torch
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    threads = torch.get_num_threads()
+    from ops import count_ops  # (sets its own thread count on import: every figure here uses one)
+
+    torch.set_num_threads(threads)
     return count_ops(model, inputs)
 
 
