@@ -43,6 +43,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/proof.py
 	$(PY) benchmarks/analyze.py
+	$(PY) benchmarks/precision.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .hypothesis
