@@ -60,27 +60,12 @@ def per_channel(weight: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def int8_sqnr_db(rows: torch.Tensor, per_channel_scale: bool, absmax: torch.Tensor | None = None) -> float:
-    """SQNR (dB) of symmetric int8 quantization of ``rows``, per tensor or per output channel,
-    averaged over the output channels (each channel's own signal over its own noise: a small
-    channel rounded to a few levels counts as much as a large one; capped at 100 dB).
-    ``absmax``: the rows' largest |value| each, when already known."""
-    amax = absmax if absmax is not None else rows.abs().amax(dim=1)
-    per_tensor, per_channel = _int8_sqnr_both(rows, amax)
-    return per_channel if per_channel_scale else per_tensor
-
-
-def _int8_sqnr_both(rows: torch.Tensor, amax: torch.Tensor) -> tuple[float, float]:
-    """(per-tensor, per-channel) int8 SQNR in dB, both in one pass over the weights."""
-    scales = torch.stack([amax.max().expand_as(amax), amax]).clamp_min(1e-38).div_(127.0).unsqueeze(-1)
-    noise = torch.div(rows, scales).round_().clamp_(-127, 127).mul_(scales).sub_(rows).square_().sum(dim=2)
-    signal = rows.square().sum(dim=1)
-    db = torch.log10(signal / noise.clamp_min(signal * 10 ** (-_CAP_DB / 10)).clamp_min(1e-300)).mul_(10.0)
-    live = signal > 0
-    count = live.sum()
-    means = torch.where(live, db, 0.0).sum(dim=1) / count.clamp_min(1)
-    per_tensor, per_channel, n = torch.cat([means.double(), count.reshape(1).double()]).tolist()
-    return (per_tensor, per_channel) if n else (_CAP_DB, _CAP_DB)
+def int8_sqnr_db(rows: torch.Tensor, per_channel_scale: bool) -> float:
+    """SQNR (dB) of symmetric int8 quantization of ``rows`` (one output channel each), per tensor
+    or per channel, averaged over the channels (each channel's own signal over its own noise: a
+    small channel rounded to a few levels counts as much as a large one; capped at 100 dB)."""
+    entry = measure_layers([_item("rows", rows, None, "linear", 1)])[0]
+    return entry.per_channel_db if per_channel_scale else entry.per_tensor_db
 
 
 _CAP_DB = 100.0
@@ -453,8 +438,8 @@ class PrecisionReport:
         )
         self._queue[path] = _item(path, weight, bias, kind, groups, old)
 
-    def batchnorm_later(self, path: str | None, module: Any, node: str | None = None) -> None:
-        """Like :meth:`batchnorm` when the scale is not needed now: checked with the others
+    def batchnorm(self, path: str | None, module: Any, node: str | None = None) -> None:
+        """PR004 (and PR001 for the target dtype) for a BatchNorm module, checked with the others
         of its width in one pass (most BatchNorms are fine)."""
         if path and path not in self._bns and isinstance(getattr(module, "running_var", None), torch.Tensor):
             self._bns.add(path)
@@ -491,14 +476,6 @@ class PrecisionReport:
             entry.codes = {d.code for d in found}
             self.findings.extend(found)
 
-    def batchnorm(self, path: str | None, module: Any, node: str | None = None) -> torch.Tensor | None:
-        scale = batchnorm_scale(module)
-        if scale is None or not path or path in self._bns:
-            return scale
-        self._bns.add(path)
-        self.findings.extend(batchnorm_findings(path, scale, self.th, node))
-        return scale
-
     def write(self, report: Any) -> None:
         self.measure()
         report.extra["precision"] = [e.to_dict() for e in self.layers.values()]
@@ -524,11 +501,11 @@ def of_fold(
     if scales is None and hasattr(original, "named_modules"):  # every BatchNorm, as analyze checks
         for path, module in original.named_modules():
             if path and isinstance(getattr(module, "running_var", None), torch.Tensor):
-                pr.batchnorm_later(path, module)
+                pr.batchnorm(path, module)
     for action in report.actions:
         if not (action.kind.startswith("fold") or action.kind == "merge-branches"):
             continue
-        pr.batchnorm_later(action.module_path, _module(original, action.module_path), action.node)
+        pr.batchnorm(action.module_path, _module(original, action.module_path), action.node)
         for path in _targets(action.target):
             layer = _module(result, path)
             kind = _layer_kind(layer)
@@ -571,7 +548,7 @@ def of_plan(
     pr = PrecisionReport(thresholds)
     for path, node, verdict, target in steps:
         bn = _module(model, path)
-        pr.batchnorm_later(path, bn, node)  # PR004: every BatchNorm, in one pass per width
+        pr.batchnorm(path, bn, node)  # PR004: every BatchNorm, in one pass per width
         if verdict in ("fold-into-preceding", "fold-into-following"):
             scale = batchnorm_scale(bn)
             if scale is not None:

@@ -65,11 +65,6 @@ def reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
     return user.target in _META_FUNCTIONS
 
 
-def reads_value(user: fx.Node, node: fx.Node) -> bool:
-    """True when ``user`` may read ``node``'s values."""
-    return not reads_metadata_only(user, node)
-
-
 def value_readers(node: fx.Node) -> list[fx.Node]:
     """The users of ``node`` that may read its values (every other user reads metadata only)."""
     return [u for u in node.users if not reads_metadata_only(u, node)]
