@@ -10,7 +10,8 @@ Guarantees: for a per-channel scale ``s > 0``, ``f(x / s) = f(x) / s`` for each 
 dividing the first layer's output channel (weights and bias) by ``s`` and multiplying the second
 layer's matching input weights by ``s`` changes nothing in exact arithmetic. Each ``s`` makes the
 two layers' weight ranges for that channel equal (``sqrt(r1 * r2)``, Nagel et al. 2019), iterated
-over all pairs until the scales stop moving. Computed in float64, written in the layers' dtype,
+over all pairs until the scales stop moving; a layer read by several layers (the branches of an
+Inception block) gets one scale from the largest of their ranges. Computed in float64, written in the layers' dtype,
 into a copy of the user's tree (new parameters; the input model is not touched), and proven
 against float64 with the example inputs; a result that fails the proof is not returned. On a
 model with BatchNorms it equalizes what the fold gives (it folds first). Pairs joined by an op
@@ -208,53 +209,73 @@ def _mean_keeps_channels(node: fx.Node) -> bool:
     return bool(dims) and all(isinstance(d, int) and (d >= 2 or d <= -1) for d in dims) and 1 not in dims
 
 
-def _walk(region: Region, first: LayerSite) -> tuple[Pair | None, Refused | None]:
-    """Follow ``first``'s output through positive-homogeneous ops to the next layer."""
-    cur, offset, between, flattened = first.node, 0, [], False
-    channels = _channels(first)
-    for _ in range(32):
-        readers = value_readers(cur)
-        if len(readers) != 1:
+def _walk(region: Region, first: LayerSite) -> tuple[list[Pair], Refused | None]:
+    """Follow ``first``'s output through positive-homogeneous ops to the layers that read it:
+    one pair per reading layer (a value read by several, e.g. the branches of an Inception block,
+    gives several pairs that share one scale), or none when any path ends elsewhere."""
+    found: list[Pair] = []
+    todo = [(first.node, 0, [], False)]
+    while todo:
+        cur, offset, between, flattened = todo.pop()
+        if len(found) + len(todo) > 32:
+            return [], None
+        for nxt in value_readers(cur):
+            step, why = _follow(region, first, cur, nxt, offset, between, flattened)
+            if why is not None:
+                return [], why
+            if step is None:
+                return [], None  # some reader is neither a layer nor positive-homogeneous
+            if isinstance(step, Pair):
+                found.append(step)
+            else:
+                todo.append(step)
+    return found, None
+
+
+def _follow(
+    region: Region,
+    first: LayerSite,
+    cur: fx.Node,
+    nxt: fx.Node,
+    offset: int,
+    between: list[str],
+    flattened: bool,
+) -> tuple[Any, Refused | None]:
+    """One step from ``cur`` to its reader ``nxt``: the pair it ends in, the state to go on
+    from, (None, why) for an op that is not positive-homogeneous, or (None, None)."""
+    second = layer_site(region, nxt)
+    if second is not None:
+        if not nxt.args or nxt.args[0] is not cur or second.weight is None or not second.constant:
             return None, None
-        nxt = readers[0]
-        second = layer_site(region, nxt)
-        if second is not None:
-            if not nxt.args or nxt.args[0] is not cur or second.weight is None or not second.constant:
-                return None, None
-            fan = second.weight.shape[0] if second.kind == "conv_transpose" else (
-                second.weight.shape[1] * (second.groups if second.kind == "conv" else 1)
-            )  # fmt: skip
-            if offset + channels > fan:
-                return None, None
-            return Pair(first, second, offset, between, flattened=flattened), None
-        kind, why = _step(region, nxt)
-        if kind is None:
-            if why:
-                return None, Refused(
-                    first.module_path or first.name, None, f"{why} ({region.module_path(nxt) or nxt.name})"
-                )
+        fan = second.weight.shape[0] if second.kind == "conv_transpose" else (
+            second.weight.shape[1] * (second.groups if second.kind == "conv" else 1)
+        )  # fmt: skip
+        if offset + _channels(first) > fan or second.module is None:
             return None, None
-        if kind == "cat":
-            pieces = nxt.args[0] if nxt.args else []
-            dim = nxt.args[1] if len(nxt.args) > 1 else nxt.kwargs.get("dim", 0)
-            if dim != 1 or not isinstance(pieces, (list, tuple)):
-                return None, None
-            for p in pieces:
-                if p is cur:
-                    break
-                site = layer_site(region, p) if isinstance(p, fx.Node) else None
-                if site is None or site.weight is None:
-                    return None, None  # the slice of a piece we cannot count
-                offset += _channels(site)
-        elif (kind == "mean" and not _mean_keeps_channels(nxt)) or (kind == "getitem" and nxt.args[1] != 0):
+        return Pair(first, second, offset, list(between), flattened=flattened), None
+    kind, why = _step(region, nxt)
+    if kind is None:
+        where = region.module_path(nxt) or nxt.name
+        return None, (Refused(first.module_path or first.name, None, f"{why} ({where})") if why else None)
+    if kind == "cat":
+        pieces = nxt.args[0] if nxt.args else []
+        dim = nxt.args[1] if len(nxt.args) > 1 else nxt.kwargs.get("dim", 0)
+        if dim != 1 or not isinstance(pieces, (list, tuple)) or sum(p is cur for p in pieces) != 1:
             return None, None
-        elif kind == "flatten":
-            flattened = True  # checked at the second layer: its fan-in must be the channels themselves
-        if nxt.args and nxt.args[0] is not cur and kind != "cat":
-            return None, None
-        between.append(region.module_path(nxt) or nxt.name)
-        cur = nxt
-    return None, None
+        for p in pieces:
+            if p is cur:
+                break
+            site = layer_site(region, p) if isinstance(p, fx.Node) else None
+            if site is None or site.weight is None:
+                return None, None  # the slice of a piece we cannot count
+            offset += _channels(site)
+    elif (kind == "mean" and not _mean_keeps_channels(nxt)) or (kind == "getitem" and nxt.args[1] != 0):
+        return None, None
+    elif kind == "flatten":
+        flattened = True  # checked at the second layer: its fan-in must be the channels themselves
+    if kind != "cat" and (not nxt.args or nxt.args[0] is not cur or cur in nxt.args[1:]):
+        return None, None
+    return (nxt, offset, [*between, region.module_path(nxt) or nxt.name], flattened), None
 
 
 def find_pairs(region: Region) -> tuple[list[Pair], list[Refused]]:
@@ -264,10 +285,9 @@ def find_pairs(region: Region) -> tuple[list[Pair], list[Refused]]:
         first = layer_site(region, node)
         if first is None or first.weight is None or not first.constant or first.module is None:
             continue
-        pair, why = _walk(region, first)
-        if pair is not None and pair.second.module is not None:
-            pairs.append(pair)
-        elif why is not None:
+        found, why = _walk(region, first)
+        pairs.extend(found)
+        if why is not None:
             refused.append(why)
     return pairs, refused
 
@@ -299,22 +319,12 @@ def _solve(pairs: list[Pair]) -> dict[int, _Weights]:
     layers = _float64_weights(pairs)
     for p in pairs:
         p.scales = torch.ones(_channels(p.first), dtype=torch.float64)
+    groups = _by_first(pairs)
     for _ in range(_MAX_ROUNDS):
         moved = 0.0
-        for p in pairs:
-            one, two = layers[id(p.first.module)], layers[id(p.second.module)]
-            n = _channels(p.first)
-            r1 = _out_ranges(one.weight, p.first.kind, p.first.groups)
-            r2 = _in_ranges(two.weight, p.second.kind, p.second.groups)[p.offset : p.offset + n]
-            s = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp_min(1e-300)), torch.ones_like(r1))
-            _divide_out(one.weight, p.first.kind, p.first.groups, s)
-            if one.bias is not None:
-                one.bias.div_(s)
-            full = torch.ones(_in_ranges(two.weight, p.second.kind, p.second.groups).numel(), dtype=s.dtype)
-            full[p.offset : p.offset + n] = s
-            _multiply_in(two.weight, p.second.kind, p.second.groups, full)
-            assert p.scales is not None
-            p.scales *= s
+        for group in groups:
+            s = _group_scale(layers, group)
+            _apply(layers, group, s)
             moved = max(moved, float(s.log().abs().max()) if s.numel() else 0.0)
         if moved < _TOLERANCE:
             break
@@ -325,17 +335,55 @@ def _scaled(pairs: list[Pair], strength: float) -> dict[int, _Weights]:
     """The layers' float64 weights with every pair's scales raised to ``strength`` (1: the
     solution itself; a power of the scales is as exact, only less equal)."""
     layers = _float64_weights(pairs)
+    for group in _by_first(pairs):
+        assert group[0].scales is not None
+        _apply(layers, group, group[0].scales ** strength, record=False)
+    return layers
+
+
+def _by_first(pairs: list[Pair]) -> list[list[Pair]]:
+    """The pairs grouped by their first layer: one scale serves every layer reading it."""
+    groups: dict[int, list[Pair]] = {}
     for p in pairs:
-        assert p.scales is not None
-        s = p.scales**strength
-        one, two = layers[id(p.first.module)], layers[id(p.second.module)]
-        _divide_out(one.weight, p.first.kind, p.first.groups, s)
-        if one.bias is not None:
-            one.bias.div_(s)
+        groups.setdefault(id(p.first.module), []).append(p)
+    return list(groups.values())
+
+
+def _group_scale(layers: dict[int, _Weights], group: list[Pair]) -> torch.Tensor:
+    """sqrt(r1 / r2) per channel: r1 the first layer's output range, r2 the largest range of
+    the weights that read it in any of the second layers."""
+    first = group[0].first
+    r1 = _out_ranges(layers[id(first.module)].weight, first.kind, first.groups)
+    n = r1.numel()
+    r2 = torch.stack(
+        [
+            _in_ranges(layers[id(p.second.module)].weight, p.second.kind, p.second.groups)[
+                p.offset : p.offset + n
+            ]
+            for p in group
+        ]
+    ).amax(dim=0)
+    return torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp_min(1e-300)), torch.ones_like(r1))
+
+
+def _apply(layers: dict[int, _Weights], group: list[Pair], s: torch.Tensor, *, record: bool = True) -> None:
+    """Divide the first layer's output channels by ``s``, multiply every reader's inputs by it."""
+    first = group[0].first
+    one = layers[id(first.module)]
+    _divide_out(one.weight, first.kind, first.groups, s)
+    if one.bias is not None:
+        one.bias.div_(s)
+    for p in group:
+        two = layers[id(p.second.module)]
         full = torch.ones(_in_ranges(two.weight, p.second.kind, p.second.groups).numel(), dtype=s.dtype)
         full[p.offset : p.offset + s.numel()] = s
         _multiply_in(two.weight, p.second.kind, p.second.groups, full)
-    return layers
+        if record:
+            assert p.scales is not None
+            if p is group[0]:
+                p.scales *= s
+            else:
+                p.scales = group[0].scales  # one scale for the group
 
 
 def _strongest_that_helps(
@@ -420,7 +468,9 @@ def equalize(
     pairs, refused = [], []
     for region in cap.regions:
         found, why = find_pairs(region)
-        pairs.extend(p for p in found if _flatten_ok(p))
+        for group in _by_first(found):  # a group whose readers cannot all take the scale: none
+            if all(_flatten_ok(p) for p in group):
+                pairs.extend(group)
         refused.extend(why)
     paths = list(
         dict.fromkeys(p for pair in pairs for p in (pair.first.module_path, pair.second.module_path) if p)

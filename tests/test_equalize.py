@@ -78,6 +78,24 @@ def _spread(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def test_a_layer_read_by_a_residual_sum_is_not_equalized():
+    """A value that also reaches a non-layer reader (a residual add) cannot take a scale."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.a(x))
+            return self.b(y) + y
+
+    model, inputs = _spread(Residual()), (torch.randn(1, 4, 6, 6),)
+    result, report = equalize(model, inputs)
+    assert not [a for a in report.actions if a.kind == "equalize"]
+    assert torch.equal(result.a.weight, model.a.weight)
+
+
 def test_every_positive_homogeneous_join_is_equalized_exactly():
     torch.manual_seed(0)
     model, inputs = _spread(Joined()), (torch.randn(2, 3, 8, 8),)
@@ -87,6 +105,8 @@ def test_every_positive_homogeneous_join_is_equalized_exactly():
         ("a", "b"),
         ("b", "c"),
         ("c", "t"),
+        ("t", "p"),
+        ("t", "q"),
         ("p", "d"),
         ("q", "d"),
         ("d", "fc"),
@@ -95,8 +115,9 @@ def test_every_positive_homogeneous_join_is_equalized_exactly():
     assert verify(model, result, inputs).passed
     changed = [n for n, p in result.named_parameters() if not torch.equal(p, model.get_parameter(n))]
     assert {n.split(".")[0] for n in changed} >= {"a", "b", "c", "t", "p", "q", "d", "fc"}
-    # t's output feeds two layers (p and q): a pair needs one reader, so t is equalized only as
-    # the second layer of (c, t)
+    # t's output feeds two layers (p and q): one scale for both, from the larger of their ranges
+    s_p = next(a for a in report.actions if a.target == "p").detail
+    assert s_p == next(a for a in report.actions if a.target == "q").detail
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU])
