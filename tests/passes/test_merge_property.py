@@ -32,6 +32,25 @@ class Branches(nn.Module):
         return out
 
 
+def _branches(branches: list[nn.Module], g: torch.Generator) -> Branches:
+    """The set in eval mode, every conv kernel drawn from ``g``."""
+    with torch.no_grad():
+        for m in branches:
+            for p in m.parameters():
+                if p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return Branches(branches).eval()
+
+
+def _assert_exact(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> None:
+    """No further from float64 than 4x the original's own error (plus float32 rounding)."""
+    ref = float64_reference(model, x)
+    with torch.no_grad():
+        base = (model(x).double() - ref).abs().max().item()
+        err = (folded(x).double() - ref).abs().max().item()
+    assert err <= 4 * base + 1e-6 * max(1.0, ref.abs().max().item()), (err, base)
+
+
 def _bn(nd: int, c: int, affine: bool, g: torch.Generator) -> nn.Module:
     bn = BN[nd](c, affine=affine)
     with torch.no_grad():
@@ -79,13 +98,9 @@ def branch_sets(draw):
         else:
             layers = [_bn(nd, c, draw(st.booleans()), g)]
         branches.append(nn.Sequential(*layers))
-    with torch.no_grad():
-        for m in branches:
-            for p in m.parameters():
-                if p.dim() > 1:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model = _branches(branches, g)
     x = torch.randn(2, c, *([7] * nd), generator=g)
-    return Branches(branches).eval(), x, mergeable
+    return model, x, mergeable
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -95,12 +110,7 @@ def test_random_branch_sets_fold_exactly_and_never_run_more(case):
     folded, report = fold(model, (x,))
     codes = [d.code for d in report.diagnostics]
     assert "FD207" not in codes, [d.message for d in report.diagnostics]
-    ref = float64_reference(model, x)
-    with torch.no_grad():
-        base = (model(x).double() - ref).abs().max().item()
-        err = (folded(x).double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= 4 * base + 1e-6 * max(1.0, scale), (err, base)
+    _assert_exact(model, folded, x)
     before, after = executed(model, (x,)), executed(folded, (x,))
     assert sum(after.values()) <= sum(before.values())
     sets = report.extra.get("branch_sets", [])
@@ -132,12 +142,8 @@ def transposed_sets(draw):
                          bias=draw(st.booleans()))  # fmt: skip
         layers = [conv] + ([_bn(nd, cout, draw(st.booleans()), g)] if draw(st.booleans()) else [])
         branches.append(nn.Sequential(*layers))
-    with torch.no_grad():
-        for m in branches:
-            for p in m.parameters():
-                if p.dim() > 1:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return Branches(branches).eval(), torch.randn(2, cin, *([5] * nd), generator=g)
+    model = _branches(branches, g)
+    return model, torch.randn(2, cin, *([5] * nd), generator=g)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -146,11 +152,7 @@ def test_random_transposed_branch_sets_fold_exactly(case):
     model, x = case
     folded, report = fold(model, (x,))
     assert "FD207" not in [d.code for d in report.diagnostics]
-    ref = float64_reference(model, x)
-    with torch.no_grad():
-        base = (model(x).double() - ref).abs().max().item()
-        err = (folded(x).double() - ref).abs().max().item()
-    assert err <= 4 * base + 1e-6 * max(1.0, ref.abs().max().item()), (err, base)
+    _assert_exact(model, folded, x)
     before, after = executed(model, (x,)), executed(folded, (x,))
     assert sum(after.values()) <= sum(before.values())
     if any(s["verdict"] == "merge" for s in report.extra.get("branch_sets", [])):
@@ -189,12 +191,8 @@ def mergeable_sets(draw):
         else:
             layers = [_bn(nd, c, draw(st.booleans()), g)]
         branches.append(nn.Sequential(*layers))
-    with torch.no_grad():
-        for m in branches:
-            for p in m.parameters():
-                if p.dim() > 1:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return Branches(branches).eval(), torch.randn(2, c, *([7] * nd), generator=g)
+    model = _branches(branches, g)
+    return model, torch.randn(2, c, *([7] * nd), generator=g)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -207,8 +205,4 @@ def test_sets_every_branch_of_which_can_merge_are_merged(case):
     assert len(sets) == 1 and sets[0]["verdict"] == "merge", sets
     after = executed(folded, (x,))
     assert after["convolution"] == 1 and not after["add"] and not after.get("native_batch_norm"), after
-    ref = float64_reference(model, x)
-    with torch.no_grad():
-        base = (model(x).double() - ref).abs().max().item()
-        err = (folded(x).double() - ref).abs().max().item()
-    assert err <= 4 * base + 1e-6 * max(1.0, ref.abs().max().item()), (err, base)
+    _assert_exact(model, folded, x)
