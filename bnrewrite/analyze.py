@@ -134,6 +134,28 @@ def _apply_verdicts(
             )
 
 
+def _norm_affine_verdicts(cap: Capture, report: Report, plan: Report) -> None:
+    """The norm-affine rule's verdicts (FD112): an entry for a norm found by what it computes
+    (no class of torch's), and the reason beside every norm whose affine stays."""
+    known = {e.node for e in report.norms}
+    found = {a.module_path for a in plan.actions if a.code == "FD112" and a.node not in known}
+    report.norms = [e for e in report.norms if not (e.reason_code == "FD208" and e.module_path in found)]
+    for a in plan.actions:
+        if a.code == "FD112" and a.node not in known:
+            module = cap.model.get_submodule(a.module_path or "")
+            kind = type(module).__name__
+            report.norms.append(
+                NormEntry(a.node, a.module_path, kind, "layer", None, [], a.kind, a.target, a.code, a.detail)
+            )
+    refused = [d for d in plan.diagnostics if d.code == "FD112"]
+    report.diagnostics.extend(refused)
+    by_node = {d.node: d for d in refused}
+    for entry in report.norms:
+        d = by_node.get(entry.node)
+        if d is not None and entry.reason_code == "FD205":
+            entry.reason += "; affine stays: " + d.message.split(": ", 2)[-1]
+
+
 def analyze(
     model: Any,
     example_inputs: Any = None,
@@ -145,6 +167,7 @@ def analyze(
     types: Iterable[str | type] | None = None,
     merge_branches: bool = True,
     precision: PrecisionThresholds | None = None,
+    norm_affine: bool = False,
 ) -> Report:
     """Inventory every normalization layer and lint the model for BatchNorm pitfalls.
 
@@ -160,7 +183,7 @@ def analyze(
     """
     with gc_paused():  # as fold does: the trace's many objects would trigger full collections
         cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
-        report = _analyze(model, cap, leaf_modules, rules, name, select, types, merge_branches)
+        report = _analyze(model, cap, leaf_modules, rules, name, select, types, merge_branches, norm_affine)
         steps = [(e.module_path, e.node, e.verdict, e.target) for e in report.norms]
         weight_precision.of_plan(cap.model, report, steps, precision)
         return report
@@ -175,6 +198,7 @@ def _analyze(
     select: str | Iterable[str] | None,
     types: Iterable[str | type] | None,
     merge_branches: bool,
+    norm_affine: bool = False,
 ) -> Report:
     bns, others = find_norms(cap)
     report = Report("analyze", name or type(model).__name__, dialect=cap.dialect, opaque=list(cap.opaque))
@@ -193,6 +217,7 @@ def _analyze(
         leaf_modules=leaf_modules,
         dry_run=True,
         merge_branches=merge_branches,
+        norm_affine=norm_affine,
     ).report
     if "branch_sets" in plan.extra:
         report.extra["branch_sets"] = plan.extra["branch_sets"]
@@ -201,6 +226,8 @@ def _analyze(
     kept = {s["keeps"]: s for s in plan.extra.get("plan", []) if "keeps" in s}
     _apply_verdicts(cap, bns, report.norms, planned, kept)
     report.norms = _without_merged_lookalikes(report.norms, planned)
+    if norm_affine:
+        _norm_affine_verdicts(cap, report, plan)
     refused = {d.node: d for d in plan.diagnostics if d.code == "FD207" and d.node}
     for entry in report.norms:  # the eager run contradicts the graph: a fold would not apply it
         if entry.node in refused:

@@ -453,6 +453,24 @@ _ALL += [
         "Why: a fold is only worth shipping if it is as accurate in the dtype the model runs in.\n"
         "Fix: none needed; recalibrate the statistics if the BatchNorm is ill-conditioned (PR004).",
     ),
+    Code(
+        "FD112",
+        "norm-affine",
+        _I,
+        "norm affine folded into the layers that read it, or why it stays",
+        "What: with `--norm-affine` (`fold(..., norm_affine=True)`), the elementwise affine\n"
+        "(weight, bias) of a LayerNorm, RMSNorm (torch's, or any module computing\n"
+        "`normalize(x) * weight`), GroupNorm or InstanceNorm moves into every Linear (affine on the\n"
+        "last axis) or conv without zero padding (affine on the channel axis) that reads the norm's\n"
+        "output: W (g * n + b) + c = (W diag(g)) n + (W b + c). The norm keeps normalizing with no\n"
+        "affine (torch's classes) or weight 1 and bias 0. Exact; proven per layer against float64.\n"
+        "Why: rotation- and smoothing-based quantization (QuaRot, SpinQuant, SmoothQuant) needs\n"
+        "norms without an affine; one multiply-add per element less at run time.\n"
+        "When it stays, the message says why: another reader (a residual, an activation, the\n"
+        "model's output) needs the affine output, a reader reads another axis or pads with zeros,\n"
+        "the norm or a reader runs several times, or another fold changes the same layer.\n"
+        "Fix: none needed; an affine that stays is exact as it is.",
+    ),
 ]
 
 CODES: dict[str, Code] = {c.id: c for c in _ALL}

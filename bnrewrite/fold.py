@@ -93,6 +93,7 @@ def fold(
     merge_branches: bool = True,
     precision: PrecisionThresholds | None = None,
     target_dtype: torch.dtype | None = None,
+    norm_affine: bool = False,
 ) -> RewriteResult:
     """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
 
@@ -130,11 +131,18 @@ def fold(
     BatchNorm stays unfolded where folding would overflow it, or where the folded layer run in it
     is more than twice as far from float64 as the original layer and BatchNorm run in it (FD111);
     the proof also runs both models in it and reports the two errors (``proof.target_dtype``).
+    ``norm_affine=True`` also folds the elementwise affine of every LayerNorm, RMSNorm (torch's,
+    or any module computing ``normalize(x) * weight``), GroupNorm and InstanceNorm into the
+    Linear / conv layers that read its output; the norm keeps normalizing with an identity affine.
+    Where another reader (a residual, an activation) needs the affine output it stays, with the
+    reason (FD112; see ``bnrewrite.rewrite_rules.norm_affine``). Module trees only.
     """
     selector = Selector.of(select, types) if (select or types) else None
     if target_dtype is not None and target_dtype not in (torch.float16, torch.bfloat16):
         raise UsageError(f"target_dtype must be torch.float16 or torch.bfloat16, got {target_dtype}")
-    policy = FoldPolicy(eval_mode, bn_to_affine, speed_check, selector, merge_branches, target_dtype)
+    policy = FoldPolicy(
+        eval_mode, bn_to_affine, speed_check, selector, merge_branches, target_dtype, norm_affine
+    )
     if target_dtype is not None:
         precision = dataclasses.replace(precision or PrecisionThresholds(), target_dtype=target_dtype)
     run = FoldRun(inplace, tuple(leaf_modules), record_sources, check_trace, prove, dry_run, precision)
@@ -217,7 +225,12 @@ def _fold(
         report.extra["proof"] = {"passed": None, "note": "no example inputs: the result was not run"}
     report.actions.extend(a for u in result.units for a in u.actions)
     merged = {d.module_path for d in report.diagnostics if d.code == "FD109" and d.module_path}
-    report.diagnostics.extend(d for d in opaque if not _inside(d.module_path, merged))
+    affine = {a.module_path for a in report.actions if a.code == "FD112"}  # norms found by what they compute
+    report.diagnostics.extend(
+        d
+        for d in opaque
+        if not _inside(d.module_path, merged) and not (d.code == "FD208" and d.module_path in affine)
+    )
     folded = result.current()
     weight_precision.of_fold(cap.model, folded, report, run.precision)
     return RewriteResult(folded, report)
@@ -251,6 +264,16 @@ def _fold_graph(
         report.diagnostics.extend(rf.diagnostics)
         kept.extend(rf.kept)
     report.diagnostics.extend(opaque_diagnostics(cap))
+    if policy.norm_affine:
+        report.diagnostics.append(
+            finding(
+                "FD112",
+                "<root>: norm affines not folded: the input is a graph (GraphModule/ExportedProgram); "
+                "the rule edits a module tree: fold the nn.Module it came from",
+                None,
+                None,
+            )
+        )
     if run.dry_run:
         report.extra["plan"] = [
             {"folds": [a.module_path or a.node for a in report.actions], "graph": "<root>"},

@@ -34,6 +34,7 @@ def fold_and_write(
     merge_branches: bool = True,
     precision: Any = None,
     target_dtype: Any = None,
+    norm_affine: bool = False,
 ) -> Report:
     """Fold, optionally verify, and write; nothing is written unless every step succeeded."""
     kind = format_of(output, fmt)
@@ -52,6 +53,7 @@ def fold_and_write(
         "merge_branches": merge_branches,
         "precision": precision,
         "target_dtype": target_dtype,
+        "norm_affine": norm_affine,
     }
     return _fold_and_write(loaded, output, inputs, verify, kind, dynamic_batch, graph, force, options)
 

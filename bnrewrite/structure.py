@@ -6,7 +6,8 @@ only works strictly if that model gets the same structure first, so a state_dict
 bnrewrite records it: which modules are ``nn.Identity`` (absorbed BatchNorms), which are
 ``ChannelAffine`` (BatchNorms kept as scale-and-shift), which norm modules that did more than
 normalize became the chain of their own children (``rests``), which conv/linear layers have a bias,
-and which modules were replaced by graphs (those cannot be rebuilt from the user's code).
+which of torch's LayerNorm/RMSNorm/GroupNorm/InstanceNorm modules have no affine (``no_affine``:
+its affine folded into the layers after it, FD112), and which modules were replaced by graphs (those cannot be rebuilt from the user's code).
 Stored under the ``bnrewrite_structure`` key of a ``.pt`` checkpoint, or as safetensors metadata.
 """
 
@@ -30,7 +31,7 @@ VERSION = 1
 
 def describe(model: nn.Module) -> dict[str, Any]:
     """The structure of ``model`` that a factory-built model must be given before loading."""
-    identity, affine, bias, graphs = [], [], [], []
+    identity, affine, bias, graphs, no_affine = [], [], [], [], []
     rests: dict[str, list[str]] = {}
     if isinstance(model, fx.GraphModule):
         graphs.append("")
@@ -45,12 +46,30 @@ def describe(model: nn.Module) -> dict[str, Any]:
             rests[path] = list(getattr(m, REST_ATTR))
         elif isinstance(m, (_ConvNd, nn.Linear)) and m.bias is not None:
             bias.append(path)
+        elif _affine_off(m):
+            no_affine.append(path)
         elif isinstance(m, fx.GraphModule) and not any(path.startswith(g + ".") for g in graphs if g):
             graphs.append(path)
     out = {"version": VERSION, "identity": identity, "affine": affine, "bias": bias, "graphs": graphs}
     if rests:  # norm modules that do more: replaced by the chain of their own children
         out["rests"] = rests
+    if no_affine:
+        out["no_affine"] = no_affine
     return out
+
+
+_AFFINE_FLAGS = ("elementwise_affine", "affine")
+_PER_SAMPLE = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    getattr(nn, "RMSNorm", nn.LayerNorm),
+)
+
+
+def _affine_off(m: nn.Module) -> bool:
+    """A torch per-sample norm whose affine flag is off (and so has no weight)."""
+    return isinstance(m, _PER_SAMPLE) and any(getattr(m, f, None) is False for f in _AFFINE_FLAGS)
 
 
 def encode(structure: dict[str, Any]) -> str:
@@ -98,6 +117,16 @@ def apply(model: nn.Module, structure: dict[str, Any], state: dict[str, torch.Te
             raise BnrewriteError(f"{KEY} names {path} as ChannelAffine, but the weights have no {path}.scale")
         _set(model, path, ChannelAffine(torch.empty_like(scale), torch.empty_like(scale)))
         changes.append(f"{path}: ChannelAffine")
+    for path in structure.get("no_affine", []):
+        norm = _get(model, path)
+        if getattr(norm, "weight", None) is not None:
+            for name in ("weight", "bias"):
+                if name in norm._parameters:
+                    norm._parameters[name] = None
+            for flag in _AFFINE_FLAGS:
+                if isinstance(getattr(norm, flag, None), bool):
+                    setattr(norm, flag, False)
+            changes.append(f"{path}: affine off")
     for path in structure.get("bias", []):
         layer = _get(model, path)
         if isinstance(layer, (_ConvNd, nn.Linear)) and layer.bias is None:

@@ -82,6 +82,7 @@ def analyze(
     type_: TypeOpt = None,
     leaf: LeafOpt = None,
     keep_branches: KeepBranchesOpt = False,
+    norm_affine: base.NormAffineOpt = False,
     plot: base.PlotOpt = None,
 ) -> None:
     """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls.
@@ -106,7 +107,7 @@ def analyze(
             loaded, inputs = base._load(spec, weights, trust_pickle, input_shape)
             report = run(
                 loaded.model, inputs, name=loaded.source, select=select, types=type_, leaf_modules=leaf or (),
-                merge_branches=not keep_branches, precision=lint.precision,
+                merge_branches=not keep_branches, precision=lint.precision, norm_affine=norm_affine,
             )  # fmt: skip
         except BnrewriteError as exc:
             if len(models) == 1:

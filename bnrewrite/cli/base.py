@@ -102,6 +102,14 @@ def dtype_option(value: str | None, flag: str) -> Any:
     return dtype
 
 
+NormAffineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--norm-affine",
+        help="Also fold the elementwise affine of every LayerNorm/RMSNorm/GroupNorm/InstanceNorm into "
+        "the Linear/conv layers that read it; the norm keeps normalizing without it (FD112).",
+    ),
+]
 KeepBranchesOpt = Annotated[
     bool,
     typer.Option(

@@ -88,6 +88,7 @@ def fold(
     bn_to_affine: BnToAffineOpt = False,
     speed_check: SpeedCheckOpt = True,
     keep_branches: KeepBranchesOpt = False,
+    norm_affine: base.NormAffineOpt = False,
     dry_run: DryRunOpt = False,
     target_dtype: Annotated[
         str | None,
@@ -117,6 +118,7 @@ def fold(
         "bn_to_affine": bn_to_affine,
         "speed_check": speed_check,
         "merge_branches": not keep_branches,
+        "norm_affine": norm_affine,
         "precision": load_config().precision,
         "target_dtype": base.dtype_option(target_dtype, "--target-dtype"),
     }

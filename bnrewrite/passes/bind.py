@@ -15,7 +15,7 @@ from ..graph.norms import (
 )
 from ..local_checks import GraphCheck, LayerCheck, LocalCheck, SlotCheck, StillRuns
 from ..stash import Stash
-from .tree_edit import _INPLACE, _MODULE, _PARAM, Edit, Unit, _ModuleEdit, _ParamEdit
+from .tree_edit import _ATTR, _INPLACE, _MODULE, _PARAM, Edit, SetEdit, Unit, _ModuleEdit, _ParamEdit
 
 
 def bind(
@@ -32,6 +32,8 @@ def bind(
             if isinstance(e, _ModuleEdit):  # wherever the module is held
                 for holder in editor.holders(e.name):
                     bound.append(Edit(holder[1], _MODULE, holder[2], held(holder), e.new, holder, e.name))
+            elif isinstance(e, SetEdit):
+                bound.extend(_set_edits(e, editor))
             elif isinstance(e, _ParamEdit):
                 owner = editor.own(e.name)
                 weight, bias = e.new()
@@ -51,6 +53,14 @@ def bind(
                 bound.append(e)
         unit.edits = bound
         unit.checks = _checks(unit, editor, dtype) if checks else []
+
+
+def _set_edits(e: SetEdit, editor: Editor) -> list[Edit]:
+    """The parameters and attributes a :class:`SetEdit` changes, bound to our copy of its module."""
+    owner = editor.own(e.name)
+    out = [Edit(owner, _PARAM, k, owner._parameters.get(k), v, path=e.name) for k, v in e.params.items()]
+    out += [Edit(owner, _ATTR, k, getattr(owner, k), v, path=e.name) for k, v in e.attrs.items()]
+    return out
 
 
 def _checks(unit: Unit, editor: Editor, dtype: Any = None) -> list[LocalCheck]:
@@ -87,6 +97,10 @@ def _checks(unit: Unit, editor: Editor, dtype: Any = None) -> list[LocalCheck]:
                 continue  # torch's own BatchNorm replaced by nothing: the layer check covers it
             affine = spec.affine if spec.mode == "inverse" else None
             checks.append(SlotCheck(spec.path, e.new, e.old, affine, axis=spec.axis))
+    for spec in unit.specs:
+        if spec.kind == "module" and spec.build is not None and spec.path in owners:
+            owner = owners[spec.path]
+            checks.append(spec.build(owner, editor.original_of(owner)))
     for path, steps in absorbed.items():
         if path in owners:
             checks.append(LayerCheck(path, owners[path], params[path], steps, dtype=dtype))

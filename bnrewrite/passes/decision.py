@@ -36,6 +36,7 @@ class FoldPolicy:
     selector: Selector | None = None
     merge_branches: bool = True
     target_dtype: Any = None  # torch.float16 / torch.bfloat16: no fold that overflows it (FD111)
+    norm_affine: bool = False  # fold LayerNorm/RMSNorm/GroupNorm/InstanceNorm affines (FD112)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from ..codes import finding
@@ -23,6 +24,7 @@ from ..graph.captured import Capture, Region
 from ..graph.edit import Editor, shallow_copy
 from ..graph.tracer import compile_now
 from ..graph.unguard import drop_export_guards
+from ..rewrite_rules import norm_affine
 from ..stash import Stash
 from .bind import bind
 from .branch_sets import MERGE, BranchSet
@@ -64,10 +66,10 @@ class TreeResult:
         for unit in self.units:
             for e in unit.edits:
                 old, new = e.old, e.new
-                same = isinstance(old, nn.Parameter) and (old.shape, old.dtype, old.device) == (
-                    new.shape,
-                    new.dtype,
-                    new.device,
+                same = (
+                    isinstance(old, nn.Parameter)
+                    and isinstance(new, torch.Tensor)
+                    and (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device)
                 )
                 if e.kind == "param" and same:
                     old.data.copy_(new.data)
@@ -116,6 +118,11 @@ def plan_and_apply(
         ],
     )
     units = [u for u in units if not any(all(covers(g, p) for p in u.paths) for g in graphs)]
+    if policy.norm_affine:  # opt-in rule: plans tree edits beside the BatchNorm folds
+        taken = {p for u in units for p in u.paths}
+        found = norm_affine.plan(cap, taken=taken, scopes=graphs, selector=policy.selector)
+        units.extend(found.units)
+        planned.diagnostics.extend(found.refusals)
     if dry_run:
         return _dry_run(cap, report, planned, units, graphs, merges)
     diagnostics = [d for d in diagnostics if not any(covers(g, d.module_path or "") for g in graphs)]
@@ -167,7 +174,7 @@ def _dry_run(
 def _fill(pending: list[tuple[Any, Any]], units: list[Unit], stash: Stash | None) -> None:
     """Compute the folded weights the units use (in place: the old values go to ``stash``
     first); a fold that a graph carries instead gets none."""
-    live = {id(e.new.__self__) for u in units for e in u.edits if isinstance(e, _ParamEdit)}
+    live = {id(getattr(e.new, "__self__", None)) for u in units for e in u.edits if isinstance(e, _ParamEdit)}
     for slot, compute in pending:
         if id(slot) not in live:
             continue

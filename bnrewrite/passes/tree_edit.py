@@ -42,7 +42,7 @@ from .fold_bn import Applied
 from .fold_plan import PRECEDING
 from .norm_rest import Rest, ops_by_module, rest_of
 
-_PARAM, _MODULE, _INPLACE = "param", "module", "inplace"
+_PARAM, _MODULE, _INPLACE, _ATTR = "param", "module", "inplace", "attr"
 CONTRADICTED = "the eager run contradicts the graph"
 
 
@@ -64,6 +64,8 @@ class Edit:
             self.owner._parameters[self.name] = self.new
         elif self.kind == _MODULE:
             put(self.holder, self.new)
+        elif self.kind == _ATTR:
+            setattr(self.owner, self.name, self.new)
         # _INPLACE: the new values were written into the tensor itself; ``old`` is on disk
 
     def undo(self) -> None:
@@ -71,6 +73,8 @@ class Edit:
             self.owner._parameters[self.name] = self.old
         elif self.kind == _MODULE:
             put(self.holder, self.old)
+        elif self.kind == _ATTR:
+            setattr(self.owner, self.name, self.old)
         else:
             self.old.restore()  # a stash.Saved
 
@@ -78,9 +82,10 @@ class Edit:
 @dataclass
 class CheckSpec:
     """A local check the proof runs on this unit: ``kind`` "layer" (the folded layer at
-    ``path`` against the original layer and what it ``absorbed``) or "slot" (the module now at
+    ``path`` against the original layer and what it ``absorbed``), "slot" (the module now at
     the BatchNorm's ``path`` against the original BatchNorm module: "inverse" when its input
-    changed by the BatchNorm's ``affine``, "direct" when it did not)."""
+    changed by the BatchNorm's ``affine``, "direct" when it did not) or "module" (a rule's own
+    check: ``build(new, original)`` of the module whose parameters changed at ``path``)."""
 
     kind: str
     path: str
@@ -88,6 +93,7 @@ class CheckSpec:
     affine: tuple[torch.Tensor, torch.Tensor] | None = None
     mode: str = "inverse"
     axis: int = 1  # the BatchNorm's channel axis
+    build: Callable[[nn.Module, nn.Module], Any] | None = None  # kind "module"
 
 
 @dataclass
@@ -375,6 +381,20 @@ class _ModuleEdit(Edit):
 class _ParamEdit(Edit):
     def __init__(self, path: str, tensors: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         super().__init__(None, _PARAM, path, None, tensors)  # type: ignore[arg-type]
+
+
+class SetEdit(Edit):
+    """Deferred: set parameters (a tensor, or None to drop one) and plain attributes of the
+    module at ``path``, resolved against the result tree by :func:`bind`."""
+
+    def __init__(self, path: str, params: dict[str, Any], attrs: dict[str, Any] | None = None) -> None:
+        super().__init__(None, _PARAM, path, None, None)  # type: ignore[arg-type]
+        self.params = params
+        self.attrs = attrs or {}
+
+
+class ParamEdit(_ParamEdit):
+    """Deferred: the layer at ``path`` gets the (weight, bias) that ``tensors()`` computes."""
 
 
 def merge_units(units: list[Unit]) -> list[Unit]:

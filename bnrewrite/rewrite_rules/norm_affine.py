@@ -1,0 +1,465 @@
+"""Rule ``norm-affine`` (FD112, opt-in): a per-sample norm's elementwise affine folds into the
+layers that read it.
+
+Matches: a LayerNorm or RMSNorm (torch's, or any module whose forward computes
+``normalize(x) * weight [+ bias]`` op by op: found by what it computes, a reduction and a
+reciprocal square root before the scale, never by class name), a GroupNorm or an InstanceNorm,
+whose elementwise affine is stored parameters, and whose output only Linear layers (the affine
+on the last axis) or convs without zero padding (the affine on the channel axis) read.
+
+Math: ``W (gamma * n + beta) + b = (W diag(gamma)) n + (W beta + b)``; for a conv the shift is
+summed over the kernel (exact because no padded zero is read). Rotation- and smoothing-based
+quantization pipelines (QuaRot, SpinQuant, SmoothQuant) start with this step, written by hand
+per architecture.
+
+Check (each failure is an FD112 finding with the reason): the norm and every reader run once,
+nothing else reads the norm's output (a residual, an activation, the model's output, a
+functional layer) or its affine parameters, every reader reads the affine axis, no other fold
+changes the same layer, and no reader lies inside a module that becomes a graph.
+
+Rewrite (plan steps): every reader gets its folded weight and bias; the norm keeps normalizing
+with an identity affine (torch's classes: none at all, ``elementwise_affine``/``affine`` off;
+other modules: weight 1, bias 0).
+
+Local check: each reader against the original layer on ``gamma * x + beta`` (``LayerCheck``),
+and the norm's new output times ``gamma`` plus ``beta`` against the original norm
+(:class:`NormAffineCheck`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from ..codes import finding
+from ..diagnostics import Action, Diagnostic
+from ..graph.captured import Capture, Region
+from ..graph.layers import LayerSite, layer_site
+from ..graph.norms import fetch_attr, forward_is_torchs, other_norm_family
+from ..graph.ops import module_at, source_line, stack_path, target_name
+from ..graph.readers import value_readers
+from ..local_checks import LocalCheck, _channel_view, _mismatch, _run_original, bare_copy
+from ..passes import fold_math
+from ..passes.tree_edit import CheckSpec, ParamEdit, SetEdit, Unit, covers
+from ..runtime import own_copies
+
+NAME = "norm-affine"
+CODE = "FD112"
+
+aten = torch.ops.aten
+F = torch.nn.functional
+# functional norms: target -> positions of (weight, bias); None: the op has no bias
+_FUNCTIONAL: dict[Any, tuple[int, int | None]] = {
+    F.layer_norm: (2, 3),
+    torch.layer_norm: (2, 3),
+    aten.layer_norm.default: (2, 3),
+    F.group_norm: (2, 3),
+    torch.group_norm: (2, 3),
+    aten.group_norm.default: (2, 3),
+    F.instance_norm: (3, 4),
+    torch.instance_norm: (3, 4),
+    aten.instance_norm.default: (1, 2),
+    **({F.rms_norm: (2, None)} if hasattr(F, "rms_norm") else {}),
+    **({aten.rms_norm.default: (2, None)} if hasattr(aten, "rms_norm") else {}),
+}
+_CASTS = frozenset({"to", "type_as", "float", "half", "bfloat16", "contiguous"})
+_ROOTS = frozenset({"rsqrt", "sqrt", "norm", "std", "normalize", "rms_norm", "layer_norm"})
+_REDUCTIONS = frozenset(
+    {"mean", "var", "std", "norm", "sum", "var_mean", "normalize", "rms_norm", "layer_norm"}
+)
+_OFF_FLAGS = ("elementwise_affine", "affine")
+
+
+@dataclass
+class Match:
+    """One norm affine: the value it produces, the module whose parameters hold it, and the axis."""
+
+    region: Region
+    node: fx.Node  # the norm's output (after the affine)
+    path: str  # the module holding the affine parameters
+    module: nn.Module
+    weight: str  # parameter names on that module
+    bias: str | None
+    axis: int  # 1: the channel axis; -1: the last axis
+    torch_class: bool  # torch's own class and forward: the affine can be switched off
+    kind: str
+    nodes: tuple[fx.Node, ...] = ()  # the ops that apply the affine (they read its parameters)
+
+
+@dataclass
+class Planned:
+    """What the rule planned: units of tree edits, and a finding for every norm it refused."""
+
+    units: list[Unit] = field(default_factory=list)
+    refusals: list[Diagnostic] = field(default_factory=list)
+
+
+def plan(cap: Capture, *, taken: set[str], scopes: dict[str, Any], selector: Any = None) -> Planned:
+    """Plan the fold of every matched norm affine (see the module doc). ``taken``: module paths
+    other folds already change; ``scopes``: modules that become graphs."""
+    out = Planned()
+    calls = _graph_calls(cap)
+    for region in cap.regions:
+        for node in list(region.gm.graph.nodes):
+            m = match(region, node)
+            if m is None or (selector is not None and not selector.matches(m.path, m.kind)):
+                continue
+            user = _user_module(cap, m.path)
+            if user is not None and not m.torch_class:  # (the graph holds a bare stand-in)
+                m.kind = type(user).__name__
+            readers, why = check(cap, m, calls, taken, scopes)
+            if why:
+                out.refusals.append(_refusal(m, why))
+                continue
+            out.units.append(rewrite(m, readers))
+            taken.update(r.module_path or "" for r in readers)
+    return out
+
+
+def _user_module(cap: Capture, path: str) -> nn.Module | None:
+    if not isinstance(cap.model, nn.Module):
+        return None
+    try:
+        return cap.model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+# -- match --------------------------------------------------------------------------------------
+def match(region: Region, node: fx.Node) -> Match | None:
+    """The norm affine ``node`` applies: a torch norm module call, a functional norm on a
+    module's parameters, or ``normalized * weight [+ bias]`` computed op by op."""
+    if node.op == "call_module":
+        module = module_at(region.gm, str(node.target))
+        if other_norm_family(module) is None or not forward_is_torchs(module):
+            return None
+        if getattr(module, "weight", None) is None:
+            return None
+        bias = "bias" if getattr(module, "bias", None) is not None else None
+        path = region.module_path(node) or ""
+        kind = type(module).__name__
+        return Match(region, node, path, module, "weight", bias, _axis(module), True, kind, (node,))
+    if node.op == "call_function" and node.target in _FUNCTIONAL:
+        return _functional(region, node)
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "mul":
+        return _by_ops(region, node)
+    return None
+
+
+def _axis(module: nn.Module) -> int:
+    shape = getattr(module, "normalized_shape", None)
+    if shape is not None:
+        return -1 if len(tuple(shape)) == 1 else 0  # 0: over several axes (refused)
+    return 1
+
+
+def _param_of(region: Region, arg: Any) -> tuple[str, str] | None:
+    """(module path, parameter name) of a get_attr argument reading a module's parameter."""
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return None
+    local, _, name = str(arg.target).rpartition(".")
+    path = f"{region.path}.{local}" if region.path and local else (region.path or local)
+    owner = module_at(region.gm, local) if local else region.gm
+    return (path, name) if isinstance(owner._parameters.get(name), nn.Parameter) else None
+
+
+def _functional(region: Region, node: fx.Node) -> Match | None:
+    w_at, b_at = _FUNCTIONAL[node.target]
+    args = list(node.args)
+    w = _param_of(region, args[w_at] if w_at < len(args) else node.kwargs.get("weight"))
+    if w is None:
+        return None
+    b = _param_of(region, args[b_at] if b_at is not None and b_at < len(args) else node.kwargs.get("bias"))
+    if b is not None and b[0] != w[0]:
+        return None
+    local = w[0][len(region.path) + 1 :] if region.path else w[0]
+    module = module_at(region.gm, local) if local else region.gm
+    torch_class = other_norm_family(module) is not None and forward_is_torchs(module)
+    name = str(getattr(node.target, "__name__", node.target))
+    if torch_class:
+        axis = _axis(module)
+    elif "group" in name or "instance" in name:
+        axis = 1
+    else:  # layer_norm / rms_norm: the last axis, when it normalizes one
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        axis = -1 if isinstance(shape, (list, tuple)) and len(shape) == 1 else 0
+    bias = b[1] if b else None
+    return Match(region, node, w[0], module, w[1], bias, axis, torch_class, target_name(node), (node,))
+
+
+def _by_ops(region: Region, node: fx.Node) -> Match | None:
+    """``normalized * weight`` (either order), and ``+ bias`` where one follows, in one module."""
+    a, b = (*node.args, None, None)[:2]
+    param, value = (a, b) if _param_of(region, a) else (b, a)
+    owner = _param_of(region, param)
+    if owner is None or not isinstance(value, fx.Node):
+        return None
+    path, wname = owner
+    weight = fetch_attr(region.gm, str(param.target))
+    if weight.dim() < 1 or weight.numel() != weight.shape[0] or _scope(region, node) != path:
+        return None
+    if not _normalizes(region, value, path):
+        return None
+    out, bias = node, None
+    users = value_readers(node)
+    if len(users) == 1 and getattr(users[0].target, "__name__", "") == "add":
+        other = [x for x in users[0].args if x is not node]
+        bp = _param_of(region, other[0]) if len(other) == 1 else None
+        if (
+            bp is not None
+            and bp[0] == path
+            and fetch_attr(region.gm, str(other[0].target)).shape == weight.shape
+        ):
+            out, bias = users[0], bp[1]
+    local = path[len(region.path) + 1 :] if region.path else path
+    module = module_at(region.gm, local) if local else region.gm
+    axis = -1 if weight.dim() == 1 else -weight.dim()  # (C, 1, 1): the channel axis of a 4-D value
+    nodes = (node, out) if out is not node else (node,)
+    return Match(region, out, path, module, wname, bias, axis, False, type(module).__name__, nodes)
+
+
+def _scope(region: Region, node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    local = stack_path(list(stack.values())[-1][0])
+    return f"{region.path}.{local}" if region.path and local else (region.path or local)
+
+
+def _normalizes(region: Region, value: fx.Node, path: str) -> bool:
+    """True when ``value`` is computed, inside the module at ``path``, by a reduction and a
+    (reciprocal) square root: what a LayerNorm or an RMSNorm does before its scale."""
+    names: set[str] = set()
+    todo, seen = [value], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n.op in ("placeholder", "get_attr") or _scope(region, n) != path:
+            continue
+        seen.add(n)
+        names.add(str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", str(n.target)))
+        todo.extend(n.all_input_nodes)
+    names = {n.split(".")[0] for n in names}
+    return bool(names & _ROOTS) and bool(names & _REDUCTIONS)
+
+
+# -- check --------------------------------------------------------------------------------------
+def _graph_calls(cap: Capture) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for region in cap.regions:
+        for n in region.gm.graph.nodes:
+            if n.op == "call_module":
+                p = f"{region.path}.{n.target}" if region.path else str(n.target)
+                calls[p] = calls.get(p, 0) + 1
+    return calls
+
+
+def _runs(cap: Capture, calls: dict[str, int], path: str) -> int:
+    rec = cap.recording
+    if rec is not None and rec.calls.get(path, 0) > 0:
+        return rec.calls[path]
+    return calls.get(path, 1)
+
+
+def _through_casts(node: fx.Node) -> list[fx.Node]:
+    """The value readers of ``node``, looking through dtype casts (``.to(dtype)``): a cast of a
+    float32 value to float32 changes nothing, and in a lower dtype only the rounding moves."""
+    readers = []
+    for u in value_readers(node):
+        if u.op == "call_method" and u.target in _CASTS and u.args[0] is node:
+            readers.extend(_through_casts(u))
+        else:
+            readers.append(u)
+    return readers
+
+
+def check(
+    cap: Capture, m: Match, calls: dict[str, int], taken: set[str], scopes: dict[str, Any]
+) -> tuple[list[LayerSite], str]:
+    """The layers that absorb the affine, or why it cannot fold (empty readers and a reason)."""
+    if m.axis == 0:
+        return [], "the affine spans several axes (normalized_shape of more than one dim)"
+    n = _runs(cap, calls, m.path)
+    if n != 1:
+        return [], f"{m.path} runs {n} times"
+    if any(covers(s, m.path) for s in scopes):
+        return [], f"{m.path} lies inside a module that becomes its folded graph"
+    other = _other_reads(m)
+    if other:
+        return [], f"other code reads its affine parameters ({other})"
+    readers = _through_casts(m.node)
+    if not readers:
+        return [], "nothing reads its output"
+    layers: list[LayerSite] = []
+    for r in readers:
+        layer, why = _reader(cap, m, r, calls, taken, scopes)
+        if layer is None:
+            return [], why
+        layers.append(layer)
+    rec = cap.recording
+    eager = rec.readers.get(m.path, 0) if rec is not None and m.path in rec.out_ids else 0
+    if eager > len(readers) and m.node.op == "call_module":
+        return [], f"in the eager run its output is read {eager} times (the graph shows {len(readers)})"
+    return layers, ""
+
+
+def _other_reads(m: Match) -> str:
+    """Nodes other than the affine's own ops that read its parameters (tied weights, code that
+    reads ``norm.weight``)."""
+    local = m.path[len(m.region.path) + 1 :] if m.region.path else m.path
+    names = {f"{local}.{p}" if local else p for p in (m.weight, m.bias) if p}
+    readers = [
+        u.name
+        for n in m.region.gm.graph.nodes
+        if n.op == "get_attr" and str(n.target) in names
+        for u in n.users
+        if u not in m.nodes
+    ]
+    return ", ".join(readers[:3])
+
+
+def _reader(
+    cap: Capture, m: Match, r: fx.Node, calls: dict[str, int], taken: set[str], scopes: dict[str, Any]
+) -> tuple[LayerSite | None, str]:
+    if r.op == "output":
+        return None, "the model returns its output"
+    layer = layer_site(m.region, r)
+    what = f"{r.name} ({target_name(r)})"
+    if layer is None or r.op != "call_module":
+        kind = "a functional layer" if layer is not None else "not a Linear or conv layer"
+        return None, f"{what} reads its output ({kind}): the affine output is needed there"
+    path = layer.module_path or ""
+    module = layer.module
+    if isinstance(module, _ConvTransposeNd):
+        return None, f"{path} is a transposed conv"
+    if r.args[:1] != (m.node,) and not _cast_of(r.args[0], m.node):
+        return None, f"{what} reads its output other than as its input"
+    if isinstance(module, nn.Linear) and m.axis != -1:
+        return None, f"{path} reads the last axis; the affine is on the channel axis"
+    if isinstance(module, _ConvNd) and (m.axis != 1 and m.axis != -(module.weight.dim() - 1)):
+        return None, f"{path} reads the channel axis; the affine is on the last axis"
+    if layer.zero_pads():
+        return None, f"{path} pads with zeros (the shift would reach the padded border)"
+    if path in taken:
+        return None, f"{path} is changed by another fold"
+    if any(covers(s, path) for s in scopes):
+        return None, f"{path} lies inside a module that becomes its folded graph"
+    n = _runs(cap, calls, path)
+    if n != 1:
+        return None, f"{path} runs {n} times"
+    return layer, ""
+
+
+def _cast_of(arg: Any, node: fx.Node) -> bool:
+    while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _CASTS:
+        if arg.args[0] is node:
+            return True
+        arg = arg.args[0]
+    return False
+
+
+def _refusal(m: Match, why: str) -> Diagnostic:
+    return finding(
+        CODE,
+        f"{m.path}: affine not folded into the layers after it: {why}",
+        m.region.qualify(m.node.name),
+        m.path,
+        source_line(m.node),
+    )
+
+
+# -- rewrite ------------------------------------------------------------------------------------
+def affine_of(m: Match) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The norm's scale and shift, flat, in float64."""
+    weight = m.module._parameters[m.weight]
+    bias = m.module._parameters[m.bias] if m.bias else None
+    assert weight is not None
+    return weight.detach().double().flatten(), bias.detach().double().flatten() if bias is not None else None
+
+
+def _folded(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None) -> tuple[Any, Any]:
+    """The reader's folded (weight, bias), in its dtype."""
+    w, b = layer.weight, layer.bias
+    kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+    groups = getattr(layer, "groups", 1)
+    t = shift if shift is not None else torch.zeros_like(scale)
+    w64, b64 = fold_math.into_following(kind, w, b, groups, scale, t)
+    new_b = None if (shift is None and b is None) else b64.to(dtype=(b if b is not None else w).dtype)
+    return w64.to(dtype=w.dtype, device=w.device), new_b if new_b is None else new_b.to(w.device)
+
+
+def rewrite(m: Match, readers: list[LayerSite]) -> Unit:
+    """The plan steps: every reader's folded weights, the norm's identity affine, their checks."""
+    scale, shift = affine_of(m)
+    paths = [r.module_path or "" for r in readers]
+    action = Action(
+        NAME,
+        m.region.qualify(m.node.name),
+        m.path,
+        f"elementwise affine ({m.kind}) into the {len(readers)} layer(s) that read it",
+        target=", ".join(paths),
+        code=CODE,
+    )
+    unit = Unit(actions=[action], paths={m.path, *paths})
+    for r in readers:
+        unit.edits.append(ParamEdit(r.module_path or "", functools.partial(_folded, r.module, scale, shift)))
+        unit.specs.append(CheckSpec("layer", r.module_path or "", absorbed=[("pre", scale, shift)]))
+    unit.edits.append(_identity(m))
+    if not any(covers(m.path, p) for p in paths):  # the module's output is the norm's: check it alone
+        label = m.path or "<root>"
+        build = functools.partial(NormAffineCheck, label, scale=scale, shift=shift, axis=m.axis)
+        unit.specs.append(CheckSpec("module", m.path, build=build))
+    return unit
+
+
+def _identity(m: Match) -> SetEdit:
+    """The norm's affine off (torch's classes) or the identity (weight 1, bias 0)."""
+    if m.torch_class:
+        flags = {f: False for f in _OFF_FLAGS if isinstance(getattr(m.module, f, None), bool)}
+        params = {m.weight: None, **({m.bias: None} if m.bias else {})}
+        return SetEdit(m.path, params, flags)
+    weight = m.module._parameters[m.weight]
+    assert weight is not None
+    params: dict[str, Any] = {m.weight: nn.Parameter(torch.ones_like(weight), weight.requires_grad)}
+    if m.bias:
+        bias = m.module._parameters[m.bias]
+        assert bias is not None
+        params[m.bias] = nn.Parameter(torch.zeros_like(bias), bias.requires_grad)
+    return SetEdit(m.path, params)
+
+
+class NormAffineCheck(LocalCheck):
+    """The norm with its identity affine, scaled and shifted by the affine it gave away, against
+    the original norm on the same input."""
+
+    def __init__(
+        self,
+        label: str,
+        new: nn.Module,
+        original: nn.Module,
+        *,
+        scale: torch.Tensor,
+        shift: torch.Tensor | None,
+        axis: int,
+    ) -> None:
+        super().__init__(label)
+        self.new = new
+        self.original = bare_copy(original)  # without the hooks the proof puts on the old object
+        self.scale, self.shift, self.axis = scale, shift, axis
+
+    def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _run_original(self.original, *own_copies((args, kwargs)))
+
+    def check(self, want: Any, out: Any) -> None:
+        got = out.double()
+        got = got * _channel_view(self.scale, got, self.axis)
+        if self.shift is not None:
+            got = got + _channel_view(self.shift, got, self.axis)
+        magnitude = float(want.abs().max()) if want.numel() else 0.0
+        problem = _mismatch(got.to(want.dtype), want, magnitude, 1)
+        if problem:
+            self.fail(f"the norm with its affine taken out {problem} (compared with the original norm)")

@@ -1,0 +1,234 @@
+"""The norm-affine rule (FD112): folds where only Linear / conv layers read the norm, refuses
+with the reason elsewhere, exact against float64, proven per layer, opt-in."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnrewrite import analyze, export, fold, load
+from bnrewrite.rewrite_rules import norm_affine
+from samples import transformer_blocks as tb
+from tests.conftest import assert_unchanged, float64_reference, state_snapshot
+
+FOLDED = {
+    "vit.norm1": "vit.attn.q, vit.attn.k, vit.attn.v",
+    "vit.norm2": "vit.mlp.0",
+    "llama.input_norm": "llama.attn.q, llama.attn.k, llama.attn.v",
+    "llama.post_norm": "llama.mlp.gate, llama.mlp.up",
+    "stage.gn1": "stage.pw",
+}
+REFUSED = {
+    "post.norm": "add_5 (add) reads its output",
+    "head_norm": "the model returns its output",
+    "stage.gn2": "stage.conv pads with zeros",
+}
+
+
+def _folded(model, inputs, **kw):
+    return fold(model, inputs, norm_affine=True, **kw)
+
+
+def test_transformer_blocks_fold_where_only_layers_read_the_norm():
+    model, inputs = tb.build(), tb.example_inputs()
+    snap = state_snapshot(model)
+    folded, report = _folded(model, inputs)
+    got = {a.module_path: a.target for a in report.actions if a.code == "FD112"}
+    assert got == FOLDED
+    refused = {d.module_path: d.message for d in report.diagnostics if d.code == "FD112"}
+    assert set(refused) == set(REFUSED)
+    for path, why in REFUSED.items():
+        assert why in refused[path]
+    assert report.extra["proof"]["passed"] and not report.extra["proof"]["undone"]
+    assert type(folded) is type(model)
+    assert folded.vit.norm1.weight is None and folded.vit.norm1.elementwise_affine is False
+    assert folded.stage.gn1.weight is None and folded.stage.gn1.affine is False
+    assert torch.equal(folded.llama.input_norm.weight, torch.ones(tb.DIM))  # no class of torch's: weight 1
+    assert folded.post.norm.weight is not None  # refused: untouched
+    assert_unchanged(model, snap)
+
+
+def test_fold_is_exact_against_float64():
+    model, inputs = tb.build().double(), tuple(x.double() for x in tb.example_inputs())
+    folded, _ = _folded(model, inputs)
+    want = float64_reference(model, *inputs)
+    with torch.no_grad():
+        got = folded(*inputs)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max() < 1e-12
+
+
+def test_float32_fold_stays_within_float32_rounding_of_float64():
+    model, inputs = tb.build(), tb.example_inputs()
+    folded, _ = _folded(model, inputs)
+    want = float64_reference(model, *inputs)
+    with torch.no_grad():
+        got, own = folded(*inputs), model(*inputs)
+    for w, g, o in zip(want, got, own):
+        assert (w - g.double()).abs().max() <= 4 * (w - o.double()).abs().max() + 1e-6
+
+
+def test_opt_in_only():
+    model, inputs = tb.build(), tb.example_inputs()
+    folded, report = fold(model, inputs)
+    assert not any(a.code == "FD112" for a in report.actions)
+    assert not any(d.code == "FD112" for d in report.diagnostics)
+    assert folded.vit.norm1.weight is not None
+
+
+def test_local_check_catches_a_wrong_fold(monkeypatch):
+    """Planted: the readers absorb the scale twice. The proof names the fold and undoes it."""
+    right = norm_affine._folded
+
+    def twice(layer, scale, shift):
+        return right(layer, scale * scale, shift)
+
+    monkeypatch.setattr(norm_affine, "_folded", twice)
+    model, inputs = tb.build(), tb.example_inputs()
+    folded, report = _folded(model, inputs)
+    undone = {d.module_path for d in report.diagnostics if d.code == "FD207"}
+    assert set(FOLDED) <= undone
+    assert not any(a.code == "FD112" for a in report.actions)
+    with torch.no_grad():
+        for w, g in zip(model(*inputs), folded(*inputs)):
+            assert torch.allclose(w, g, atol=1e-5)
+
+
+def test_norm_check_catches_an_affine_left_on(monkeypatch):
+    """Planted: the norm's weight becomes 2, not 1, while the readers absorb the affine."""
+
+    def doubled(m):
+        weight = m.module._parameters[m.weight]
+        return norm_affine.SetEdit(m.path, {m.weight: nn.Parameter(2 * torch.ones_like(weight))})
+
+    monkeypatch.setattr(norm_affine, "_identity", doubled)
+    model, inputs = tb.build(), tb.example_inputs()
+    _, report = _folded(model, inputs)
+    failures = [d.message for d in report.diagnostics if d.code == "FD207"]
+    assert any("the norm with its affine taken out" in f for f in failures)
+
+
+def test_dry_run_and_analyze_show_the_plan():
+    model, inputs = tb.build(), tb.example_inputs()
+    snap = state_snapshot(model)
+    plan = _folded(model, inputs, dry_run=True)
+    assert plan.model is model
+    steps = {tuple(s["folds"]): s for s in plan.report.extra["plan"]}
+    assert set(steps[("vit.norm1",)]["weights"]) == {"vit.attn.q", "vit.attn.k", "vit.attn.v", "vit.norm1"}
+    report = analyze(model, inputs, norm_affine=True)
+    verdicts = {e.module_path: (e.verdict, e.reason_code) for e in report.norms}
+    for path in FOLDED:
+        assert verdicts[path] == ("norm-affine", "FD112")
+    assert "affine stays: stage.conv pads with zeros" in next(
+        e.reason for e in report.norms if e.module_path == "stage.gn2"
+    )
+    assert not any(d.code == "FD208" for d in report.diagnostics)  # the RMSNorm is no mere look-alike
+    assert_unchanged(model, snap)
+
+
+def test_inplace_writes_the_users_model():
+    model, inputs = tb.build(), tb.example_inputs()
+    want = float64_reference(model, *inputs)
+    q = model.vit.attn.q.weight
+    folded, _ = _folded(model, inputs, inplace=True)
+    assert folded is model and model.vit.norm1.weight is None
+    assert model.vit.attn.q.weight is q  # same parameter object, new values
+    with torch.no_grad():
+        for w, g in zip(want, model(*inputs)):
+            assert (w - g.double()).abs().max() < 1e-4
+
+
+def test_state_dict_round_trips_into_the_factory(tmp_path):
+    model, inputs = tb.build(), tb.example_inputs()
+    folded, _ = _folded(model, inputs)
+    path = tmp_path / "folded.pt"
+    export(folded, path)
+    loaded = load("samples.transformer_blocks:build", weights=path).model
+    assert loaded.vit.norm1.weight is None
+    with torch.no_grad():
+        for w, g in zip(folded(*inputs), loaded(*inputs)):
+            assert torch.equal(w, g)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.norm(x)) + self.norm.weight
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.norm(x)) + self.fc(x)
+
+
+class _WrongAxis(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.GroupNorm(2, 4), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+class _Functional(nn.Module):
+    """A user's module calling F.layer_norm on its own parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.rand(8))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(F.layer_norm(x, (8,), self.weight, self.bias))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "why"),
+    [
+        (_Tied(), (2, 8), "other code reads its affine parameters"),
+        (_Twice(), (2, 8), "fc runs 2 times"),
+        (_WrongAxis(), (2, 4, 6), "fc reads the last axis; the affine is on the channel axis"),
+    ],
+)
+def test_refused_with_the_reason(model, shape, why):
+    nn.init.uniform_(model.norm.weight, 0.5, 1.5)
+    x = torch.randn(*shape)
+    folded, report = fold(model.eval(), (x,), norm_affine=True)
+    refused = [d.message for d in report.diagnostics if d.code == "FD112"]
+    assert len(refused) == 1 and why in refused[0], refused
+    assert folded.norm.weight is not None
+
+
+def test_functional_norm_on_module_parameters_folds_to_weight_one():
+    model = _Functional().eval()
+    x = torch.randn(3, 8)
+    want = float64_reference(model, x)
+    folded, report = fold(model, (x,), norm_affine=True)
+    assert [a.target for a in report.actions if a.code == "FD112"] == ["fc"]
+    assert torch.equal(folded.weight, torch.ones(8)) and torch.equal(folded.bias, torch.zeros(8))
+    with torch.no_grad():
+        assert (folded(x).double() - want).abs().max() < 1e-5
+
+
+def test_batchnorm_folds_and_norm_affine_do_not_collide():
+    """A Linear that also absorbs a BatchNorm is refused for the norm affine (one fold per layer)."""
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.BatchNorm1d(8)).eval()
+    nn.init.uniform_(model[0].weight, 0.5, 1.5)
+    model[2].running_var.fill_(2.0)
+    x = torch.randn(4, 8)
+    want = float64_reference(model, x)
+    folded, report = fold(copy.deepcopy(model), (x,), norm_affine=True)
+    assert any(d.code == "FD112" and "changed by another fold" in d.message for d in report.diagnostics)
+    with torch.no_grad():
+        assert (folded(x).double() - want).abs().max() < 1e-5
