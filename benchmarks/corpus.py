@@ -111,7 +111,7 @@ def _export_limit(model, inputs) -> int | None:
     convolution/linear output read by nothing else (shape reads aside)."""
     import torch
 
-    from bnrewrite.graph.readers import value_readers
+    from bnrewrite.semantics.readers import value_readers
 
     try:
         ep = torch.export.export(model, inputs, strict=False)

@@ -1,16 +1,16 @@
 """bnrewrite: analyze, fold and rewrite normalization layers of PyTorch models."""
 
-from .analyze import analyze
-from .diagnostics import Diagnostic, Report, Severity
-from .equalize import equalize
-from .errors import BnrewriteError, UsageError, VerificationError
-from .export import export
-from .fold import RewriteResult, fold
-from .load import load
-from .recalibrate import recalibrate
-from .surgery import fix, insert, remove, swap
-from .verify import VerifyResult, verify
-from .weight_precision import PrecisionThresholds
+from bnrewrite.analyze import analyze
+from bnrewrite.diagnostics import Diagnostic, Report, Severity
+from bnrewrite.equalize import equalize
+from bnrewrite.errors import BnrewriteError, UsageError, VerificationError
+from bnrewrite.export import export
+from bnrewrite.fold import RewriteResult, fold
+from bnrewrite.load import load
+from bnrewrite.recalibrate import recalibrate
+from bnrewrite.surgery import fix, insert, remove, swap
+from bnrewrite.verify import VerifyResult, verify
+from bnrewrite.weight_precision import PrecisionThresholds
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m bnrewrite`` runs the CLI (also what torchrun launches for distributed commands)."""
 
-from .cli import main
+from bnrewrite.cli import main
 
 main()

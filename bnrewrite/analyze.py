@@ -7,17 +7,26 @@ from typing import Any
 
 from torch import fx
 
-from . import weight_precision
-from .diagnostics import Action, NormEntry, Report
-from .fold import fold, gc_paused
-from .graph.capture import Capture, Region, capture
-from .graph.norms import BNSite, OtherNormSite, find_norms, lookalikes, opaque_norms, other_norm_family
-from .graph.ops import module_at, source_line, target_name
-from .passes.fold_plan import NOT_FOLDABLE, decide, shape_lookup
-from .passes.merge_branches import MERGE_BRANCHES
-from .rules import RULES, RuleContext
-from .select import Selector
-from .weight_precision import PrecisionThresholds
+from bnrewrite import precision_report
+from bnrewrite.capture.capture_model import Capture, Region, capture
+from bnrewrite.diagnostics import Action, NormEntry, Report
+from bnrewrite.fold import gc_paused, plan_capture
+from bnrewrite.lint import RULES, RuleContext
+from bnrewrite.plan.decision import NOT_FOLDABLE, FoldPolicy
+from bnrewrite.plan.fold_plan import decide
+from bnrewrite.rewrite_rules.merge_branches import MERGE_BRANCHES
+from bnrewrite.select import Selector
+from bnrewrite.semantics.norms import (
+    BNSite,
+    OtherNormSite,
+    find_norms,
+    lookalikes,
+    opaque_norms,
+    other_norm_family,
+)
+from bnrewrite.semantics.ops import module_at, source_line, target_name
+from bnrewrite.semantics.shapes import shape_lookup
+from bnrewrite.weight_precision import PrecisionThresholds
 
 
 def _describe(region: Region, node: fx.Node | None) -> str | None:
@@ -114,7 +123,7 @@ def _apply_verdicts(
     for site, entry in zip(bns, entries):
         step = kept.get(site.name)
         if step is not None:
-            entry.verdict, entry.reason_code, entry.reason = step["verdict"], step["code"], step["reason"]
+            entry.verdict, entry.reason_code, entry.reason = step.verdict, step.code, step.reason
         elif site.name not in planned:
             d = decide(site, shape_lookup(cap))
             entry.verdict, entry.target, entry.reason_code, entry.reason = (
@@ -185,7 +194,7 @@ def analyze(
         cap = capture(model, example_inputs, leaf_modules=leaf_modules, record_sources=True)
         report = _analyze(model, cap, leaf_modules, rules, name, select, types, merge_branches, norm_affine)
         steps = [(e.module_path, e.node, e.verdict, e.target) for e in report.norms]
-        weight_precision.of_plan(cap.model, report, steps, precision)
+        precision_report.of_plan(cap.model, report, steps, precision)
         return report
 
 
@@ -210,20 +219,13 @@ def _analyze(
     selected = RULES if rules is None else {c: RULES[c] for c in rules}
     for rule in selected.values():
         report.diagnostics.extend(rule(ctx))
-    plan = fold(
-        model,
-        cap.example_inputs,
-        cap=cap,
-        leaf_modules=leaf_modules,
-        dry_run=True,
-        merge_branches=merge_branches,
-        norm_affine=norm_affine,
-    ).report
+    policy = FoldPolicy(merge_branches=merge_branches, norm_affine=norm_affine)
+    plan = plan_capture(model, cap, policy)
     if "branch_sets" in plan.extra:
         report.extra["branch_sets"] = plan.extra["branch_sets"]
     report.diagnostics.extend(d for d in plan.diagnostics if d.code == "FD110")  # merged sets: in the table
     planned = {a.node: a for a in plan.actions if a.node}
-    kept = {s["keeps"]: s for s in plan.extra.get("plan", []) if "keeps" in s}
+    kept = plan.plan.kept() if plan.plan is not None else {}
     _apply_verdicts(cap, bns, report.norms, planned, kept)
     report.norms = _without_merged_lookalikes(report.norms, planned)
     if norm_affine:

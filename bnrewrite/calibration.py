@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import BnrewriteError, UsageError
+from bnrewrite.errors import BnrewriteError, UsageError
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -52,7 +52,7 @@ def calibration_batches(
     if is_factory_spec(data):
         stream, sharded = _from_factory(data, rank, world_size)
     else:
-        from .recalibrate import read_batches
+        from bnrewrite.recalibrate import read_batches
 
         stream, sharded = iter(read_batches(data, batch_size)), False
     if sharded:  # the factory gave this rank its own shard: take its share of max_batches

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import structure
-from .errors import BnrewriteError
+from bnrewrite import structure
+from bnrewrite.errors import BnrewriteError
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
 

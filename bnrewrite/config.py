@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .diagnostics import Diagnostic, Report, Severity
-from .errors import UsageError
-from .weight_precision import PrecisionThresholds
+from bnrewrite.diagnostics import Diagnostic, Report, Severity
+from bnrewrite.errors import UsageError
+from bnrewrite.weight_precision import PrecisionThresholds
 
 FAIL_ON = ("error", "warning", "info", "never")
 

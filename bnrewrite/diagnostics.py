@@ -114,6 +114,8 @@ class Report:
     # In-memory detail behind ``extra`` that JSON does not carry (per-channel weight ranges for
     # ``--plot``): never serialized.
     details: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The plan of a dry run (``bnrewrite.plan.steps.Plan``): typed here, ``extra['plan']`` in JSON.
+    plan: Any = None
 
     def add(self, diagnostic: Diagnostic) -> None:
         self.diagnostics.append(diagnostic)
@@ -140,5 +142,5 @@ class Report:
             "actions": [a.to_dict() for a in self.actions],
             "opaque": [o.to_dict() for o in self.opaque],
             "verification": self.verification,
-            "extra": self.extra,
+            "extra": {**self.extra, "plan": self.plan.to_dict()} if self.plan is not None else self.extra,
         }

@@ -22,92 +22,30 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
-from . import weight_precision
-from .codes import finding
+from bnrewrite import precision_report, weight_precision
+from bnrewrite.codes import finding
 
 if TYPE_CHECKING:
-    from .fold import RewriteResult
-from .diagnostics import Action, Report
-from .errors import BnrewriteError
-from .graph.capture import capture
-from .graph.captured import Region
-from .graph.layers import LayerSite, layer_site
-from .graph.ops import module_at
-from .graph.readers import value_readers
+    from bnrewrite.fold import RewriteResult
+from bnrewrite.capture.capture_model import capture
+from bnrewrite.diagnostics import Action, Report
+from bnrewrite.equalize_pairs import (
+    Pair,
+    channels_of,
+    find_pairs,
+    flatten_ok,
+)
+from bnrewrite.errors import BnrewriteError
+from bnrewrite.semantics.layers import LayerSite
 
-_HOMOGENEOUS_MODULES = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.dropout._DropoutNd,
-)  # fmt: skip
-_HOMOGENEOUS_FUNCTIONS = {
-    torch.relu, torch.nn.functional.relu, torch.nn.functional.leaky_relu, torch.nn.functional.max_pool1d,
-    torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d, torch.nn.functional.avg_pool1d,
-    torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d, torch.nn.functional.adaptive_avg_pool1d,
-    torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_avg_pool3d,
-    torch.nn.functional.adaptive_max_pool2d, torch.nn.functional.dropout,
-    torch.ops.aten.relu.default, torch.ops.aten.relu_.default, torch.ops.aten.leaky_relu.default,
-    torch.ops.aten.leaky_relu_.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.avg_pool2d.default,
-    torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten.dropout.default, torch.ops.aten.clone.default,
-    torch.ops.aten.prelu.default, torch.ops.aten._prelu_kernel.default,
-    torch.ops.aten.max_pool2d_with_indices.default, torch.ops.aten.adaptive_max_pool2d.default,
-    torch.ops.aten.upsample_nearest2d.vec, torch.ops.aten.upsample_nearest2d.default,
-    torch.ops.aten.avg_pool1d.default, torch.ops.aten.max_pool1d.default, torch.ops.aten.avg_pool3d.default,
-}  # fmt: skip
-_HOMOGENEOUS_METHODS = {"relu", "relu_", "contiguous", "clone"}
-_NOT_HOMOGENEOUS = {  # name -> why scaling its input does not scale its output
-    "ReLU6": "ReLU6 clips at 6: a scaled input clips elsewhere",
-    "Hardtanh": "Hardtanh clips: a scaled input clips elsewhere",
-    "SiLU": "SiLU(x) = x * sigmoid(x) is not positive-homogeneous",
-    "Hardswish": "hard-swish is not positive-homogeneous",
-    "GELU": "GELU is not positive-homogeneous",
-    "Sigmoid": "sigmoid is not positive-homogeneous",
-    "Tanh": "tanh is not positive-homogeneous",
-    "Mish": "Mish is not positive-homogeneous",
-    "ELU": "ELU is not positive-homogeneous",
-    "SELU": "SELU is not positive-homogeneous",
-    "Softplus": "softplus is not positive-homogeneous",
-    "hardtanh": "Hardtanh/ReLU6 clips: a scaled input clips elsewhere",
-    "silu": "SiLU(x) = x * sigmoid(x) is not positive-homogeneous",
-    "hardswish": "hard-swish is not positive-homogeneous",
-    "gelu": "GELU is not positive-homogeneous",
-    "sigmoid": "sigmoid is not positive-homogeneous",
-    "tanh": "tanh is not positive-homogeneous",
-    "relu6": "ReLU6 clips at 6: a scaled input clips elsewhere",
-}
-_CAT = {torch.cat, torch.concat, torch.ops.aten.cat.default}
 _TOLERANCE = 1e-6  # scales closer to 1 than this: converged
 _MAX_ROUNDS = 200
-
-
-@dataclass
-class Pair:
-    """Two layers whose shared channels can be rescaled: ``first``'s output channels
-    ``[0, n)`` are ``second``'s input channels ``[offset, offset + n)``."""
-
-    first: LayerSite
-    second: LayerSite
-    offset: int
-    between: list[str]
-    scales: torch.Tensor | None = None
-    flattened: bool = False  # a flatten between: the second layer must read the channels themselves
-
-    @property
-    def label(self) -> str:
-        return f"{self.first.module_path} -> {self.second.module_path}"
-
-
-@dataclass
-class Refused:
-    first: str
-    second: str | None
-    reason: str
 
 
 @dataclass
@@ -158,150 +96,6 @@ def _multiply_in(w: torch.Tensor, kind: str, groups: int, s: torch.Tensor) -> No
         w.view(groups, cout // groups, cin_g, -1).mul_(s.reshape(groups, 1, cin_g, 1))
 
 
-def _channels(site: LayerSite) -> int:
-    w = site.weight
-    assert w is not None
-    return int(w.shape[1] * site.groups) if site.kind == "conv_transpose" else int(w.shape[0])
-
-
-def _step(region: Region, node: fx.Node) -> tuple[str | None, str | None]:
-    """(what the op is, why not) for a reader of a channel value: ``("pass", None)`` for a
-    positive-homogeneous op, ``(None, reason)`` for one that is not, ``(None, None)`` otherwise."""
-    if node.op == "call_module":
-        m = module_at(region.gm, str(node.target))
-        if isinstance(m, nn.Upsample) and m.mode == "nearest":
-            return "pass", None
-        if isinstance(m, nn.Flatten):
-            return "flatten", None
-        if isinstance(m, _HOMOGENEOUS_MODULES) and not isinstance(m, (nn.ReLU6, nn.Hardtanh)):
-            return "pass", None
-        reason = _NOT_HOMOGENEOUS.get(type(m).__name__)
-        return None, reason
-    if node.op == "call_function":
-        if node.target in _HOMOGENEOUS_FUNCTIONS:
-            return "pass", None
-        if node.target in _CAT:
-            return "cat", None
-        if node.target in (torch.flatten, torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default):
-            return "flatten", None
-        if node.target in (torch.mean, torch.ops.aten.mean.dim):
-            return "mean", None
-        if node.target is torch.nn.functional.interpolate and node.kwargs.get("mode", "nearest") == "nearest":
-            return "pass", None
-        if node.target is operator.getitem:
-            return "getitem", None
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        return None, _NOT_HOMOGENEOUS.get(name)
-    if node.op == "call_method":
-        if node.target in _HOMOGENEOUS_METHODS:
-            return "pass", None
-        if node.target in ("flatten", "view", "reshape"):
-            return "flatten", None
-        if node.target == "mean":
-            return "mean", None
-        return None, _NOT_HOMOGENEOUS.get(str(node.target))
-    return None, None
-
-
-def _mean_keeps_channels(node: fx.Node) -> bool:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = [dims] if isinstance(dims, int) else list(dims or [])
-    return bool(dims) and all(isinstance(d, int) and (d >= 2 or d <= -1) for d in dims) and 1 not in dims
-
-
-def _walk(region: Region, first: LayerSite) -> tuple[list[Pair], Refused | None]:
-    """Follow ``first``'s output through positive-homogeneous ops to the layers that read it:
-    one pair per reading layer (a value read by several, e.g. the branches of an Inception block,
-    gives several pairs that share one scale), or none when any path ends elsewhere."""
-    found: list[Pair] = []
-    todo = [(first.node, 0, [], False)]
-    while todo:
-        cur, offset, between, flattened = todo.pop()
-        if len(found) + len(todo) > 32:
-            return [], None
-        for nxt in value_readers(cur):
-            step, why = _follow(region, first, cur, nxt, offset, between, flattened)
-            if why is not None:
-                return [], why
-            if step is None:
-                return [], None  # some reader is neither a layer nor positive-homogeneous
-            if isinstance(step, Pair):
-                found.append(step)
-            else:
-                todo.append(step)
-    return found, None
-
-
-def _follow(
-    region: Region,
-    first: LayerSite,
-    cur: fx.Node,
-    nxt: fx.Node,
-    offset: int,
-    between: list[str],
-    flattened: bool,
-) -> tuple[Any, Refused | None]:
-    """One step from ``cur`` to its reader ``nxt``: the pair it ends in, the state to go on
-    from, (None, why) for an op that is not positive-homogeneous, or (None, None)."""
-    second = layer_site(region, nxt)
-    if second is not None:
-        if not nxt.args or nxt.args[0] is not cur or second.weight is None or not second.constant:
-            return None, None
-        fan = second.weight.shape[0] if second.kind == "conv_transpose" else (
-            second.weight.shape[1] * (second.groups if second.kind == "conv" else 1)
-        )  # fmt: skip
-        if offset + _channels(first) > fan or second.module is None:
-            return None, None
-        return Pair(first, second, offset, list(between), flattened=flattened), None
-    kind, why = _step(region, nxt)
-    if kind is None:
-        where = region.module_path(nxt) or nxt.name
-        return None, (Refused(first.module_path or first.name, None, f"{why} ({where})") if why else None)
-    if kind == "cat":
-        pieces = nxt.args[0] if nxt.args else []
-        dim = nxt.args[1] if len(nxt.args) > 1 else nxt.kwargs.get("dim", 0)
-        if dim != 1 or not isinstance(pieces, (list, tuple)) or sum(p is cur for p in pieces) != 1:
-            return None, None
-        for p in pieces:
-            if p is cur:
-                break
-            site = layer_site(region, p) if isinstance(p, fx.Node) else None
-            if site is None or site.weight is None:
-                return None, None  # the slice of a piece we cannot count
-            offset += _channels(site)
-    elif (kind == "mean" and not _mean_keeps_channels(nxt)) or (kind == "getitem" and nxt.args[1] != 0):
-        return None, None
-    elif kind == "flatten":
-        flattened = True  # checked at the second layer: its fan-in must be the channels themselves
-    if kind != "cat" and (not nxt.args or nxt.args[0] is not cur or cur in nxt.args[1:]):
-        return None, None
-    return (nxt, offset, [*between, region.module_path(nxt) or nxt.name], flattened), None
-
-
-def find_pairs(region: Region) -> tuple[list[Pair], list[Refused]]:
-    """Every equalizable pair of ``region`` and every pair an op between rules out."""
-    pairs, refused = [], []
-    for node in region.gm.graph.nodes:
-        first = layer_site(region, node)
-        if first is None or first.weight is None or not first.constant or first.module is None:
-            continue
-        found, why = _walk(region, first)
-        pairs.extend(found)
-        if why is not None:
-            refused.append(why)
-    return pairs, refused
-
-
-def _flatten_ok(pair: Pair) -> bool:
-    """A flatten between keeps one value per channel only when the second layer reads exactly
-    the first one's channels (a global pool before it), not channels times positions."""
-    if not pair.flattened:
-        return True
-    weight = pair.second.weight
-    assert weight is not None
-    return pair.second.kind == "linear" and pair.offset == 0 and int(weight.shape[1]) == _channels(pair.first)
-
-
 def _float64_weights(pairs: list[Pair]) -> dict[int, _Weights]:
     """A float64 copy of the weights of every layer of ``pairs``, by module."""
     layers: dict[int, _Weights] = {}
@@ -318,7 +112,7 @@ def _solve(pairs: list[Pair]) -> dict[int, _Weights]:
     """Scales for every pair, iterated to convergence; returns the new float64 weights by layer."""
     layers = _float64_weights(pairs)
     for p in pairs:
-        p.scales = torch.ones(_channels(p.first), dtype=torch.float64)
+        p.scales = torch.ones(channels_of(p.first), dtype=torch.float64)
     groups = _by_first(pairs)
     for _ in range(_MAX_ROUNDS):
         moved = 0.0
@@ -420,12 +214,12 @@ def _write(root: nn.Module, layers: dict[int, _Weights]) -> None:
 def _precision(
     model: nn.Module, paths: list[str], before: nn.Module | None = None
 ) -> list[weight_precision.LayerPrecision]:
-    pr = weight_precision.PrecisionReport(None)
+    pr = precision_report.PrecisionReport(None)
     for path in paths:
-        layer = weight_precision._module(model, path)
-        kind = weight_precision._layer_kind(layer)
+        layer = precision_report.module_at_path(model, path)
+        kind = precision_report.layer_kind(layer)
         if kind is not None:
-            old = weight_precision._module(before, path) if before is not None else None
+            old = precision_report.module_at_path(before, path) if before is not None else None
             pr.layer(path, layer.weight, layer.bias, *kind, before=old)
     pr.measure()
     return list(pr.layers.values())
@@ -452,8 +246,8 @@ def equalize(
     is returned unproven and the report says so. ``dry_run=True`` returns the model given and a
     report of the pairs and scales it would apply. ``report.extra['precision_before']`` and
     ``['precision']``: the equalized layers' numbers before and after."""
-    from .fold import RewriteResult, fold
-    from .verify import verify
+    from bnrewrite.fold import RewriteResult, fold
+    from bnrewrite.verify import verify
 
     if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
         raise BnrewriteError("equalize takes an nn.Module (the user's model), not a graph or a program")
@@ -465,30 +259,14 @@ def equalize(
         report.diagnostics.extend(d for d in folded.diagnostics if not d.code.startswith("PR"))
         report.extra["fold_proof"] = folded.extra.get("proof")
     cap = capture(base, example_inputs, leaf_modules=leaf_modules)
-    pairs, refused = [], []
-    for region in cap.regions:
-        found, why = find_pairs(region)
-        for group in _by_first(found):  # a group whose readers cannot all take the scale: none
-            if all(_flatten_ok(p) for p in group):
-                pairs.extend(group)
-        refused.extend(why)
-    paths = list(
-        dict.fromkeys(p for pair in pairs for p in (pair.first.module_path, pair.second.module_path) if p)
-    )
+    pairs, refused = _all_pairs(cap)
+    paths = list(dict.fromkeys(p for x in pairs for p in (x.first.module_path, x.second.module_path) if p))
     first = _precision(base, paths)
     report.extra["precision_before"] = [e.to_dict() for e in first]
     layers = _solve(pairs)
     inputs = cap.example_inputs
     if inputs is not None and pairs:  # never lower the int8 output SQNR on the inputs given
-        layers, strength, numbers = _strongest_that_helps(base, pairs, layers, inputs)
-        report.extra["int8_output_sqnr_db"] = numbers
-        if strength < 1.0:
-            done = f"applied at strength {strength:g} (scales ** {strength:g})" if strength else "not applied"
-            tried = ", ".join(f"{k} {v:.1f} dB" for k, v in numbers.items())
-            why = f"full equalization would lower the per-tensor int8 output SQNR on the example inputs ({tried})"
-            report.diagnostics.append(finding("EQ202", f"<model>: {why}; {done}", None, None))
-        if not strength:
-            pairs = []
+        layers, pairs = _weakened(base, pairs, layers, inputs, report)
     result = copy.copy(base) if dry_run else _own_copy(base, layers)
     if not dry_run:
         _write(result, _rekey(base, result, layers))
@@ -499,24 +277,7 @@ def equalize(
         "before": mean_per_tensor_db(report.extra["precision_before"]),
         "after": mean_per_tensor_db(report.extra["precision"]),
     }
-    for p in pairs:
-        s = p.scales if p.scales is not None else torch.ones(1)
-        detail = f"channels rescaled by {float(s.min()):.3g}..{float(s.max()):.3g} through {', '.join(p.between) or 'nothing'}"
-        report.actions.append(
-            Action(
-                "equalize",
-                p.first.module_path,
-                p.first.module_path,
-                detail,
-                target=p.second.module_path,
-                code="EQ101",
-            )
-        )
-        report.diagnostics.append(finding("EQ101", f"{p.label}: {detail}", p.first.name, p.first.module_path))
-    for r in refused:
-        report.diagnostics.append(
-            finding("EQ201", f"{r.first}: not equalized with the next layer: {r.reason}", None, r.first)
-        )
+    _report_pairs(report, pairs, refused)
     if dry_run:
         return RewriteResult(model, report)
     if example_inputs is not None and pairs:
@@ -531,9 +292,53 @@ def equalize(
     return RewriteResult(result, report)
 
 
+def _all_pairs(cap: Any) -> tuple[list[Pair], list[Any]]:
+    """Every pair to equalize, over every region, and every pair refused (EQ201). A layer read by
+    several layers whose readers cannot all take the scale gives none."""
+    pairs, refused = [], []
+    for region in cap.regions:
+        found, why = find_pairs(region)
+        for group in _by_first(found):
+            if all(flatten_ok(p) for p in group):
+                pairs.extend(group)
+        refused.extend(why)
+    return pairs, refused
+
+
+def _weakened(
+    base: nn.Module, pairs: list[Pair], layers: dict[int, _Weights], inputs: Any, report: Report
+) -> tuple[dict[int, _Weights], list[Pair]]:
+    """The strongest equalization that does not lower the int8 output SQNR (EQ202 otherwise)."""
+    layers, strength, numbers = _strongest_that_helps(base, pairs, layers, inputs)
+    report.extra["int8_output_sqnr_db"] = numbers
+    if strength < 1.0:
+        done = f"applied at strength {strength:g} (scales ** {strength:g})" if strength else "not applied"
+        tried = ", ".join(f"{k} {v:.1f} dB" for k, v in numbers.items())
+        why = f"full equalization would lower the per-tensor int8 output SQNR on the example inputs ({tried})"
+        report.diagnostics.append(finding("EQ202", f"<model>: {why}; {done}", None, None))
+    return layers, pairs if strength else []
+
+
+def _report_pairs(report: Report, pairs: list[Pair], refused: list[Any]) -> None:
+    """EQ101 (an action and a finding) for every pair equalized, EQ201 for every pair refused."""
+    for p in pairs:
+        s = p.scales if p.scales is not None else torch.ones(1)
+        between = ", ".join(p.between) or "nothing"
+        detail = f"channels rescaled by {float(s.min()):.3g}..{float(s.max()):.3g} through {between}"
+        path = p.first.module_path
+        report.actions.append(
+            Action("equalize", path, path, detail, target=p.second.module_path, code="EQ101")
+        )
+        report.diagnostics.append(finding("EQ101", f"{p.label}: {detail}", p.first.name, path))
+    for r in refused:
+        report.diagnostics.append(
+            finding("EQ201", f"{r.first}: not equalized with the next layer: {r.reason}", None, r.first)
+        )
+
+
 def _own_copy(base: nn.Module, layers: dict[int, _Weights]) -> nn.Module:
     """A copy of the tree in which every module whose weights change is its own object."""
-    from .graph.edit import Editor, shallow_copy
+    from bnrewrite.editor.edit import Editor, shallow_copy
 
     root = shallow_copy(base)
     editor = Editor(root, inplace=False)

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import structure
-from .errors import BnrewriteError, UsageError, VerificationError
-from .files import WEIGHT_FORMATS, atomic_path, check_output, format_of
-from .graph.norms import is_batchnorm_module
-from .graph_files import write_graph
-from .runtime import buffers_restored, own_copies, torch_output_silenced
-from .runtime import error_reason as _reason
+from bnrewrite import structure
+from bnrewrite.errors import BnrewriteError, UsageError, VerificationError
+from bnrewrite.files import WEIGHT_FORMATS, atomic_path, check_output, format_of
+from bnrewrite.graph_files import write_graph
+from bnrewrite.runtime import buffers_restored, own_copies, torch_output_silenced
+from bnrewrite.runtime import error_reason as _reason
+from bnrewrite.semantics.norms import is_batchnorm_module
 
 
 def _runnable(model: Any) -> nn.Module:

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import BnrewriteError, UsageError
+from bnrewrite.errors import BnrewriteError, UsageError
 
 MODEL_FORMATS = ("pt2", "onnx", "py")
 WEIGHT_FORMATS = ("pt", "safetensors")

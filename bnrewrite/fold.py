@@ -12,22 +12,22 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 
-from . import weight_precision
-from .codes import finding
-from .diagnostics import Diagnostic, Report
-from .errors import UsageError
-from .graph.capture import capture
-from .graph.captured import Capture
-from .graph.edit import Editor, shallow_copy
-from .graph.norms import lookalikes, opaque_norms, other_norm_family
-from .graph.tracer import compile_now
-from .passes.fold_bn import fold_region
-from .passes.fold_plan import FoldPolicy, shape_lookup
-from .passes.fold_tree import TreeResult, kept_step, plan_and_apply
-from .passes.merge_branches import merge_region
-from .proof import prove as prove_units
-from .select import Selector
-from .weight_precision import PrecisionThresholds
+from bnrewrite import precision_report, weight_precision
+from bnrewrite.capture.capture_model import capture
+from bnrewrite.capture.tracer import compile_now
+from bnrewrite.codes import finding
+from bnrewrite.diagnostics import Diagnostic, Report
+from bnrewrite.driver import TreeResult, kept_step, plan_and_apply, run_rules
+from bnrewrite.editor.edit import Editor, shallow_copy
+from bnrewrite.errors import UsageError
+from bnrewrite.plan.decision import FoldPolicy
+from bnrewrite.plan.steps import GraphStep, Plan
+from bnrewrite.proof import prove as prove_units
+from bnrewrite.select import Selector
+from bnrewrite.semantics.captured import Capture
+from bnrewrite.semantics.norms import lookalikes, opaque_norms, other_norm_family
+from bnrewrite.semantics.shapes import ShapeLookup, shape_lookup
+from bnrewrite.weight_precision import PrecisionThresholds
 
 
 class RewriteResult(NamedTuple):
@@ -86,7 +86,6 @@ def fold(
     prove: bool = True,
     select: str | Iterable[str] | None = None,
     types: Iterable[str | type] | None = None,
-    cap: Capture | None = None,
     bn_to_affine: bool = False,
     speed_check: bool = True,
     dry_run: bool = False,
@@ -95,47 +94,31 @@ def fold(
     target_dtype: torch.dtype | None = None,
     norm_affine: bool = False,
 ) -> RewriteResult:
-    """Fold every foldable BatchNorm of ``model`` into neighbouring weights.
+    """Fold every foldable BatchNorm of ``model`` into neighbouring weights; returns the model and a
+    report of every fold and every skip with its reason.
 
-    Returns the rewritten model and a report of every fold and every skip with its reason. For
-    an ``nn.Module`` the result is (a copy of) the user's own module tree: folded conv/linear
-    modules carry new weights, absorbed BatchNorm modules are ``nn.Identity``; only where a fold
-    cannot be expressed as a module edit is the smallest enclosing module replaced by its
-    folded graph (FD104 says which and why). A ``GraphModule``/``ExportedProgram`` comes back
-    as a GraphModule. The input is not modified unless ``inplace=True``, which writes the folded
-    values into the model's own tensors (the old values of any the proof may undo wait on disk,
-    not in memory: see ``bnrewrite.stash``).
+    An ``nn.Module`` comes back as (a copy of) the user's own tree: folded layers carry new weights,
+    absorbed BatchNorms are ``nn.Identity``; where no module edit can express a fold, the smallest
+    enclosing module becomes its folded graph (FD104). A ``GraphModule``/``ExportedProgram`` is
+    folded as a graph, not proven. The input is untouched unless ``inplace=True`` (old values of
+    tensors the proof may undo wait on disk: ``bnrewrite.stash``).
 
-    With example inputs, ``prove`` (on by default) runs the result once: every fold is checked
-    locally against the modules it replaced, on the inputs it received, and undone by name when
-    it differs (FD207); the outputs are compared with the original's from the capture's eager
-    pass, and a drift no local check explains is judged against float64 (see ``bnrewrite.proof``).
-    A ``GraphModule``/``ExportedProgram`` input is folded as a graph and not proven. ``check_trace`` also compares each traced graph with eager
-    execution before planning (one more forward pass). ``eval_mode=True`` folds BatchNorms in
-    training mode as if in eval mode. ``select`` (dotted-path globs) and ``types`` (kinds such as
-    ``BatchNorm2d``, ``F.batch_norm``) limit which BatchNorms are folded. A BatchNorm that no
-    neighbour can absorb stays a BatchNorm (one fused op: a fold never adds work) unless
-    ``bn_to_affine=True`` asks for a per-channel scale-and-shift (for backends without BN).
-    ``speed_check`` (on by default) times the one fold that can make a layer slower (a
-    transposed conv gaining a bias) on this machine and keeps the BatchNorm where it would (FD108);
-    switch it off when the model will run elsewhere. ``merge_branches`` (on by default) merges
-    parallel branches that read one tensor and are linear once folded (RepVGG, ACNet, DBB,
-    MobileOne, RepConv blocks: convs, identities, BatchNorms, average pools, per-channel scales)
-    into one conv, where that costs no more (FD109; FD110 says why a set was kept); the block
-    whose forward sums them becomes its merged graph (FD104). ``dry_run=True`` returns the plan without
-    changing anything: the model given, and a report whose actions say what a fold would do and
-    whose ``extra['plan']`` lists every module edit and graph replacement (no weights computed,
-    no proof run). Every folded layer's numbers are in ``extra['precision']`` with findings
-    PR001-PR005 (thresholds: ``precision``; see ``bnrewrite.weight_precision``).
-    ``target_dtype`` (``torch.float16``/``torch.bfloat16``): the dtype the model will run in; a
-    BatchNorm stays unfolded where folding would overflow it, or where the folded layer run in it
-    is more than twice as far from float64 as the original layer and BatchNorm run in it (FD111);
-    the proof also runs both models in it and reports the two errors (``proof.target_dtype``).
-    ``norm_affine=True`` also folds the elementwise affine of every LayerNorm, RMSNorm (torch's,
-    or any module computing ``normalize(x) * weight``), GroupNorm and InstanceNorm into the
-    Linear / conv layers that read its output; the norm keeps normalizing with an identity affine.
-    Where another reader (a residual, an activation) needs the affine output it stays, with the
-    reason (FD112; see ``bnrewrite.rewrite_rules.norm_affine``). Module trees only.
+    - ``prove`` (with example inputs): every fold checked locally against what it replaced, undone
+      by name where it differs (FD207); outputs compared with the eager pass (``bnrewrite.proof``).
+    - ``check_trace``: compare each traced graph with eager execution first (one more pass).
+    - ``eval_mode``: fold training-mode BatchNorms as if in eval mode.
+    - ``select`` (path globs), ``types`` (``BatchNorm2d``, ``F.batch_norm``...): what to fold.
+    - ``bn_to_affine``: a BatchNorm no neighbour absorbs becomes a scale-and-shift (else it stays).
+    - ``speed_check``: keep a BatchNorm whose fold gives a transposed conv a bias that slows it
+      on this machine (FD108).
+    - ``merge_branches``: merge parallel branches that are linear once folded (RepVGG, ACNet,
+      DBB, MobileOne, RepConv) into one conv where that costs no more (FD109, FD110).
+    - ``dry_run``: only the plan (``extra['plan']``): nothing computed, changed or proven.
+    - ``precision``: thresholds of PR001-PR005 (``extra['precision']``, ``weight_precision``).
+    - ``target_dtype`` (float16/bfloat16): no fold that overflows it or doubles its error
+      (FD111); the proof reports both models' errors in it.
+    - ``norm_affine``: also fold every LayerNorm/RMSNorm/GroupNorm/InstanceNorm affine into the
+      Linear/conv layers that read it, or say why not (FD112, ``rewrite_rules.norm_affine``).
     """
     selector = Selector.of(select, types) if (select or types) else None
     if target_dtype is not None and target_dtype not in (torch.float16, torch.bfloat16):
@@ -147,7 +130,7 @@ def fold(
         precision = dataclasses.replace(precision or PrecisionThresholds(), target_dtype=target_dtype)
     run = FoldRun(inplace, tuple(leaf_modules), record_sources, check_trace, prove, dry_run, precision)
     with gc_paused():
-        return _fold(model, example_inputs, policy, run, cap)
+        return _fold(model, example_inputs, policy, run, None)
 
 
 @dataclass(frozen=True)
@@ -174,6 +157,13 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def plan_capture(model: Any, cap: Capture, policy: FoldPolicy) -> Report:
+    """The plan a fold would apply, made on a capture someone already has (``analyze``'s): the
+    same verdicts, nothing computed, changed or proven; precision is left to the caller."""
+    run = FoldRun(False, cap.leaf_modules, False, False, False, True, None)
+    return _fold(model, cap.example_inputs, policy, run, cap).report
 
 
 def _fold(
@@ -212,7 +202,7 @@ def _fold(
         if own_capture:  # (analyze plans on its capture and reports precision itself)
             steps = [(a.module_path, a.node, a.kind, a.target) for a in report.actions]
             steps += [(d.module_path, d.node, "keeps", None) for d in report.diagnostics if d.code == "FD111"]
-            weight_precision.of_plan(cap.model, report, steps, run.precision)
+            precision_report.of_plan(cap.model, report, steps, run.precision)
         return RewriteResult(model, report)
     if proving:
         try:
@@ -232,7 +222,7 @@ def _fold(
         if not _inside(d.module_path, merged) and not (d.code == "FD208" and d.module_path in affine)
     )
     folded = result.current()
-    weight_precision.of_fold(cap.model, folded, report, run.precision)
+    precision_report.of_fold(cap.model, folded, report, run.precision)
     return RewriteResult(folded, report)
 
 
@@ -242,27 +232,23 @@ def _inside(path: str | None, scopes: set[str]) -> bool:
 
 
 def _fold_graph(
-    model: Any, cap: Capture, rank_of: Any, policy: FoldPolicy, run: FoldRun, report: Report
+    model: Any, cap: Capture, rank_of: ShapeLookup, policy: FoldPolicy, run: FoldRun, report: Report
 ) -> RewriteResult:
     """A GraphModule or ExportedProgram: folded as the graph it is, and returned as one."""
     kept: list[Any] = []
     scales = _batchnorm_scales(cap) if not run.dry_run else {}  # (the graph loses them as it folds)
     absorbed: set[str | None] = set()  # BatchNorms a (planned) merge absorbs
     for region in cap.regions:
-        if policy.merge_branches:
-            merged = merge_region(
-                region, policy, apply=not run.dry_run, shape_of=getattr(rank_of, "shape", None)
-            )
-            report.extra.setdefault("branch_sets", []).extend(s.to_dict() for s in merged.sets)
-            report.actions.extend(merged.actions)
-            report.diagnostics.extend(merged.diagnostics)
-            absorbed.update(a.node for a in merged.actions)
-        rf = fold_region(
-            region, rank_of, policy, inplace=run.inplace and not run.dry_run, compile=not run.dry_run
+        ran = run_rules(
+            region, rank_of, policy, apply=not run.dry_run, inplace=run.inplace and not run.dry_run
         )
-        report.actions.extend(a for a in rf.actions if a.node not in absorbed)
-        report.diagnostics.extend(rf.diagnostics)
-        kept.extend(rf.kept)
+        if ran.merged is not None:
+            report.extra.setdefault("branch_sets", []).extend(s.to_dict() for s in ran.merged.sets)
+            report.actions.extend(ran.merged.actions)
+            absorbed.update(a.node for a in ran.merged.actions)
+        report.actions.extend(a for a in ran.folded.actions if a.node not in absorbed)
+        report.diagnostics.extend(ran.diagnostics)
+        kept.extend(ran.folded.kept)
     report.diagnostics.extend(opaque_diagnostics(cap))
     if policy.norm_affine:
         report.diagnostics.append(
@@ -275,19 +261,17 @@ def _fold_graph(
             )
         )
     if run.dry_run:
-        report.extra["plan"] = [
-            {"folds": [a.module_path or a.node for a in report.actions], "graph": "<root>"},
-            *(kept_step(d) for d in kept),
-        ]
+        folds = [a.module_path or a.node or "?" for a in report.actions]
+        report.plan = Plan([GraphStep("<root>", [], folds), *(kept_step(d) for d in kept)])
         return RewriteResult(model, report)
     folded = assemble(cap, inplace=run.inplace)
-    weight_precision.of_fold(cap.model, folded, report, run.precision, scales=scales)
+    precision_report.of_fold(cap.model, folded, report, run.precision, scales=scales)
     return RewriteResult(folded, report)
 
 
 def _batchnorm_scales(cap: Capture) -> dict[str, torch.Tensor]:
     """Each BatchNorm's ``gamma / sqrt(var + eps)`` by module path, read from the graphs."""
-    from .graph.norms import find_norms
+    from bnrewrite.semantics.norms import find_norms
 
     out = {}
     for site in find_norms(cap)[0]:
@@ -300,7 +284,7 @@ def _errors_in(
     original: nn.Module, folded: nn.Module, inputs: tuple[Any, ...], dtype: torch.dtype
 ) -> dict[str, Any]:
     """Both models run in ``dtype`` against float64: the two errors side by side."""
-    from .verify import verify
+    from bnrewrite.verify import verify
 
     try:
         result = verify(original, folded, inputs, random_sets=0, dtype=dtype)
@@ -334,7 +318,9 @@ def _prove(
         )
     for unit, why in outcome.undone:
         for a in unit.actions:
-            scale = weight_precision.batchnorm_scale(weight_precision._module(cap.model, a.module_path))
+            scale = weight_precision.batchnorm_scale(
+                precision_report.module_at_path(cap.model, a.module_path)
+            )
             ill = weight_precision.ill_conditioned(scale, thresholds) if scale is not None else None
             verb = "fold undone" if why.code == "FD207" else "kept for the target dtype"
             report.diagnostics.append(

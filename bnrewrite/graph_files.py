@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import BnrewriteError, UsageError
-from .files import atomic_path, check_output, format_of
-from .graph.capture import capture
-from .graph.view import to_networkx
+from bnrewrite.capture.capture_model import capture
+from bnrewrite.errors import BnrewriteError, UsageError
+from bnrewrite.files import atomic_path, check_output, format_of
+from bnrewrite.semantics.view import to_networkx
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -164,7 +164,7 @@ def write_dot_and_svg(
         svg = render_svg(dot_text)
         info["renderer"] = "graphviz"
         if svg is None and view is not None:
-            from .graph_svg import render
+            from bnrewrite.graph_svg import render
 
             svg = render(view, status=status, edge_status=edge_status, title=_title(dot_text)).encode()
             info["renderer"] = "bnrewrite (Graphviz not found)"

@@ -83,12 +83,23 @@ def render(
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
         'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>',
     ]
+    out.extend(_edges(view, xy, edge_status or {}))
+    out.extend(_boxes(view, keep, xy, status or {}))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _edges(
+    view: Any, xy: dict[str, tuple[float, float]], edge_status: dict[tuple[str, str], str]
+) -> list[str]:
+    """One curve per edge between drawn boxes: red dashes where removed, green where added."""
+    out: list[str] = []
     for u, v in view.edges():
         if u not in xy or v not in xy:
             continue
         (x1, y1), (x2, y2) = xy[u], xy[v]
         x1, y1, x2, y2 = x1 + _BOX_W / 2, y1 + _BOX_H, x2 + _BOX_W / 2, y2
-        st = (edge_status or {}).get((u, v), "")
+        st = edge_status.get((u, v), "")
         color = {"removed": "#cc0000", "added": "#38761d"}.get(st, "#555")
         dash = ' stroke-dasharray="5,3"' if st == "removed" else ""
         bend = max((y2 - y1) / 2, 12)
@@ -96,10 +107,18 @@ def render(
             f'<path d="M {x1:.1f} {y1:.1f} C {x1:.1f} {y1 + bend:.1f}, {x2:.1f} {y2 - bend:.1f}, {x2:.1f} {y2:.1f}" '
             f'fill="none" stroke="{color}" stroke-width="{2 if st == "added" else 1.2}"{dash} marker-end="url(#arrow)"/>'
         )
+    return out
+
+
+def _boxes(
+    view: Any, keep: list[str], xy: dict[str, tuple[float, float]], status: dict[str, str]
+) -> list[str]:
+    """One box per node: its module path (or name) and what it computes, coloured by status."""
+    out: list[str] = []
     for n in keep:
         a = view.nodes[n]
         x, y = xy[n]
-        fill, stroke, dash = _COLORS.get((status or {}).get(n, ""), ("#ffffff", "#444444", ""))
+        fill, stroke, dash = _COLORS.get(status.get(n, ""), ("#ffffff", "#444444", ""))
         dashes = f' stroke-dasharray="{dash}"' if dash else ""
         label = str(a.get("module_path") or n)
         kind = str(a.get("module_type") or a.get("target") or a.get("op") or "")
@@ -116,5 +135,4 @@ def render(
         out.append(
             f'<text x="{x + 6:.1f}" y="{y + 32:.1f}" fill="#555">{escape(_text(sub, _BOX_W))}</text></g>'
         )
-    out.append("</svg>")
-    return "\n".join(out)
+    return out

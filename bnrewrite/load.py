@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import _archive_kind, _require_file, _short, load_weights
-from .errors import BnrewriteError, UsageError
+from bnrewrite.checkpoint import _archive_kind, _require_file, _short, load_weights
+from bnrewrite.errors import BnrewriteError, UsageError
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _UNREGISTERED = re.compile(r"Deserializing (\S+) in pytree is not registered")

@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
 
-from .modules import ChannelAffine
-from .runtime import eval_modes, own_copies
+from bnrewrite.modules import ChannelAffine
+from bnrewrite.runtime import eval_modes, own_copies
 
 Absorbed = tuple[str, torch.Tensor, "torch.Tensor | None"]
 _HOOK_DICTS = (
@@ -131,22 +131,22 @@ class LocalCheck:
             self.code = code
 
 
-def _channel_view(t: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+def channel_view(t: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
     shape = [1] * like.dim()
     shape[axis] = -1
     return t.to(dtype=like.dtype, device=like.device).reshape(shape)
 
 
 def _affine(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None, axis: int) -> torch.Tensor:
-    y = x * _channel_view(s, x, axis)
-    return y + _channel_view(t, x, axis) if t is not None else y
+    y = x * channel_view(s, x, axis)
+    return y + channel_view(t, x, axis) if t is not None else y
 
 
 def _eps(t: torch.Tensor) -> float:
     return float(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
 
 
-def _mismatch(got: Any, want: Any, magnitude: Any, fan_in: int, extra: float = 0.0) -> str | None:
+def mismatch(got: Any, want: Any, magnitude: Any, fan_in: int, extra: float = 0.0) -> str | None:
     """Why ``got`` is not ``want`` up to rounding, or None. ``magnitude`` (a number or a 0-d
     tensor) and ``extra``: other sizes the rounding scales with (a value before its shift)."""
     if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor):
@@ -179,13 +179,13 @@ def _mismatch(got: Any, want: Any, magnitude: Any, fan_in: int, extra: float = 0
     return None
 
 
-def _run_original(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def run_original(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The original module in eval mode (no statistics updated), as the eager pass ran it."""
     with torch.no_grad(), eval_modes(module):
         return module(*args, **kwargs)
 
 
-def _fan_in(layer: nn.Module) -> int:
+def fan_in(layer: nn.Module) -> int:
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         return 1
@@ -198,7 +198,7 @@ _SAMPLE_SIDE = 64  # output positions per spatial dim a conv check recomputes (p
 _SAMPLE_ROWS = 256  # rows of a Linear's input a check recomputes
 
 
-def _sample(layer: nn.Module, x: torch.Tensor, extra: bool) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
+def sample(layer: nn.Module, x: torch.Tensor, extra: bool) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
     """A corner of the layer's input and the index of the part of its output that the corner
     determines exactly (the corner starts at the input's own border, so padding there is the
     real one; None: all of it): the check costs a fixed amount per layer however large the
@@ -227,7 +227,7 @@ def _sample(layer: nn.Module, x: torch.Tensor, extra: bool) -> tuple[torch.Tenso
     return x[tuple(crop_in)], tuple(crop_out)
 
 
-def _output_part(layer: nn.Module, out: torch.Tensor, index: tuple[slice, ...] | None) -> torch.Tensor:
+def output_part(layer: nn.Module, out: torch.Tensor, index: tuple[slice, ...] | None) -> torch.Tensor:
     if index is None:
         return out
     if isinstance(layer, nn.Linear):
@@ -235,133 +235,9 @@ def _output_part(layer: nn.Module, out: torch.Tensor, index: tuple[slice, ...] |
     return out[index]
 
 
-def _cropped(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def cropped(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``y`` cut to ``like``'s shape from the start of every dim (the exact part of a corner)."""
     return y[tuple(slice(0, n) for n in like.shape)] if y.shape != like.shape else y
-
-
-class LayerCheck(LocalCheck):
-    """A folded conv/linear against its original weights and the affines it absorbed."""
-
-    def __init__(
-        self,
-        label: str,
-        new: nn.Module,
-        old_params: dict[str, torch.Tensor | None],
-        absorbed: list[Absorbed],
-        *,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(label)
-        self.new = new
-        self.dtype = dtype  # a target dtype: the fold must be as accurate there as the original
-        self.old_params = old_params  # tensors, or stash.Saved ones read back only for the check
-        self.on_disk = any(hasattr(v, "load") for v in old_params.values())
-        self.reference = None if self.on_disk else bare_copy(new, old_params)
-        self.absorbed = absorbed
-        self.axis = 1 if isinstance(new, _ConvNd) else -1
-        shifts = [
-            float(t.abs().max()) for side, _s, t in absorbed if side == "post" and t is not None and t.numel()
-        ]
-        self.shift_max = max(shifts, default=0.0)
-
-    def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        extra = bool(args[1:] or kwargs)
-        x, index = _sample(self.new, args[0], extra)
-        if extra:
-            args, kwargs = own_copies((args, kwargs))
-        x = x.clone()  # the reference layer is the user's class: it gets values of its own
-        for side, s, t in reversed(self.absorbed):
-            if side == "pre":
-                x = self._affine(x, s, t)
-        reference = self.reference
-        if reference is None:  # inplace=True: the old weights are on disk, for this check only
-            loaded = {k: v.load() if hasattr(v, "load") else v for k, v in self.old_params.items()}
-            reference = bare_copy(self.new, loaded)
-        y = reference(x, *args[1:], **kwargs)
-        in_dtype = (
-            self._in_dtype(reference, args[0], index, args[1:], kwargs) if self.dtype is not None else None
-        )
-        del reference
-        magnitude: Any = 0.0
-        for side, s, t in self.absorbed:
-            if side == "post":
-                y = self._affine(y, s, None)
-                magnitude = y.abs().max()  # the scaled value before the shift (cancellation)
-                if t is not None:
-                    y = y + self._view(t, y)
-        return y, index, magnitude, in_dtype
-
-    def check(self, want: Any, out: Any) -> None:
-        y, index, magnitude, in_dtype = want
-        out = _output_part(self.new, out, index)
-        problem = _mismatch(out, _cropped(y, out), magnitude, _fan_in(self.new), self.shift_max)
-        if problem:
-            self.fail(f"the folded layer {problem}")
-        elif in_dtype is not None:
-            self.fail(in_dtype, "FD111")
-
-    def _in_dtype(
-        self,
-        reference: nn.Module,
-        raw: torch.Tensor,
-        index: Any,
-        rest: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> str | None:
-        """Why the folded layer, run in the target dtype, is more than twice as far from
-        float64 as the original layer and its affines run in that dtype; None when it is not."""
-        if rest or kwargs:
-            return None
-        dtype = self.dtype
-        assert dtype is not None
-        x, _ = _sample(self.new, raw, False)
-
-        def run(layer: nn.Module, x: torch.Tensor, kind: torch.dtype, with_affines: bool) -> torch.Tensor:
-            params = {
-                k: v.to(kind) if isinstance(v, torch.Tensor) else v for k, v in layer._parameters.items()
-            }
-            module = bare_copy(layer, params)
-            x = x.to(kind)
-            if with_affines:
-                for side, s, t in reversed(self.absorbed):
-                    if side == "pre":
-                        x = x * self._view(s.to(kind), x) + (
-                            self._view(t.to(kind), x) if t is not None else 0
-                        )
-            y = module(x)
-            if with_affines:
-                for side, s, t in self.absorbed:
-                    if side == "post":
-                        y = y * self._view(s.to(kind), y) + (
-                            self._view(t.to(kind), y) if t is not None else 0
-                        )
-            return y.to(torch.float64)
-
-        exact = run(reference, x, torch.float64, True)
-        original = run(reference, x, dtype, True)
-        folded = _cropped(run(self.new, x, dtype, False), exact)
-        exact, original = _cropped(exact, folded), _cropped(original, folded)
-        e_orig = float((original - exact).abs().max()) if exact.numel() else 0.0
-        e_fold = float((folded - exact).abs().max()) if exact.numel() else 0.0
-        floor = float(torch.finfo(dtype).eps) * float(exact.abs().max() if exact.numel() else 0.0)
-        name = str(dtype).replace("torch.", "")
-        new_nan = e_fold != e_fold and e_orig == e_orig  # (both overflow: the dtype's fault, not the fold's)
-        if new_nan or e_fold > 2 * e_orig + floor:
-            return (
-                f"in {name} the folded layer is {e_fold:.3g} from float64, the original layer and "
-                f"BatchNorm {e_orig:.3g} (more than twice)"
-            )
-        return None
-
-    def _view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        # Not cached: small tensors kept alive between the run's temporaries pin heap pages
-        # (measured: +0.2x of the model's size in RSS at 300 blocks).
-        return _channel_view(t, like, self.axis)
-
-    def _affine(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        y = x * self._view(s, x)
-        return y + self._view(t, x) if t is not None else y
 
 
 _ELEMENTWISE = (
@@ -408,18 +284,18 @@ class SlotCheck(LocalCheck):
         z = _corner(args[0]) if corner else args[0]
         magnitude = float(z.abs().max()) if z.numel() else 0.0
         if self.affine is not None:
-            scale, shift = (_channel_view(v, z, self.axis) for v in self.affine)
+            scale, shift = (channel_view(v, z, self.axis) for v in self.affine)
             nonzero = scale != 0
             z = torch.where(nonzero, (z - shift) / torch.where(nonzero, scale, 1), 0)
             magnitude += float(shift.abs().max()) if shift.numel() else 0.0
         else:
             z = z.clone()  # the original module may write its input (an in-place activation)
-        want = _run_original(self.original, (z, *own_copies(args[1:])), own_copies(kwargs))
+        want = run_original(self.original, (z, *own_copies(args[1:])), own_copies(kwargs))
         return want, magnitude, corner
 
     def check(self, want: Any, out: Any) -> None:
         want, magnitude, corner = want
-        problem = _mismatch(_corner(out) if corner else out, want, magnitude, 1)
+        problem = mismatch(_corner(out) if corner else out, want, magnitude, 1)
         if problem:
             self.fail(f"the module in the BatchNorm's place {problem} (compared with the original module)")
 
@@ -436,16 +312,16 @@ class GraphCheck(LocalCheck):
         return True  # any inputs and outputs: the original module is run as it was called
 
     def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return _run_original(self.original, *own_copies((args, kwargs)))
+        return run_original(self.original, *own_copies((args, kwargs)))
 
     def check(self, want: Any, out: Any) -> None:
         got_leaves, want_leaves = pytree.tree_leaves(out), pytree.tree_leaves(want)
         if len(got_leaves) != len(want_leaves):
             self.fail("the folded graph returns another structure")
             return
-        fan_in = max((_fan_in(m) for m in self.original.modules()), default=1)
+        widest = max((fan_in(m) for m in self.original.modules()), default=1)
         for g, w in zip(got_leaves, want_leaves):
-            problem = _mismatch(g, w, 0.0, fan_in)
+            problem = mismatch(g, w, 0.0, widest)
             if problem:
                 self.fail(f"the folded graph {problem} (compared with the original module)")
                 return

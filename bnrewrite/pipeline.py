@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .diagnostics import Report
-from .errors import UsageError, VerificationError
-from .export import export
-from .files import MODEL_FORMATS, check_output, format_of
-from .fold import fold
-from .graph_files import diff_view, graph_view, to_dot, write_dot_and_svg
-from .load import Loaded
-from .verify import verify
+from bnrewrite.diagnostics import Report
+from bnrewrite.errors import UsageError, VerificationError
+from bnrewrite.export import export
+from bnrewrite.files import MODEL_FORMATS, check_output, format_of
+from bnrewrite.fold import fold
+from bnrewrite.graph_files import diff_view, graph_view, to_dot, write_dot_and_svg
+from bnrewrite.load import Loaded
+from bnrewrite.verify import verify
 
 
 def fold_and_write(

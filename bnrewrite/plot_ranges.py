@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .files import atomic_path, check_output
+from bnrewrite.errors import UsageError
+from bnrewrite.files import atomic_path, check_output
 
 FORMATS = (".svg", ".png")
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .local_checks import LocalCheck
-from .passes.tree_edit import Unit
-from .runtime import buffers_restored, eval_modes, own_copies
-from .verify import DEFAULT_TOLERANCES, output_leaves
+from bnrewrite.editor.units import Unit
+from bnrewrite.local_checks import LocalCheck
+from bnrewrite.runtime import buffers_restored, eval_modes, own_copies
+from bnrewrite.verify import DEFAULT_TOLERANCES, output_leaves
 
 
 @dataclass
@@ -168,8 +168,8 @@ def _against_float64(
     """``verify``'s criterion on the result's outputs: passed when every leaf is within the
     dtype tolerance of a float64 evaluation of the original, or no further from it than twice
     the original's own error. ``problem`` describes the judgement either way."""
-    from .verify import _compare, _to64, float64_copy
-    from .verify import _run as run_model
+    from bnrewrite.verify import _compare, _to64, float64_copy
+    from bnrewrite.verify import _run as run_model
 
     for u in reversed(active):
         u.undo()

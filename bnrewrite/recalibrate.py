@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import progress
-from .codes import finding
-from .diagnostics import Action, Report
-from .errors import BnrewriteError, UsageError
-from .fold import RewriteResult
-from .graph.edit import shallow_copy
-from .graph.norms import norm_with_stats
-from .runtime import error_reason as _reason
-from .select import Selector
+from bnrewrite import progress
+from bnrewrite.codes import finding
+from bnrewrite.diagnostics import Action, Report
+from bnrewrite.editor.edit import shallow_copy
+from bnrewrite.errors import BnrewriteError, UsageError
+from bnrewrite.fold import RewriteResult
+from bnrewrite.runtime import error_reason as _reason
+from bnrewrite.select import Selector
+from bnrewrite.semantics.norms import norm_with_stats
 
 
 def copy_tree(model: nn.Module) -> nn.Module:
@@ -205,7 +205,7 @@ def read_batches(path: str, batch_size: int | None = None) -> list[Any]:
     """Calibration batches from a file: a tensor (split along dim 0), a list of batches, or a
     dict holding one under ``inputs``/``batches``/``data``; ``.pt`` (weights_only) or
     ``.safetensors``."""
-    from .checkpoint import _archive_kind, _require_file
+    from bnrewrite.checkpoint import _archive_kind, _require_file
 
     p = _require_file(path)
     kind = _archive_kind(p)

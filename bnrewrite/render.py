@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .diagnostics import Report, Severity
+from bnrewrite.diagnostics import Report, Severity
 
 _SEV_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 _VERDICT_STYLE = {
@@ -90,6 +90,10 @@ def render_report(report: Report, console: Console) -> None:
         v = report.verification
         style = "green" if v.get("passed") else "bold red"
         console.print(Text.assemble("Verification: ", (str(v.get("summary", "")), style)))
+    if report.plan is not None:
+        console.print(_t(f"plan ({report.plan.edits} edits, nothing changed):"))
+        for step in report.plan.steps:
+            console.print(_t(f"  {step.describe()}"))
     for key, value in report.extra.items():
         if key == "branch_sets":
             if value:
@@ -100,12 +104,6 @@ def render_report(report: Report, console: Console) -> None:
                 console.print(
                     _precision_table(value, "before equalizing" if key == "precision_before" else "")
                 )
-            continue
-        if key == "plan" and isinstance(value, list):
-            edits = sum("keeps" not in step for step in value)
-            console.print(_t(f"plan ({edits} edits, nothing changed):"))
-            for step in value:
-                console.print(_t(f"  {describe_step(step)}"))
             continue
         text = describe_proof(value) if key == "proof" and isinstance(value, dict) else as_text(value)
         console.print(_t(f"{key}: {text}"))
@@ -181,23 +179,6 @@ def _branch_sets_table(sets: list[dict[str, Any]]) -> Table:
             _t(s["reason"]),
         )
     return t
-
-
-def describe_step(step: dict[str, Any]) -> str:
-    """One planned edit in words."""
-    folds = ", ".join(str(f) for f in step.get("folds", []))
-    if "keeps" in step:
-        return f"{step.get('module') or step['keeps']} stays: {step['reason']}"
-    if "becomes" in step:
-        return f"{step['module']} becomes {step['becomes']}"
-    if "graph" in step and "folds" not in step:
-        return f"{step['graph']} becomes its rewritten graph: {'; '.join(step.get('reasons', []))}"
-    if "graph" in step:
-        return (
-            f"{step['graph']} becomes its folded graph (folds {folds}): {'; '.join(step.get('reasons', []))}"
-        )
-    modules = ", ".join(f"{p} -> {m}" for p, m in step.get("modules", {}).items())
-    return f"fold {folds}: {modules}; new weights in {', '.join(step.get('weights', [])) or '-'}"
 
 
 def render_summary(outcomes: list[tuple[str, Any, str | None]], lint: Any, console: Console) -> None:

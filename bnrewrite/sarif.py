@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import codes
-from .diagnostics import Diagnostic, Report, Severity
+from bnrewrite import codes
+from bnrewrite.diagnostics import Diagnostic, Report, Severity
 
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 LEVELS = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}

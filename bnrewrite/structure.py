@@ -20,10 +20,10 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .errors import BnrewriteError
-from .graph.edit import Editor
-from .modules import ChannelAffine
-from .passes.norm_rest import REST_ATTR, chain_of
+from bnrewrite.editor.edit import Editor
+from bnrewrite.errors import BnrewriteError
+from bnrewrite.modules import ChannelAffine
+from bnrewrite.rewrite_rules.norm_rest import REST_ATTR, chain_of
 
 KEY = "bnrewrite_structure"
 VERSION = 1

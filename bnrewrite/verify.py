@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import progress
-from .errors import BnrewriteError
-from .graph.capture import capture, normalize_inputs
-from .passes.fold_bn import EQUIV
-from .precision import Float64Everywhere
-from .runtime import buffers_restored, own_copies
-from .runtime import error_reason as _reason
+from bnrewrite import progress
+from bnrewrite.capture.capture_model import capture, normalize_inputs
+from bnrewrite.errors import BnrewriteError
+from bnrewrite.precision import Float64Everywhere
+from bnrewrite.runtime import buffers_restored, own_copies
+from bnrewrite.runtime import error_reason as _reason
+from bnrewrite.semantics.ops import EQUIV
 
 # dtype -> (rtol, atol), relative to the largest reference magnitude of each output
 DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -193,6 +193,33 @@ def random_like(inputs: tuple[Any, ...], seed: int) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _compare_set(
+    result: VerifyResult,
+    i: int,
+    ref_out: list[tuple[str, Any]],
+    base_out: list[tuple[str, Any]],
+    new_out: list[tuple[str, Any]],
+    rtol: float | None,
+    atol: float | None,
+) -> None:
+    """Compare one input set's outputs, leaf by leaf; a different structure or shape is an error."""
+    if [p for p, _ in new_out] != [p for p, _ in ref_out]:
+        raise BnrewriteError(
+            f"the models return different output structures: {[p for p, _ in ref_out]} originally, "
+            f"{[p for p, _ in new_out]} now"
+        )
+    for (path, r), (_, o), (_, n) in zip(ref_out, base_out, new_out):
+        if not isinstance(r, torch.Tensor):
+            continue
+        if not isinstance(n, torch.Tensor) or n.shape != r.shape:
+            raise BnrewriteError(
+                f"{path} has shape {tuple(r.shape)} originally, {getattr(n, 'shape', n)} now"
+            )
+        check = _compare(i, len(result.checks), path, r, o, n, rtol, atol)
+        result.checks.append(check)
+        result.passed = result.passed and check.passed
+
+
 def verify(
     original: Any,
     rewritten: Any,
@@ -238,22 +265,7 @@ def verify(
                 "dtype, tolerance from its sensitivity to one-ulp input changes"
             )
             ref = None
-        new_out = _run(run_new, xs)
-        if [p for p, _ in new_out] != [p for p, _ in ref_out]:
-            raise BnrewriteError(
-                f"the models return different output structures: {[p for p, _ in ref_out]} originally, "
-                f"{[p for p, _ in new_out]} now"
-            )
-        for (path, r), (_, o), (_, n) in zip(ref_out, base_out, new_out):
-            if not isinstance(r, torch.Tensor):
-                continue
-            if not isinstance(n, torch.Tensor) or n.shape != r.shape:
-                raise BnrewriteError(
-                    f"{path} has shape {tuple(r.shape)} originally, {getattr(n, 'shape', n)} now"
-                )
-            check = _compare(i, len(result.checks), path, r, o, n, rtol, atol)
-            result.checks.append(check)
-            result.passed = result.passed and check.passed
+        _compare_set(result, i, ref_out, base_out, _run(run_new, xs), rtol, atol)
     if not result.passed:
         failing = next(c for c in result.checks if not c.passed)
         result.first_divergence, note = localize(orig, new, sets[failing.input_set], rtol, atol)

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .codes import finding
-from .diagnostics import Diagnostic
+from bnrewrite.codes import finding
+from bnrewrite.diagnostics import Diagnostic
 
 FP16_MAX = 65504.0
 _TINY = {  # smallest normal value: below it (and not zero) a value is subnormal
@@ -28,7 +28,11 @@ _TINY = {  # smallest normal value: below it (and not zero) a value is subnormal
     torch.float16: 6.103515625e-05,
     torch.bfloat16: 1.1754943508222875e-38,
 }
-_MAX = {torch.float16: FP16_MAX, torch.bfloat16: 3.3895313892515355e38, torch.float32: 3.4028234663852886e38}
+DTYPE_MAX = {
+    torch.float16: FP16_MAX,
+    torch.bfloat16: 3.3895313892515355e38,
+    torch.float32: 3.4028234663852886e38,
+}
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -64,7 +68,7 @@ def int8_sqnr_db(rows: torch.Tensor, per_channel_scale: bool) -> float:
     """SQNR (dB) of symmetric int8 quantization of ``rows`` (one output channel each), per tensor
     or per channel, averaged over the channels (each channel's own signal over its own noise: a
     small channel rounded to a few levels counts as much as a large one; capped at 100 dB)."""
-    entry = measure_layers([_item("rows", rows, None, "linear", 1)])[0]
+    entry = measure_layers([measure_item("rows", rows, None, "linear", 1)])[0]
     return entry.per_channel_db if per_channel_scale else entry.per_tensor_db
 
 
@@ -122,7 +126,7 @@ def _finite(x: float) -> float | None:
 
 
 @dataclass
-class _Item:
+class MeasureItem:
     """One layer waiting to be measured."""
 
     layer: str
@@ -134,7 +138,7 @@ class _Item:
     node: str | None = None
 
 
-def _item(
+def measure_item(
     layer: str,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -142,10 +146,10 @@ def _item(
     groups: int,
     before: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     node: str | None = None,
-) -> _Item:
+) -> MeasureItem:
     rows = per_channel(weight, kind, groups)
     b = bias.detach().reshape(-1).to(rows.dtype) if bias is not None else rows.new_zeros(rows.shape[0])
-    return _Item(layer, rows, b, kind, groups, before, node)
+    return MeasureItem(layer, rows, b, kind, groups, before, node)
 
 
 def measure_layer(
@@ -160,13 +164,15 @@ def measure_layer(
 ) -> LayerPrecision:
     """The numbers of one layer's weights as they will be stored. ``before``: the layer's
     weight and bias before the fold; values already subnormal there are not the fold's doing."""
-    return measure_layers([_item(layer, weight, bias, kind, groups, before, node)], thresholds)[0]
+    return measure_layers([measure_item(layer, weight, bias, kind, groups, before, node)], thresholds)[0]
 
 
 _CHUNK = 1 << 19  # weights measured together (2 MB of float32): few ops per layer, bounded memory
 
 
-def measure_layers(items: list[_Item], thresholds: PrecisionThresholds | None = None) -> list[LayerPrecision]:
+def measure_layers(
+    items: list[MeasureItem], thresholds: PrecisionThresholds | None = None
+) -> list[LayerPrecision]:
     """Measure many layers: those of one weight shape together, in a handful of tensor ops (a
     network of 600 layers must not pay 40 small ops per layer), then the rare cases one by one."""
     th = thresholds or PrecisionThresholds()
@@ -183,7 +189,7 @@ def measure_layers(items: list[_Item], thresholds: PrecisionThresholds | None = 
     return [out[i] for i in range(len(items))]
 
 
-def _measure_stack(items: list[_Item], th: PrecisionThresholds) -> list[LayerPrecision]:
+def _measure_stack(items: list[MeasureItem], th: PrecisionThresholds) -> list[LayerPrecision]:
     rows = torch.stack([it.rows for it in items])  # (L, C, N): the one copy, plus one work buffer
     b = torch.stack([it.bias for it in items])  # (L, C)
     work = torch.abs(rows)
@@ -216,7 +222,9 @@ def _measure_stack(items: list[_Item], th: PrecisionThresholds) -> list[LayerPre
     return [_entry(it, ranges[k].clone(), row, th) for k, (it, row) in enumerate(zip(items, table))]
 
 
-def _entry(it: _Item, ranges: torch.Tensor, numbers: list[float], th: PrecisionThresholds) -> LayerPrecision:
+def _entry(
+    it: MeasureItem, ranges: torch.Tensor, numbers: list[float], th: PrecisionThresholds
+) -> LayerPrecision:
     """One layer's entry from its batched numbers; the rare cases (subnormals, overflow, a wide
     spread, dead channels) look at the layer's own tensors."""
     per_tensor, per_channel_db, count, w_min, bw_min, r_min, r_max, b_max, dead = numbers
@@ -358,7 +366,7 @@ def batchnorm_findings(
                 path,
             )
         )
-    limit = _MAX.get(th.target_dtype) if th.target_dtype is not None else None
+    limit = DTYPE_MAX.get(th.target_dtype) if th.target_dtype is not None else None
     if limit is not None and bool((scale.abs() > limit).any()):
         where = (scale.abs() > limit).nonzero().flatten()
         out.append(
@@ -383,211 +391,3 @@ def ill_conditioned(scale: torch.Tensor, thresholds: PrecisionThresholds | None 
         f"ill-conditioned BatchNorm (PR004): |gamma| / sqrt(var + eps) up to {float(scale.abs().max()):.3g} "
         f"in channels {_channels(big)}"
     )
-
-
-# -- what a fold produced, what a plan would produce ---------------------------------------------
-def _layer_kind(module: Any) -> tuple[str, int] | None:
-    from torch import nn
-
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return ("conv_transpose" if module.transposed else "conv"), module.groups
-    if isinstance(module, nn.Linear):
-        return "linear", 1
-    return None
-
-
-def _module(root: Any, path: str | None) -> Any:
-    if not path:
-        return None
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _targets(action_target: str | None) -> list[str]:
-    return [t.strip() for t in (action_target or "").split(",") if t.strip()]
-
-
-class PrecisionReport:
-    """Collects layer entries and findings once per layer and per BatchNorm."""
-
-    def __init__(self, thresholds: PrecisionThresholds | None) -> None:
-        self.th = thresholds or PrecisionThresholds()
-        self.layers: dict[str, LayerPrecision] = {}
-        self.findings: list[Diagnostic] = []
-        self._bns: set[str] = set()
-        self._queue: dict[str, _Item] = {}
-        self._bn_queue: list[tuple[str, Any, str | None]] = []
-
-    def layer(
-        self,
-        path: str,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        kind: str,
-        groups: int,
-        before: Any = None,
-    ) -> None:
-        if path in self._queue or not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            return
-        old = (
-            (before.weight, before.bias)
-            if isinstance(getattr(before, "weight", None), torch.Tensor)
-            else None
-        )
-        self._queue[path] = _item(path, weight, bias, kind, groups, old)
-
-    def batchnorm(self, path: str | None, module: Any, node: str | None = None) -> None:
-        """PR004 (and PR001 for the target dtype) for a BatchNorm module, checked with the others
-        of its width in one pass (most BatchNorms are fine)."""
-        if path and path not in self._bns and isinstance(getattr(module, "running_var", None), torch.Tensor):
-            self._bns.add(path)
-            self._bn_queue.append((path, module, node))
-
-    def _measure_batchnorms(self) -> None:
-        by_width: dict[int, list[tuple[str, Any, str | None]]] = {}
-        for entry in self._bn_queue:
-            by_width.setdefault(entry[1].running_var.numel(), []).append(entry)
-        self._bn_queue.clear()
-        limit = self.th.ill_conditioned_scale
-        big = _MAX.get(self.th.target_dtype, math.inf) if self.th.target_dtype is not None else math.inf
-        for entries in by_width.values():
-            var = torch.stack([m.running_var.detach().float() for _, m, _ in entries])
-            eps = torch.tensor([float(getattr(m, "eps", 1e-5)) for _, m, _ in entries]).unsqueeze(1)
-            gamma = torch.stack(
-                [m.weight.detach().float() if isinstance(m.weight, torch.Tensor) else torch.ones_like(m.running_var, dtype=torch.float32) for _, m, _ in entries]
-            )  # fmt: skip
-            worst = (gamma.abs() / (var.double() + eps.double()).sqrt()).amax(dim=1).tolist()
-            for (path, module, node), w in zip(entries, worst):
-                if w > limit or w > big or w != w:  # the rare one: its own check, with its channels
-                    scale = batchnorm_scale(module)
-                    if scale is not None:
-                        self.findings.extend(batchnorm_findings(path, scale, self.th, node))
-
-    def measure(self) -> None:
-        """Measure every queued layer (together: see :func:`measure_layers`)."""
-        self._measure_batchnorms()
-        items = list(self._queue.values())
-        self._queue.clear()
-        for entry in measure_layers(items, self.th):
-            self.layers[entry.layer] = entry
-            found = layer_findings(entry, self.th)
-            entry.codes = {d.code for d in found}
-            self.findings.extend(found)
-
-    def write(self, report: Any) -> None:
-        self.measure()
-        report.extra["precision"] = [e.to_dict() for e in self.layers.values()]
-        report.details["precision"] = list(self.layers.values())
-        report.diagnostics.extend(self.findings)
-
-
-def of_fold(
-    original: Any,
-    result: Any,
-    report: Any,
-    thresholds: PrecisionThresholds | None = None,
-    scales: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """What the fold produced: every layer an applied fold wrote, every BatchNorm it absorbed.
-    ``scales``: BatchNorm scales by module path, where ``original`` holds no modules (a program)."""
-    pr = PrecisionReport(thresholds)
-    for path, scale in (scales or {}).items():
-        if path not in pr._bns:
-            pr._bns.add(path)
-            pr.findings.extend(batchnorm_findings(path, scale, pr.th))
-    graph_layers = _graph_layers(result)  # a graph result (a program's fold): layers by module path
-    if scales is None and hasattr(original, "named_modules"):  # every BatchNorm, as analyze checks
-        for path, module in original.named_modules():
-            if path and isinstance(getattr(module, "running_var", None), torch.Tensor):
-                pr.batchnorm(path, module)
-    for action in report.actions:
-        if not (action.kind.startswith("fold") or action.kind == "merge-branches"):
-            continue
-        pr.batchnorm(action.module_path, _module(original, action.module_path), action.node)
-        for path in _targets(action.target):
-            layer = _module(result, path)
-            kind = _layer_kind(layer)
-            if kind is not None:
-                pr.layer(path, layer.weight, layer.bias, *kind, before=_module(original, path))
-            elif path in graph_layers:
-                site = graph_layers[path]
-                pr.layer(path, site.weight, site.bias, site.kind, site.groups)
-    pr.write(report)
-
-
-def _graph_layers(result: Any) -> dict[str, Any]:
-    """The conv/linear applications of an ATen graph by module path (weights as stored)."""
-    from torch import fx
-
-    if not isinstance(result, fx.GraphModule):
-        return {}
-    from .graph.captured import Region
-    from .graph.layers import layer_site
-
-    region = Region("", result, "aten")
-    found: dict[str, Any] = {}
-    for node in result.graph.nodes:
-        if node.op in ("call_function", "call_module"):
-            site = layer_site(region, node)
-            if site is not None and site.weight is not None and site.module_path:
-                found.setdefault(site.module_path, site)
-    return found
-
-
-def of_plan(
-    model: Any,
-    report: Any,
-    steps: list[tuple[str | None, str | None, str, str | None]],
-    thresholds: PrecisionThresholds | None = None,
-) -> None:
-    """What a plan would produce (analyze, ``fold --dry-run``): the folded weights of every
-    planned fold into module layers, computed in float64 from the BatchNorm's statistics, and
-    PR004 for every BatchNorm. ``steps``: (BatchNorm path, node, verdict, target layers)."""
-    pr = PrecisionReport(thresholds)
-    for path, node, verdict, target in steps:
-        bn = _module(model, path)
-        pr.batchnorm(path, bn, node)  # PR004: every BatchNorm, in one pass per width
-        if verdict in ("fold-into-preceding", "fold-into-following"):
-            scale = batchnorm_scale(bn)
-            if scale is not None:
-                _planned_fold(pr, model, bn, scale, verdict, _targets(target))
-    pr.write(report)
-
-
-def _planned_fold(
-    pr: PrecisionReport, model: Any, bn: Any, scale: torch.Tensor, verdict: str, targets: list[str]
-) -> None:
-    from .passes import fold_math
-
-    layers = [(p, _module(model, p)) for p in targets]
-    if not layers or any(_layer_kind(m) is None for _, m in layers):
-        return
-    mean, beta = getattr(bn, "running_mean", None), getattr(bn, "bias", None)
-    shift = (
-        -mean.detach().to(torch.float64) * scale
-        if isinstance(mean, torch.Tensor)
-        else torch.zeros_like(scale)
-    )
-    if isinstance(beta, torch.Tensor):
-        shift = shift + beta.detach().to(torch.float64)
-    widths = [getattr(m, "out_channels", getattr(m, "out_features", 0)) for _, m in layers]
-    concat = verdict == "fold-into-preceding" and len(layers) > 1 and sum(widths) == len(scale)
-    start = 0
-    for i, (path, layer) in enumerate(layers):
-        kind, groups = _layer_kind(layer)  # type: ignore[misc]
-        s, t = scale, shift
-        if concat:  # each piece of a concatenation takes its slice
-            s, t = scale[start : start + widths[i]], shift[start : start + widths[i]]
-            start += widths[i]
-        elif verdict == "fold-into-preceding" and i:
-            t = None  # a sum: the shift goes into one term only
-        try:
-            if verdict == "fold-into-preceding":
-                w, b = fold_math.into_preceding(kind, layer.weight, layer.bias, groups, s, t)
-            else:
-                w, b = fold_math.into_following(kind, layer.weight, layer.bias, groups, s, shift)
-        except (RuntimeError, ValueError):
-            continue
-        pr.layer(path, w, b, kind, groups, before=layer)

@@ -24,7 +24,7 @@ torch.set_num_threads(2)
 def _timing_free_folds(request, monkeypatch):
     """Fold outcomes must not depend on this machine's timings: the speed check (FD108) sees
     every transposed conv bias as free, except in tests marked ``real_timing``."""
-    from bnrewrite.passes import fold_cost
+    from bnrewrite.plan import fold_cost
 
     monkeypatch.setattr(fold_cost, "_cache", {})
     if request.node.get_closest_marker("real_timing") is None:

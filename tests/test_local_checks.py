@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bnrewrite import fold
-from bnrewrite.passes import fold_bn, merge_branches, norm_rest, tree_edit
+from bnrewrite.rewrite_rules import bn_tree, fold_bn, merge_branches, norm_rest
 from bnrewrite.verify import verify
 from samples._stats import trained
 
@@ -182,7 +182,7 @@ def test_the_rest_of_a_norm_module_planted_wrong_is_named_by_the_slot_check(monk
         rest.module = _Scaled(rest.module) if rest.module is not None else None
         return rest
 
-    monkeypatch.setattr(tree_edit, "rest_of", planted)
+    monkeypatch.setattr(bn_tree, "rest_of", planted)
     folded, report = fold(model, inputs)
     _assert_named(model, inputs, report, folded, "1", "the module in the BatchNorm's place differs")
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from bnrewrite import fold
-from bnrewrite.graph.edit import Editor
-from bnrewrite.passes import tree_edit
-from bnrewrite.passes.norm_rest import Rest
+from bnrewrite.editor.edit import Editor
+from bnrewrite.rewrite_rules import bn_tree
+from bnrewrite.rewrite_rules.norm_rest import Rest
 from bnrewrite.verify import verify
 from tests.conftest import load_sample, randomize_bn
 from tests.passes.test_fold_tree import Mistraced
@@ -42,7 +42,7 @@ def test_a_planted_fold_that_drops_an_activation_is_caught_and_undone(monkeypatc
     x = torch.randn(2, 3, 8, 8)
     right, spared = fold(model, (x,))  # without the plant the same fold is kept
     assert not [d for d in spared.diagnostics if d.code == "FD207"] and type(right.bn) is not type(model.bn)
-    monkeypatch.setattr(tree_edit, "rest_of", _drop_the_rest)  # the real planner, with the old bug
+    monkeypatch.setattr(bn_tree, "rest_of", _drop_the_rest)  # the real planner, with the old bug
     folded, report = fold(model, (x,))
     undone = [d for d in report.diagnostics if d.code == "FD207"]
     assert [d.module_path for d in undone] == ["bn"]
@@ -57,7 +57,7 @@ def test_the_planted_drift_is_below_the_global_tolerance(monkeypatch):
     """Why a local check is needed: the final outputs alone would accept the wrong fold."""
     model = randomize_bn(TinyBranch())
     x = torch.randn(2, 3, 8, 8)
-    monkeypatch.setattr(tree_edit, "rest_of", _drop_the_rest)
+    monkeypatch.setattr(bn_tree, "rest_of", _drop_the_rest)
     folded, _ = fold(model, (x,), prove=False)
     with torch.no_grad():
         ref, got = model(x), folded(x)
@@ -77,7 +77,7 @@ def test_enet_keeps_its_right_folds_where_float32_flips_decisions():
 
 
 def test_a_drift_no_local_check_explains_is_judged_and_undone_without_bisection(monkeypatch):
-    monkeypatch.setattr(tree_edit.TreePlanner, "_misread", lambda *_a: "")  # blind the eager check
+    monkeypatch.setattr(bn_tree.TreePlanner, "_misread", lambda *_a: "")  # blind the eager check
     model = randomize_bn(Mistraced())
     x = torch.randn(2, 3, 8, 8)
     folded, report = fold(model, (x,))
@@ -129,7 +129,7 @@ def test_inplace_undo_restores_the_old_weights_from_disk(monkeypatch):
         folders.append(self.folder)
 
     monkeypatch.setattr(stash_mod.Stash, "__init__", tracked)
-    monkeypatch.setattr(tree_edit, "rest_of", _drop_the_rest)
+    monkeypatch.setattr(bn_tree, "rest_of", _drop_the_rest)
     model = randomize_bn(TinyBranch()).eval()
     x = torch.randn(2, 3, 8, 8)
     want = model(x).detach()

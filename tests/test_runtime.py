@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnrewrite.graph.recording import record_run
+from bnrewrite.capture.recording import record_run
 from bnrewrite.runtime import buffers_restored, eval_modes
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnrewrite.modules import ChannelwiseLayerNorm, FrozenBatchNorm
-from bnrewrite.passes.norm_factory import default_groups
 from bnrewrite.surgery import fix, insert, remove, swap
+from bnrewrite.surgery.norm_factory import default_groups
 from tests.conftest import assert_unchanged, load_sample, randomize_bn, state_snapshot
 
 
@@ -256,10 +256,11 @@ def test_every_surgery_can_show_its_edits_without_making_them():
         lambda m: fix(m, example_inputs=inputs, dry_run=True),
     ):
         result = op(model)
-        assert result.model is model and "plan" in result.report.extra
-    plan = swap(model, "gn", example_inputs=inputs, dry_run=True).report.extra["plan"]
-    assert plan and all(step["becomes"] == "GroupNorm" for step in plan)
-    assert {s["module"] for s in plan} == {
+        assert result.model is model and result.report.plan is not None
+        assert "plan" in result.report.to_dict()["extra"]
+    plan = swap(model, "gn", example_inputs=inputs, dry_run=True).report.plan.steps
+    assert plan and all(step.becomes == "GroupNorm" for step in plan)
+    assert {s.module for s in plan} == {
         a.module_path for a in swap(model, "gn", example_inputs=inputs).report.actions
     }
     assert_unchanged(model, snap)

@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from bnrewrite import analyze, fold
-from bnrewrite.graph.norms import is_batchnorm_module
+from bnrewrite.semantics.norms import is_batchnorm_module
 from bnrewrite.verify import verify
 
 monai = pytest.importorskip("monai.networks.nets")

@@ -4,7 +4,7 @@ Every failure is one line on stderr with exit code 2 (usage) or 1 (failure); ``-
 the traceback instead.
 """
 
-from . import analyze, fold, surgery  # noqa: F401  (each registers its commands on the app)
-from .base import app, main
+from bnrewrite.cli import analyze, fold, surgery  # noqa: F401  (each registers its commands on the app)
+from bnrewrite.cli.base import app, main
 
 __all__ = ["app", "main"]

@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import progress
-from ..errors import BnrewriteError, UsageError
-from . import base
-from .base import (
+from bnrewrite import progress
+from bnrewrite.cli import base
+from bnrewrite.cli.base import (
     JsonOpt,
     KeepBranchesOpt,
     LeafOpt,
@@ -23,6 +22,7 @@ from .base import (
     handles_errors,
     out,
 )
+from bnrewrite.errors import BnrewriteError, UsageError
 
 ModelsArg = Annotated[
     list[str],
@@ -88,8 +88,8 @@ def analyze(
     """List every norm layer with its fold verdict, and lint for BatchNorm pitfalls.
 
     Several models give one summary table and one exit code over all of them."""
-    from ..analyze import analyze as run
-    from ..config import load_config
+    from bnrewrite.analyze import analyze as run
+    from bnrewrite.config import load_config
 
     kind = (fmt or ("json" if as_json else "text")).lower()
     if kind not in ("text", "json", "sarif"):
@@ -124,9 +124,9 @@ def analyze(
 
 def _print(outcomes: list[tuple[str, Any, str | None]], kind: str, lint: Any, *, several: bool) -> None:
     """The reports as SARIF, JSON (one report, or a ``models`` list) or tables and a summary."""
-    from .. import __version__
-    from ..render import render_report, render_summary, to_json
-    from ..sarif import to_sarif
+    from bnrewrite import __version__
+    from bnrewrite.render import render_report, render_summary, to_json
+    from bnrewrite.sarif import to_sarif
 
     reports = [r for _, r, _ in outcomes if r is not None]
     if kind == "sarif":

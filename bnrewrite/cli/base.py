@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ..errors import BnrewriteError, UsageError
+from bnrewrite.errors import BnrewriteError, UsageError
 
 app = typer.Typer(
     name="bnrewrite",
@@ -77,7 +77,7 @@ PlotOpt = Annotated[
 def write_plot(report: Any, plot: Path | None, force: bool) -> None:
     """Draw ``--plot`` for the report (its path goes into ``extra['plot']``)."""
     if plot is not None:
-        from ..plot_ranges import plot_ranges
+        from bnrewrite.plot_ranges import plot_ranges
 
         report.extra["plot"] = plot_ranges(report, plot, force=force)
 
@@ -85,7 +85,7 @@ def write_plot(report: Any, plot: Path | None, force: bool) -> None:
 def check_plot(plot: Path | None, force: bool) -> None:
     """Fail before any work when ``--plot`` cannot be written."""
     if plot is not None:
-        from ..plot_ranges import check_plot_path
+        from bnrewrite.plot_ranges import check_plot_path
 
         check_plot_path(plot, force=force)
 
@@ -94,7 +94,7 @@ def dtype_option(value: str | None, flag: str) -> Any:
     """``fp16``/``bf16`` (or ``float16``/``bfloat16``) as a torch dtype; None stays None."""
     if value is None:
         return None
-    from ..weight_precision import DTYPES
+    from bnrewrite.weight_precision import DTYPES
 
     dtype = DTYPES.get(value.lower())
     if dtype is None:
@@ -102,6 +102,14 @@ def dtype_option(value: str | None, flag: str) -> Any:
     return dtype
 
 
+TargetDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target-dtype",
+        help="fp16|bf16: the dtype the model will run in. A BatchNorm stays unfolded where folding "
+        "would overflow it or make its error worse (FD111); the proof reports both models' errors in it.",
+    ),
+]
 NormAffineOpt = Annotated[
     bool,
     typer.Option(
@@ -193,7 +201,7 @@ def _main(
 
 
 def _load(model: str, weights: Path | None, trust_pickle: bool, shapes: list[str] | None) -> tuple[Any, Any]:
-    from ..load import inputs_for, load
+    from bnrewrite.load import inputs_for, load
 
     loaded = load(
         model,
@@ -206,7 +214,7 @@ def _load(model: str, weights: Path | None, trust_pickle: bool, shapes: list[str
 
 
 def _emit(report: Any, as_json: bool) -> None:
-    from ..render import render_report, to_json
+    from bnrewrite.render import render_report, to_json
 
     if as_json:
         print(to_json(report.to_dict()))

@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from .. import codes, progress
-from ..errors import UsageError
-from . import base
-from .base import (
+from bnrewrite import codes, progress
+from bnrewrite.cli import base
+from bnrewrite.cli.base import (
     ForceOpt,
     FormatOpt,
     JsonOpt,
@@ -28,6 +27,7 @@ from .base import (
     handles_errors,
     out,
 )
+from bnrewrite.errors import UsageError
 
 FoldOutputOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Where to write the folded model.")
@@ -90,20 +90,13 @@ def fold(
     keep_branches: KeepBranchesOpt = False,
     norm_affine: base.NormAffineOpt = False,
     dry_run: DryRunOpt = False,
-    target_dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--target-dtype",
-            help="fp16|bf16: the dtype the model will run in. A BatchNorm stays unfolded where folding "
-            "would overflow it or make its error worse (FD111); the proof reports both models' errors in it.",
-        ),
-    ] = None,
+    target_dtype: base.TargetDtypeOpt = None,
     plot: base.PlotOpt = None,
 ) -> None:
     """Fold eval-mode BatchNorm into neighbouring conv/linear weights and write the result."""
-    from ..config import load_config
-    from ..fold import fold as fold_model
-    from ..pipeline import fold_and_write
+    from bnrewrite.config import load_config
+    from bnrewrite.fold import fold as fold_model
+    from bnrewrite.pipeline import fold_and_write
 
     if output is None and not dry_run:
         raise UsageError("fold needs -o OUT (or --dry-run to only show the plan)")
@@ -123,23 +116,14 @@ def fold(
         "target_dtype": base.dtype_option(target_dtype, "--target-dtype"),
     }
     if dry_run:
-        plan = fold_model(loaded.model, inputs, dry_run=True, record_sources=True, **options).report
-        plan.model = loaded.source
-        base.write_plot(plan, plot, force)
-        _emit(plan, as_json)
-        return
-    assert output is not None
-    report = fold_and_write(
-        loaded,
-        output,
-        inputs,
-        verify=verify,
-        fmt=fmt,
-        dynamic_batch=dynamic_batch,
-        graph=graph,
-        force=force,
-        **options,
-    )
+        report = fold_model(loaded.model, inputs, dry_run=True, record_sources=True, **options).report
+        report.model = loaded.source
+    else:
+        assert output is not None
+        report = fold_and_write(
+            loaded, output, inputs, verify=verify, fmt=fmt, dynamic_batch=dynamic_batch, graph=graph,
+            force=force, **options,
+        )  # fmt: skip
     base.write_plot(report, plot, force)
     _emit(report, as_json)
 
@@ -162,9 +146,9 @@ def verify_cmd(
     ] = None,
 ) -> None:
     """Check that REWRITTEN computes what ORIGINAL computes (float64 reference)."""
-    from ..load import inputs_for, load
-    from ..render import to_json
-    from ..verify import verify
+    from bnrewrite.load import inputs_for, load
+    from bnrewrite.render import to_json
+    from bnrewrite.verify import verify
 
     a = load(
         original, trust_pickle=trust_pickle, imports=_state["imports"], auto_import=_state["auto_import"]
@@ -205,8 +189,8 @@ def export(
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Write a model (unchanged) in another format, or its graph."""
-    from ..export import export as run
-    from ..render import to_json
+    from bnrewrite.export import export as run
+    from bnrewrite.render import to_json
 
     loaded, inputs = base._load(model, weights, trust_pickle, input_shape)
     info = run(loaded.model, output, inputs, fmt=fmt, force=force, dynamic_batch=dynamic_batch)
@@ -224,7 +208,7 @@ def explain(
 ) -> None:
     """Explain a diagnostic code (what it means, why it matters, how to fix it)."""
     if as_json:
-        from ..render import to_json
+        from bnrewrite.render import to_json
 
         chosen = [codes.get(code)] if code else list(codes.CODES.values())
         print(to_json([{**c.__dict__, "severity": c.severity.value} for c in chosen]))

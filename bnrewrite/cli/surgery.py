@@ -12,10 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import progress
-from ..errors import BnrewriteError, UsageError
-from . import base
-from .base import (
+from bnrewrite import progress
+from bnrewrite.cli import base
+from bnrewrite.cli.base import (
     ForceOpt,
     FormatOpt,
     JsonOpt,
@@ -29,6 +28,7 @@ from .base import (
     app,
     handles_errors,
 )
+from bnrewrite.errors import BnrewriteError, UsageError
 
 OutputOpt = Annotated[
     Path,
@@ -105,7 +105,7 @@ def rewrite_command(fn: Callable[..., None]) -> Callable[..., None]:
 
 def _rewrite(model: str, opts: RewriteOptions, rewrite: Callable[..., Any], plot: Path | None = None) -> None:
     """Run ``rewrite(model, inputs, dry_run=...)`` and write the result, or only show its plan."""
-    from ..pipeline import rewrite_to_file
+    from bnrewrite.pipeline import rewrite_to_file
 
     if opts.output is None and not opts.dry_run:
         raise UsageError("needs -o OUT (or --dry-run to only show the edits)")
@@ -149,7 +149,7 @@ def swap(
     opts: RewriteOptions,
 ) -> None:
     """Swap norm layers (BN <-> GroupNorm/LayerNorm/InstanceNorm, frozen BN, SyncBatchNorm)."""
-    from ..surgery import swap as run
+    from bnrewrite.surgery import swap as run
 
     _rewrite(
         model,
@@ -183,7 +183,7 @@ def insert(
     opts: RewriteOptions,
 ) -> None:
     """Add a norm after every matching conv/linear that lacks one (identity in eval for bn)."""
-    from ..surgery import insert as run
+    from bnrewrite.surgery import insert as run
 
     _rewrite(
         model,
@@ -206,7 +206,7 @@ def insert(
 @rewrite_command
 def remove(model: ModelArg, *, opts: RewriteOptions) -> None:
     """Strip the selected norm layers and report how much the output changes."""
-    from ..surgery import remove as run
+    from bnrewrite.surgery import remove as run
 
     _rewrite(
         model,
@@ -227,8 +227,8 @@ def fix_cmd(
     opts: RewriteOptions,
 ) -> None:
     """Apply the fixes analysis offers (BN001: absorb a redundant bias into the BatchNorm)."""
-    from ..surgery import FIXABLE
-    from ..surgery import fix as run
+    from bnrewrite.surgery import FIXABLE
+    from bnrewrite.surgery import fix as run
 
     _rewrite(
         model,
@@ -260,7 +260,7 @@ def equalize_cmd(
 ) -> None:
     """Cross-layer equalization: rescale the channels between layers joined by ReLU-like ops so
     per-tensor int8 weights keep every channel (folds BatchNorms first; proven against float64)."""
-    from ..equalize import equalize as run
+    from bnrewrite.equalize import equalize as run
 
     opts = RewriteOptions(
         output, dry_run, None, None, weights, input_shape, fmt, as_json, force, trust_pickle
@@ -307,8 +307,8 @@ def recalibrate_cmd(
 
     import torch
 
-    from ..pipeline import rewrite_to_file
-    from ..recalibrate import recalibrate
+    from bnrewrite.pipeline import rewrite_to_file
+    from bnrewrite.recalibrate import recalibrate
 
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be positive")
@@ -343,7 +343,7 @@ def _shard(
     """This rank's batches (an iterator) and its first batch (for example inputs), or None."""
     import itertools
 
-    from ..calibration import calibration_batches
+    from bnrewrite.calibration import calibration_batches
 
     shard = calibration_batches(
         data, batch_size=batch_size, max_batches=max_batches, rank=rank, world_size=world

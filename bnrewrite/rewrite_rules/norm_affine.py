@@ -29,6 +29,7 @@ and the norm's new output times ``gamma`` plus ``beta`` against the original nor
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,17 +37,17 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..codes import finding
-from ..diagnostics import Action, Diagnostic
-from ..graph.captured import Capture, Region
-from ..graph.layers import LayerSite, layer_site
-from ..graph.norms import fetch_attr, forward_is_torchs, other_norm_family
-from ..graph.ops import module_at, source_line, stack_path, target_name
-from ..graph.readers import value_readers
-from ..local_checks import LocalCheck, _channel_view, _mismatch, _run_original, bare_copy
-from ..passes import fold_math
-from ..passes.tree_edit import CheckSpec, ParamEdit, SetEdit, Unit, covers
-from ..runtime import own_copies
+from bnrewrite.codes import finding
+from bnrewrite.diagnostics import Action, Diagnostic
+from bnrewrite.editor.units import CheckSpec, ParamEdit, SetEdit, Unit, covers
+from bnrewrite.local_checks import LocalCheck, bare_copy, channel_view, mismatch, run_original
+from bnrewrite.runtime import own_copies
+from bnrewrite.semantics import fold_math
+from bnrewrite.semantics.captured import Capture, Region
+from bnrewrite.semantics.layers import LayerSite, layer_site
+from bnrewrite.semantics.norms import fetch_attr, forward_is_torchs, other_norm_family
+from bnrewrite.semantics.ops import module_at, source_line, stack_path, target_name
+from bnrewrite.semantics.readers import value_readers
 
 NAME = "norm-affine"
 CODE = "FD112"
@@ -103,7 +104,7 @@ def plan(cap: Capture, *, taken: set[str], scopes: dict[str, Any], selector: Any
     """Plan the fold of every matched norm affine (see the module doc). ``taken``: module paths
     other folds already change; ``scopes``: modules that become graphs."""
     out = Planned()
-    calls = _graph_calls(cap)
+    calls = cap.graph_calls()
     for region in cap.regions:
         for node in list(region.gm.graph.nodes):
             m = match(region, node)
@@ -248,23 +249,6 @@ def _normalizes(region: Region, value: fx.Node, path: str) -> bool:
 
 
 # -- check --------------------------------------------------------------------------------------
-def _graph_calls(cap: Capture) -> dict[str, int]:
-    calls: dict[str, int] = {}
-    for region in cap.regions:
-        for n in region.gm.graph.nodes:
-            if n.op == "call_module":
-                p = f"{region.path}.{n.target}" if region.path else str(n.target)
-                calls[p] = calls.get(p, 0) + 1
-    return calls
-
-
-def _runs(cap: Capture, calls: dict[str, int], path: str) -> int:
-    rec = cap.recording
-    if rec is not None and rec.calls.get(path, 0) > 0:
-        return rec.calls[path]
-    return calls.get(path, 1)
-
-
 def _through_casts(node: fx.Node) -> list[fx.Node]:
     """The value readers of ``node``, looking through dtype casts (``.to(dtype)``): a cast of a
     float32 value to float32 changes nothing, and in a lower dtype only the rounding moves."""
@@ -278,12 +262,12 @@ def _through_casts(node: fx.Node) -> list[fx.Node]:
 
 
 def check(
-    cap: Capture, m: Match, calls: dict[str, int], taken: set[str], scopes: dict[str, Any]
+    cap: Capture, m: Match, calls: Counter[str], taken: set[str], scopes: dict[str, Any]
 ) -> tuple[list[LayerSite], str]:
     """The layers that absorb the affine, or why it cannot fold (empty readers and a reason)."""
     if m.axis == 0:
         return [], "the affine spans several axes (normalized_shape of more than one dim)"
-    n = _runs(cap, calls, m.path)
+    n = cap.runs(m.path, calls)
     if n != 1:
         return [], f"{m.path} runs {n} times"
     if any(covers(s, m.path) for s in scopes):
@@ -323,7 +307,7 @@ def _other_reads(m: Match) -> str:
 
 
 def _reader(
-    cap: Capture, m: Match, r: fx.Node, calls: dict[str, int], taken: set[str], scopes: dict[str, Any]
+    cap: Capture, m: Match, r: fx.Node, calls: Counter[str], taken: set[str], scopes: dict[str, Any]
 ) -> tuple[LayerSite | None, str]:
     if r.op == "output":
         return None, "the model returns its output"
@@ -348,7 +332,7 @@ def _reader(
         return None, f"{path} is changed by another fold"
     if any(covers(s, path) for s in scopes):
         return None, f"{path} lies inside a module that becomes its folded graph"
-    n = _runs(cap, calls, path)
+    n = cap.runs(path, calls)
     if n != 1:
         return None, f"{path} runs {n} times"
     return layer, ""
@@ -452,14 +436,14 @@ class NormAffineCheck(LocalCheck):
         self.scale, self.shift, self.axis = scale, shift, axis
 
     def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return _run_original(self.original, *own_copies((args, kwargs)))
+        return run_original(self.original, *own_copies((args, kwargs)))
 
     def check(self, want: Any, out: Any) -> None:
         got = out.double()
-        got = got * _channel_view(self.scale, got, self.axis)
+        got = got * channel_view(self.scale, got, self.axis)
         if self.shift is not None:
-            got = got + _channel_view(self.shift, got, self.axis)
+            got = got + channel_view(self.shift, got, self.axis)
         magnitude = float(want.abs().max()) if want.numel() else 0.0
-        problem = _mismatch(got.to(want.dtype), want, magnitude, 1)
+        problem = mismatch(got.to(want.dtype), want, magnitude, 1)
         if problem:
             self.fail(f"the norm with its affine taken out {problem} (compared with the original norm)")

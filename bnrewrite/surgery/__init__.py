@@ -8,14 +8,14 @@ exact rewrite is verified numerically on the example inputs; a function-changing
 measured output deviation.
 
 Each operation collects its edits first (module replacements by path, graph edits by scope) and
-applies them with the one editor (:class:`~bnrewrite.graph.edit.Editor`) in a last step:
+applies them with the one editor (:class:`~bnrewrite.editor.edit.Editor`) in a last step:
 ``dry_run=True`` (CLI ``--dry-run``) stops before it and returns the model untouched with the
 edits as ``report.extra['plan']``, as ``fold`` does.
 """
 
-from .fix import FIXABLE, fix
-from .insert import identity_batchnorm, insert
-from .remove import remove
-from .swap import swap
+from bnrewrite.surgery.fix import FIXABLE, fix
+from bnrewrite.surgery.insert import identity_batchnorm, insert
+from bnrewrite.surgery.remove import remove
+from bnrewrite.surgery.swap import swap
 
 __all__ = ["FIXABLE", "fix", "identity_batchnorm", "insert", "remove", "swap"]

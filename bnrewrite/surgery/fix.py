@@ -5,18 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..diagnostics import Action, Report
-from ..errors import UsageError
-from ..fold import RewriteResult
-from ..graph.capture import Region
-from ..graph.edit import shallow_copy
-from ..graph.layers import layer_site
-from ..graph.norms import (
+from bnrewrite.capture.capture_model import Region
+from bnrewrite.diagnostics import Action, Report
+from bnrewrite.editor.edit import shallow_copy
+from bnrewrite.errors import UsageError
+from bnrewrite.fold import RewriteResult
+from bnrewrite.select import Selector
+from bnrewrite.semantics.layers import layer_site
+from bnrewrite.semantics.norms import (
     bn_site,
 )
-from ..graph.readers import value_readers
-from ..select import Selector
-from .rewriter import (
+from bnrewrite.semantics.readers import value_readers
+from bnrewrite.surgery.rewriter import (
     Rewriter,
     _capture,
     _refused,

@@ -8,19 +8,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..diagnostics import Action, Report
-from ..errors import UsageError
-from ..fold import RewriteResult
-from ..graph.capture import Region
-from ..graph.layers import layer_site
-from ..graph.norms import (
+from bnrewrite.capture.capture_model import Region
+from bnrewrite.diagnostics import Action, Report
+from bnrewrite.errors import UsageError
+from bnrewrite.fold import RewriteResult
+from bnrewrite.select import Selector
+from bnrewrite.semantics.layers import layer_site
+from bnrewrite.semantics.norms import (
     bn_site,
     other_norm_site,
 )
-from ..graph.ops import node_shape
-from ..passes.norm_factory import default_groups
-from ..select import Selector
-from .rewriter import (
+from bnrewrite.semantics.ops import node_shape
+from bnrewrite.surgery.norm_factory import default_groups
+from bnrewrite.surgery.rewriter import (
     Rewriter,
     _capture,
     _insert_module_node,

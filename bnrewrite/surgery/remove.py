@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..diagnostics import Action, Report
-from ..fold import RewriteResult
-from ..graph.capture import Region
-from ..select import Selector
-from .rewriter import (
+from bnrewrite.capture.capture_model import Region
+from bnrewrite.diagnostics import Action, Report
+from bnrewrite.fold import RewriteResult
+from bnrewrite.select import Selector
+from bnrewrite.surgery.rewriter import (
     Rewriter,
     _capture,
     _opaque_modules,

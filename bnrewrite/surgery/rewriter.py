@@ -11,14 +11,22 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..codes import finding
-from ..diagnostics import Report
-from ..errors import VerificationError
-from ..fold import RewriteResult
-from ..graph.capture import capture, capture_submodule
-from ..graph.captured import Capture, Region
-from ..graph.edit import Editor, shallow_copy
-from ..graph.norms import (
+from bnrewrite.capture.capture_model import capture, capture_submodule
+from bnrewrite.capture.tracer import compile_now
+from bnrewrite.codes import finding
+from bnrewrite.diagnostics import Report
+from bnrewrite.driver import describe_module
+from bnrewrite.editor.edit import Editor, shallow_copy
+from bnrewrite.editor.units import common_prefix, covers
+from bnrewrite.errors import VerificationError
+from bnrewrite.fold import RewriteResult
+from bnrewrite.plan.steps import GraphStep, Plan, SwapStep
+from bnrewrite.rewrite_rules.bn_tree import node_scope
+from bnrewrite.rewrite_rules.norm_rest import Rest, ops_by_module, rest_of
+from bnrewrite.runtime import buffers_restored, own_copies
+from bnrewrite.select import Selector
+from bnrewrite.semantics.captured import Capture, Region
+from bnrewrite.semantics.norms import (
     BNSite,
     OtherNormSite,
     bn_site,
@@ -27,14 +35,8 @@ from ..graph.norms import (
     opaque_norms,
     other_norm_site,
 )
-from ..graph.ops import stack_path
-from ..graph.tracer import compile_now
-from ..passes.fold_tree import describe_module
-from ..passes.norm_rest import Rest, ops_by_module, rest_of
-from ..passes.tree_edit import common_prefix, covers, node_scope
-from ..runtime import buffers_restored, own_copies
-from ..select import Selector
-from ..verify import verify
+from bnrewrite.semantics.ops import stack_path
+from bnrewrite.verify import verify
 
 Redo = Callable[[nn.Module, "tuple[Any, ...] | None", str], nn.Module]
 _GRAPH_WHY = "a functional norm or an inserted layer is a graph edit that the module tree cannot express"
@@ -107,16 +109,14 @@ class Rewriter:
             ed.set_module(path, new)
         return root
 
-    def plan(self) -> list[dict[str, Any]]:
-        """The edits as plain data (module paths, no graph): which modules the one editor would
+    def plan(self) -> Plan:
+        """The edits as data (module paths, no graph): which modules the one editor would
         replace by what, and which would become their rewritten graph and why."""
-        steps: list[dict[str, Any]] = [
-            {"module": path, "becomes": describe_module(new)} for path, new in self.modules.items()
-        ]
+        plan = Plan([SwapStep(path, describe_module(new)) for path, new in self.modules.items()])
         for rpath in self.edited:
             scope = common_prefix(sorted(self.scopes.get(rpath, {rpath})))
-            steps.append({"graph": scope or "<root>", "reasons": [_GRAPH_WHY]})
-        return steps
+            plan.steps.append(GraphStep(scope or "<root>", [_GRAPH_WHY]))
+        return plan
 
     def _graph_note(self, path: str, why: str | None = None) -> None:
         why = why or _GRAPH_WHY
@@ -137,7 +137,7 @@ def finish(rw: Rewriter, report: Report, model: Any, dry_run: bool) -> RewriteRe
     """Apply the edits a surgery collected with the one editor, and measure what changed; or,
     for a dry run, return the model untouched with the edits as ``report.extra['plan']``."""
     if dry_run:
-        report.extra["plan"] = rw.plan()
+        report.plan = rw.plan()
         return RewriteResult(model, report)
     result = rw.build()
     measure(report, model, result, rw.cap.example_inputs)

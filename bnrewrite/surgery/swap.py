@@ -7,18 +7,18 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..diagnostics import Action, Report
-from ..errors import UsageError
-from ..fold import RewriteResult
-from ..graph.capture import Region
-from ..graph.norms import (
+from bnrewrite.capture.capture_model import Region
+from bnrewrite.diagnostics import Action, Report
+from bnrewrite.errors import UsageError
+from bnrewrite.fold import RewriteResult
+from bnrewrite.select import Selector
+from bnrewrite.semantics.norms import (
     BNSite,
     module_bn_site,
 )
-from ..graph.ops import node_shape, source_line
-from ..passes.norm_factory import TARGETS, Built, SwapRefused, from_batchnorm, to_batchnorm
-from ..select import Selector
-from .rewriter import (
+from bnrewrite.semantics.ops import node_shape, source_line
+from bnrewrite.surgery.norm_factory import TARGETS, Built, SwapRefused, from_batchnorm, to_batchnorm
+from bnrewrite.surgery.rewriter import (
     Rewriter,
     _capture,
     _erase_bn,

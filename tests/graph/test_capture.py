@@ -2,8 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from bnrewrite.graph import capture, node_shape, to_networkx
-from bnrewrite.graph.capture import export_blocker
+from bnrewrite.capture import capture
+from bnrewrite.capture.capture_model import export_blocker
+from bnrewrite.semantics.ops import node_shape
+from bnrewrite.semantics.view import to_networkx
 from tests.conftest import assert_unchanged, load_sample, randomize_bn, state_snapshot
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnrewrite.graph.edit import Editor, shallow_copy
+from bnrewrite.editor.edit import Editor, shallow_copy
 
 
 class Aliased(nn.Module):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from bnrewrite.graph.readers import metadata_readers, move_metadata_readers, value_readers
+from bnrewrite.semantics.readers import metadata_readers, move_metadata_readers, value_readers
 
 
 class Reads(nn.Module):

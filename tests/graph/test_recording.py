@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from bnrewrite.capture.recording import record_run
 from bnrewrite.errors import BnrewriteError
-from bnrewrite.graph.recording import record_run
 
 
 class Readers(nn.Module):
@@ -51,7 +51,7 @@ def test_the_recording_leaves_no_mode_behind_when_the_model_fails():
 
 
 def test_module_at_finds_what_get_submodule_finds_and_its_errors():
-    from bnrewrite.graph.ops import module_at
+    from bnrewrite.semantics.ops import module_at
 
     net = nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1)), nn.ModuleDict({"a": nn.ReLU()}))
     for path, m in net.named_modules():

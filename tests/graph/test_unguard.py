@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bnrewrite import fold
-from bnrewrite.graph.unguard import drop_export_guards
+from bnrewrite.capture.unguard import drop_export_guards
 from bnrewrite.verify import verify
 
 

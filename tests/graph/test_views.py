@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from bnrewrite.graph.views import map_views, user_path
+from bnrewrite.capture.views import map_views, user_path
 
 
 def _tree() -> nn.Module:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnrewrite.passes import branch_math as bm
+from bnrewrite.semantics import branch_math as bm
 
 
 def _run(m: bm.ConvMap, x: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnrewrite.graph.norms import module_bn_site
-from bnrewrite.passes.decision import stats_problem
+from bnrewrite.plan.decision import stats_problem
+from bnrewrite.semantics.norms import module_bn_site
 
 
 def test_an_in_place_change_is_seen_after_a_cached_answer():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bnrewrite import analyze, fold
-from bnrewrite.graph.norms import is_batchnorm_module
+from bnrewrite.semantics.norms import is_batchnorm_module
 from bnrewrite.verify import verify
 from tests.conftest import float64_reference, randomize_bn
 

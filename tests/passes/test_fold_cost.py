@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from bnrewrite import analyze, fold
 from bnrewrite.cli import app
-from bnrewrite.graph.norms import is_batchnorm_module
-from bnrewrite.passes import fold_cost
+from bnrewrite.plan import fold_cost
+from bnrewrite.semantics.norms import is_batchnorm_module
 from tests.conftest import float64_reference, randomize_bn
 
 
@@ -124,7 +124,7 @@ def test_a_sum_puts_its_shift_where_a_bias_costs_nothing(monkeypatch, biased):
 
 
 def test_shift_none_keeps_a_missing_bias_missing():
-    from bnrewrite.passes.fold_math import into_preceding
+    from bnrewrite.semantics.fold_math import into_preceding
 
     w = torch.randn(4, 3, 1, 1)
     s = torch.rand(4) + 0.5

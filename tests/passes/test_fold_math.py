@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnrewrite.passes import fold_math
+from bnrewrite.semantics import fold_math
 
 torch.manual_seed(0)
 

@@ -12,7 +12,8 @@ from torch import fx, nn
 import samples
 import samples.dbb
 from bnrewrite import fold
-from bnrewrite.graph.norms import is_batchnorm_module
+from bnrewrite.plan.steps import EditStep
+from bnrewrite.semantics.norms import is_batchnorm_module
 from bnrewrite.verify import verify
 from tests.conftest import assert_unchanged, load_sample, randomize_bn, state_snapshot
 
@@ -185,8 +186,9 @@ def test_dry_run_returns_the_plan_and_changes_nothing():
     same, report = fold(model, inputs, dry_run=True)
     assert same is model and type(model.stem.bn).__name__ == "BatchNormAct2d"
     assert_unchanged(model, snap)
-    plan = report.extra["plan"]
-    assert plan[0] == {
+    plan = report.plan.steps
+    assert plan[0] == EditStep(["stem.bn"], {"stem.bn": "Sequential(ReLU)"}, ["stem.conv"])
+    assert report.to_dict()["extra"]["plan"][0] == {
         "folds": ["stem.bn"],
         "modules": {"stem.bn": "Sequential(ReLU)"},
         "weights": ["stem.conv"],
@@ -201,7 +203,7 @@ def test_dry_run_returns_the_plan_and_changes_nothing():
 def test_dry_run_names_the_graph_replacements():
     model, inputs = load_sample("functional_bn")
     _, report = fold(model, inputs, dry_run=True)
-    assert report.extra["plan"][0]["graph"] == "<root>"
+    assert report.plan.steps[0].graph == "<root>"
     assert any(d.code == "FD104" and "would be replaced" in d.message for d in report.diagnostics)
 
 

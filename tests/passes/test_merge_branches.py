@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnrewrite import analyze, fold
-from bnrewrite.graph.norms import is_batchnorm_module
+from bnrewrite.semantics.norms import is_batchnorm_module
 from bnrewrite.verify import verify
 from tests.conftest import assert_unchanged, float64_reference, randomize_bn, state_snapshot
 

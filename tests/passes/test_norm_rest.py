@@ -13,8 +13,8 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from bnrewrite import analyze, fold, recalibrate, remove, swap
-from bnrewrite.graph.norms import is_plain_norm_module
 from bnrewrite.precision import Float64Everywhere
+from bnrewrite.semantics.norms import is_plain_norm_module
 from bnrewrite.verify import verify
 from tests.conftest import load_sample
 

@@ -117,8 +117,8 @@ def test_dry_run_and_analyze_show_the_plan():
     snap = state_snapshot(model)
     plan = _folded(model, inputs, dry_run=True)
     assert plan.model is model
-    steps = {tuple(s["folds"]): s for s in plan.report.extra["plan"]}
-    assert set(steps[("vit.norm1",)]["weights"]) == {"vit.attn.q", "vit.attn.k", "vit.attn.v", "vit.norm1"}
+    steps = {tuple(s.folds): s for s in plan.report.plan.steps}
+    assert set(steps[("vit.norm1",)].weights) == {"vit.attn.q", "vit.attn.k", "vit.attn.v", "vit.norm1"}
     report = analyze(model, inputs, norm_affine=True)
     verdicts = {e.module_path: (e.verdict, e.reason_code) for e in report.norms}
     for path in FOLDED:

@@ -1,0 +1,182 @@
+"""The fold as a CLI user pays it: the first call in a fresh process, against torch.fx's ``fuse``.
+
+Every figure is a median over ``--runs`` fresh processes (the allocator moves a single figure a
+lot). Each process imports torch and bnrewrite, builds the model, then times one *cold* call
+(what ``bnrewrite fold`` pays) and, for the warm figure beside it, the best of two more calls. The
+extra peak memory (resident-set high-water mark over the cold call, ``/proc/self/status``) is
+divided by the model's size; the process keeps glibc's default allocator, as a user's does.
+
+Modes: ``fuse`` (torch.fx), ``fold`` (example inputs: capture, eager recording, plan, apply,
+proof), ``fold-noinputs``, ``fold-inplace``, ``fold-noproof`` (``prove=False``) and
+``forward`` (one eval forward pass of the model on the same inputs). The proof's cost is
+``fold - fold-noproof``, printed against one forward pass.
+
+Models: the 300-block synthetic ResNet of ``benchmarks/fold.py`` (64 channels, 16x16 input), or
+with ``--timm PYTHON`` a model of the vision-model library (``--model resnet152``, 224x224).
+
+Usage: python benchmarks/cold.py [--runs 5] [--blocks 300]
+       python benchmarks/cold.py --timm "$(../shared/corpora/timm-venv.sh)" --model resnet152
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("fuse", "fold", "fold-noinputs", "fold-inplace", "fold-noproof", "forward")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+
+def _build(model_name: str, blocks: int):
+    import torch
+
+    if model_name == "synthetic":
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        from fold import synthetic_resnet  # the same network as benchmarks/fold.py
+
+        return synthetic_resnet(blocks), (
+            torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+        )
+    import timm
+    from corpus import _seeded
+
+    model = _seeded(timm.create_model(model_name, pretrained=False))
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return model, (torch.randn(1, *size, generator=torch.Generator().manual_seed(1)),)
+
+
+def worker(mode: str, model_name: str, blocks: int, threads: int) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+    from torch.fx.experimental.optimization import fuse
+
+    import bnrewrite
+
+    torch.set_num_threads(threads)
+    model, x = _build(model_name, blocks)
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+    def call():
+        if mode == "fuse":
+            return fuse(model)
+        if mode == "forward":
+            with torch.no_grad():
+                return model(*x)
+        kwargs = {
+            "fold": {},
+            "fold-noinputs": {},
+            "fold-inplace": {"inplace": True},
+            "fold-noproof": {"prove": False},
+        }[mode]
+        return bnrewrite.fold(model, None if mode == "fold-noinputs" else x, **kwargs)
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status("VmRSS:")
+    t0 = time.perf_counter()
+    result = call()
+    cold = time.perf_counter() - t0
+    extra = _status("VmHWM:") - base
+    del result
+    warm = []
+    if mode != "fold-inplace":  # (the model is folded already)
+        for _ in range(2):
+            gc.collect()
+            t0 = time.perf_counter()
+            call()
+            warm.append(time.perf_counter() - t0)
+    print(json.dumps({"cold": cold, "warm": min(warm) if warm else None, "extra": extra, "size": size}))
+
+
+def measure(python: str, mode: str, model: str, blocks: int, threads: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        mode,
+        "--model",
+        model,
+        "--blocks",
+        str(blocks),
+        "--threads",
+        str(threads),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--blocks", type=int, default=300)
+    ap.add_argument("--model", default="synthetic")
+    ap.add_argument("--timm", default=None, help="python of an environment with timm (corpora/timm-venv.sh)")
+    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.model, args.blocks, args.threads)
+        return
+    python = args.timm or sys.executable
+    modes = args.modes.split(",")
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(args.runs):  # interleaved: machine load hits every mode alike
+        for mode in modes:
+            runs[mode].append(measure(python, mode, args.model, args.blocks, args.threads))
+    med = {
+        m: {k: statistics.median(r[k] for r in rs if r[k] is not None) for k in ("cold", "extra", "size")}
+        for m, rs in runs.items()
+    }
+    warm = {
+        m: statistics.median(r["warm"] for r in rs if r["warm"] is not None)
+        for m, rs in runs.items()
+        if any(r["warm"] for r in rs)
+    }
+    name = f"{args.blocks}-block synthetic ResNet" if args.model == "synthetic" else args.model
+    print(f"## {name}: medians of {args.runs} fresh processes, {args.threads} thread(s)")
+    for m in modes:
+        w = f"{warm[m]:.3f}s" if m in warm else "-"
+        print(
+            f"{m:14} cold {med[m]['cold']:.3f}s  warm {w:>8}  extra peak memory {med[m]['extra'] / med[m]['size']:.2f}x model"
+        )
+    if "fuse" in med:
+        fuse_cold, fuse_warm = med["fuse"]["cold"], warm.get("fuse")
+        for m in ("fold", "fold-noinputs"):
+            if m in med:
+                ratio_w = f"{warm[m] / fuse_warm:.2f}" if fuse_warm and m in warm else "-"
+                print(f"{m} / fuse: cold {med[m]['cold'] / fuse_cold:.2f}x, warm {ratio_w}x")
+    if {"fold", "fold-noproof", "forward"} <= set(med):
+        proof_cold = med["fold"]["cold"] - med["fold-noproof"]["cold"]
+        proof_warm = warm["fold"] - warm["fold-noproof"]
+        print(
+            f"proof (fold - fold-noproof) / one forward pass: cold {proof_cold / med['forward']['cold']:.2f}x, "
+            f"warm {proof_warm / warm['forward']:.2f}x"
+        )
+    for m in ("fold", "fold-inplace"):
+        if m in med:
+            print(f"extra peak memory, {m}: {med[m]['extra'] / med[m]['size']:.2f}x the model")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The texts of every diagnostic code, one module per family; ``bnrewrite.codes`` looks them up."""
