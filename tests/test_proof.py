@@ -12,8 +12,8 @@ from bnrewrite.rewrite_rules import bn_tree
 from bnrewrite.rewrite_rules.norm_rest import Rest
 from bnrewrite.verify import verify
 from tests.conftest import load_sample, randomize_bn
-from tests.passes.test_fold_tree import Mistraced
-from tests.passes.test_norm_rest import batch_norms_run
+from tests.rewrite_rules.test_norm_rest import batch_norms_run
+from tests.test_driver import Mistraced
 
 MAX_PASSES = 3  # the capture's eager pass, the proof run, one rerun after undoing
 

@@ -14,7 +14,7 @@ from torch import nn
 from bnrewrite import analyze, fold
 from bnrewrite.verify import verify
 from tests.conftest import assert_unchanged, load_sample, state_snapshot
-from tests.passes.test_merge_branches import executed
+from tests.rewrite_rules.test_merge_branches import executed
 
 
 def _batchnorms(model: nn.Module) -> int:

@@ -220,7 +220,7 @@ def test_fix_refuses_unknown_codes_and_shared_convs():
 def test_surgery_replaces_only_the_smallest_module_around_a_graph_edit():
     from torch import fx
 
-    from tests.passes.test_fold_tree import Outer
+    from tests.test_driver import Outer
 
     model = randomize_bn(Outer())
     x = torch.randn(2, 3, 10, 10)

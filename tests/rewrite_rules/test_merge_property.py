@@ -13,7 +13,7 @@ from torch import nn
 
 from bnrewrite import fold
 from tests.conftest import float64_reference
-from tests.passes.test_merge_branches import executed
+from tests.rewrite_rules.test_merge_branches import executed
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}

@@ -10,7 +10,7 @@ from torch import fx, nn
 from bnrewrite import analyze, export, fold
 from bnrewrite.verify import verify
 from tests.conftest import load_sample
-from tests.passes.test_norm_rest import ShapeDependent, close_to_float64
+from tests.rewrite_rules.test_norm_rest import ShapeDependent, close_to_float64
 
 
 def _three_ways(name):

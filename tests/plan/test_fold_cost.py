@@ -138,7 +138,7 @@ def test_cli_no_speed_check_folds_the_slow_layer(monkeypatch, tmp_path):
     _slow_bias(monkeypatch)
     torch.save(randomize_bn(Decoder()).state_dict(), tmp_path / "w.pt")
     runner = CliRunner()
-    base = ["fold", "tests.passes.test_fold_cost:Decoder", "--weights", str(tmp_path / "w.pt")]
+    base = ["fold", "tests.plan.test_fold_cost:Decoder", "--weights", str(tmp_path / "w.pt")]
     shape = ["--input-shape", "1,16,8,8", "--eval", "--json"]
     slow = runner.invoke(app, [*base, "-o", str(tmp_path / "a.pt"), *shape])
     fast = runner.invoke(app, [*base, "-o", str(tmp_path / "b.pt"), *shape, "--no-speed-check"])
