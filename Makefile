@@ -44,6 +44,8 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/proof.py
 	$(PY) benchmarks/analyze.py
 	$(PY) benchmarks/precision.py
+	$(PY) benchmarks/cold.py
+	$(PY) benchmarks/fd108.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .hypothesis

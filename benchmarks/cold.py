@@ -4,7 +4,8 @@ Every figure is a median over ``--runs`` fresh processes (the allocator moves a 
 lot). Each process imports torch and bnrewrite, builds the model, then times one *cold* call
 (what ``bnrewrite fold`` pays) and, for the warm figure beside it, the best of two more calls. The
 extra peak memory (resident-set high-water mark over the cold call, ``/proc/self/status``) is
-divided by the model's size; the process keeps glibc's default allocator, as a user's does.
+divided by the model's size; the process keeps glibc's default allocator, as a user's does (``--pinned-malloc``: freed memory
+goes back to the OS at once, so the peak is what the rewrite itself holds).
 
 Modes: ``fuse`` (torch.fx), ``fold`` (example inputs: capture, eager recording, plan, apply,
 proof), ``fold-noinputs``, ``fold-inplace``, ``fold-noproof`` (``prove=False``) and
@@ -107,8 +108,10 @@ def worker(mode: str, model_name: str, blocks: int, threads: int) -> None:
     print(json.dumps({"cold": cold, "warm": min(warm) if warm else None, "extra": extra, "size": size}))
 
 
-def measure(python: str, mode: str, model: str, blocks: int, threads: int) -> dict:
+def measure(python: str, mode: str, model: str, blocks: int, threads: int, pinned: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": ROOT}
+    if pinned:  # freed tensors go back to the OS: the peak is what the rewrite holds, not the heap
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [
         python,
         __file__,
@@ -133,6 +136,9 @@ def main() -> None:
     ap.add_argument("--timm", default=None, help="python of an environment with timm (corpora/timm-venv.sh)")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument(
+        "--pinned-malloc", action="store_true", help="glibc's mmap threshold pinned (as benchmarks/fold.py)"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -143,7 +149,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.runs):  # interleaved: machine load hits every mode alike
         for mode in modes:
-            runs[mode].append(measure(python, mode, args.model, args.blocks, args.threads))
+            runs[mode].append(
+                measure(python, mode, args.model, args.blocks, args.threads, args.pinned_malloc)
+            )
     med = {
         m: {k: statistics.median(r[k] for r in rs if r[k] is not None) for k in ("cold", "extra", "size")}
         for m, rs in runs.items()
@@ -154,7 +162,8 @@ def main() -> None:
         if any(r["warm"] for r in rs)
     }
     name = f"{args.blocks}-block synthetic ResNet" if args.model == "synthetic" else args.model
-    print(f"## {name}: medians of {args.runs} fresh processes, {args.threads} thread(s)")
+    malloc = "mmap threshold pinned" if args.pinned_malloc else "default allocator"
+    print(f"## {name}: medians of {args.runs} fresh processes, {args.threads} thread(s), {malloc}")
     for m in modes:
         w = f"{warm[m]:.3f}s" if m in warm else "-"
         print(

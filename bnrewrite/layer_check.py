@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from bnrewrite.local_checks import (
-    Absorbed,
     LocalCheck,
     bare_copy,
     channel_view,
@@ -22,6 +21,7 @@ from bnrewrite.local_checks import (
     sample,
 )
 from bnrewrite.runtime import own_copies
+from bnrewrite.semantics.affine import Absorbed
 
 
 class LayerCheck(LocalCheck):
@@ -45,7 +45,9 @@ class LayerCheck(LocalCheck):
         self.absorbed = absorbed
         self.axis = 1 if isinstance(new, _ConvNd) else -1
         shifts = [
-            float(t.abs().max()) for side, _s, t in absorbed if side == "post" and t is not None and t.numel()
+            float(a.affine.shift.abs().max())
+            for a in absorbed
+            if not a.before and a.affine.shift is not None and a.affine.shift.numel()
         ]
         self.shift_max = max(shifts, default=0.0)
 
@@ -55,9 +57,9 @@ class LayerCheck(LocalCheck):
         if extra:
             args, kwargs = own_copies((args, kwargs))
         x = x.clone()  # the reference layer is the user's class: it gets values of its own
-        for side, s, t in reversed(self.absorbed):
-            if side == "pre":
-                x = self._affine(x, s, t)
+        for a in reversed(self.absorbed):
+            if a.before:
+                x = self._affine(x, a.affine.scale, a.affine.shift)
         reference = self.reference
         if reference is None:  # inplace=True: the old weights are on disk, for this check only
             loaded = {k: v.load() if hasattr(v, "load") else v for k, v in self.old_params.items()}
@@ -68,12 +70,12 @@ class LayerCheck(LocalCheck):
         )
         del reference
         magnitude: Any = 0.0
-        for side, s, t in self.absorbed:
-            if side == "post":
-                y = self._affine(y, s, None)
+        for a in self.absorbed:
+            if not a.before:
+                y = self._affine(y, a.affine.scale, None)
                 magnitude = y.abs().max()  # the scaled value before the shift (cancellation)
-                if t is not None:
-                    y = y + self._view(t, y)
+                if a.affine.shift is not None:
+                    y = y + self._view(a.affine.shift, y)
         return y, index, magnitude, in_dtype
 
     def check(self, want: Any, out: Any) -> None:
@@ -108,18 +110,14 @@ class LayerCheck(LocalCheck):
             module = bare_copy(layer, params)
             x = x.to(kind)
             if with_affines:
-                for side, s, t in reversed(self.absorbed):
-                    if side == "pre":
-                        x = x * self._view(s.to(kind), x) + (
-                            self._view(t.to(kind), x) if t is not None else 0
-                        )
+                for a in reversed(self.absorbed):
+                    if a.before:
+                        x = self._in_kind(x, a, kind)
             y = module(x)
             if with_affines:
-                for side, s, t in self.absorbed:
-                    if side == "post":
-                        y = y * self._view(s.to(kind), y) + (
-                            self._view(t.to(kind), y) if t is not None else 0
-                        )
+                for a in self.absorbed:
+                    if not a.before:
+                        y = self._in_kind(y, a, kind)
             return y.to(torch.float64)
 
         exact = run(reference, x, torch.float64, True)
@@ -137,6 +135,12 @@ class LayerCheck(LocalCheck):
                 f"BatchNorm {e_orig:.3g} (more than twice)"
             )
         return None
+
+    def _in_kind(self, x: torch.Tensor, a: Absorbed, kind: torch.dtype) -> torch.Tensor:
+        """``a``'s map applied to ``x`` with its coefficients in ``kind``."""
+        shift = a.affine.shift
+        y = x * self._view(a.affine.scale.to(kind), x)
+        return y + self._view(shift.to(kind), x) if shift is not None else y
 
     def _view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         # Not cached: small tensors kept alive between the run's temporaries pin heap pages

@@ -31,8 +31,8 @@ from torch.utils import _pytree as pytree
 
 from bnrewrite.modules import ChannelAffine
 from bnrewrite.runtime import eval_modes, own_copies
+from bnrewrite.semantics.affine import Affine
 
-Absorbed = tuple[str, torch.Tensor, "torch.Tensor | None"]
 _HOOK_DICTS = (
     "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
@@ -268,7 +268,7 @@ class SlotCheck(LocalCheck):
         label: str,
         new: nn.Module,
         original: nn.Module,
-        affine: tuple[torch.Tensor, torch.Tensor] | None,
+        affine: Affine | None,
         *,
         axis: int = 1,
     ) -> None:
@@ -288,7 +288,12 @@ class SlotCheck(LocalCheck):
         z = _corner(args[0]) if corner else args[0]
         magnitude = float(z.abs().max()) if z.numel() else 0.0
         if self.affine is not None:
-            scale, shift = (channel_view(v, z, self.axis) for v in self.affine)
+            scale = channel_view(self.affine.scale, z, self.axis)
+            shift = channel_view(
+                self.affine.shift if self.affine.shift is not None else torch.zeros_like(self.affine.scale),
+                z,
+                self.axis,
+            )
             nonzero = scale != 0
             z = torch.where(nonzero, (z - shift) / torch.where(nonzero, scale, 1), 0)
             magnitude += float(shift.abs().max()) if shift.numel() else 0.0

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from bnrewrite.diagnostics import Action
 from bnrewrite.editor.edit import Holder, put
+from bnrewrite.semantics.affine import Absorbed, Affine
 
 
 class EditKind(str, Enum):
@@ -75,8 +76,8 @@ class CheckSpec:
 
     kind: str
     path: str
-    absorbed: list[tuple[str, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
-    affine: tuple[torch.Tensor, torch.Tensor] | None = None
+    absorbed: list[Absorbed] = field(default_factory=list)
+    affine: Affine | None = None
     mode: str = "inverse"
     axis: int = 1  # the BatchNorm's channel axis
     build: Callable[[nn.Module, nn.Module], Any] | None = None  # kind "module"

@@ -226,7 +226,7 @@ class TreePlanner:
         if a.affine is not None:
             unit.specs.append(CheckSpec("slot", bn, mode="direct", axis=a.decision.site.axis))
         elif a.bn_affine is not None and a.decision.verdict == PRECEDING:
-            unit.specs.append(CheckSpec("slot", bn, affine=a.bn_affine, axis=a.decision.site.axis))
+            unit.specs.append(CheckSpec("slot", bn, affine=a.bn_affine, axis=a.bn_affine.axis))
         return unit, ""
 
     def _reads_of_stored(self, bn: str) -> str:

@@ -40,6 +40,7 @@ from bnrewrite.plan.decision import (
 )
 from bnrewrite.plan.fold_plan import decide
 from bnrewrite.semantics import fold_math, ops
+from bnrewrite.semantics.affine import Absorbed, Affine, Side
 from bnrewrite.semantics.captured import Region
 from bnrewrite.semantics.layers import LayerSite
 from bnrewrite.semantics.norms import BNSite, bn_site, fetch_attr
@@ -61,10 +62,10 @@ class Applied:
     layers: list[tuple[fx.Node, Slot, str | None]] = field(default_factory=list)  # node, slot, copied from
     affine: nn.Module | None = None
     bn_attrs: list[str] = field(default_factory=list)  # stored tensors the BatchNorm read (get_attr)
-    # What each changed layer absorbed, for the proof's local check: ("post", s, t) means the
-    # layer now computes s * layer(x) + t along its channel axis, ("pre", s, t) layer(s * x + t).
-    absorbed: list[tuple[str, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
-    bn_affine: tuple[torch.Tensor, torch.Tensor] | None = None  # the BatchNorm's eval scale, shift
+    absorbed: list[Absorbed] = field(
+        default_factory=list
+    )  # what each changed layer absorbed (the proof's check)
+    bn_affine: Affine | None = None  # the BatchNorm's eval scale, shift
 
 
 def _preceding(kind: str, groups: int, s: Any, t: Any, w: torch.Tensor, b: torch.Tensor | None) -> Any:
@@ -174,7 +175,13 @@ class _RegionFolder:
         action = Action(d.verdict, site.name, site.module_path, d.reason, target=target, code=d.code)
         self.actions.append(action)
         applied = Applied(
-            d, action, bn_call, layers, bn_attrs=bn_attrs, absorbed=absorbed, bn_affine=(scale, shift)
+            d,
+            action,
+            bn_call,
+            layers,
+            bn_attrs=bn_attrs,
+            absorbed=absorbed,
+            bn_affine=Affine(scale, shift, d.site.axis),
         )
         self.applied.append(applied)
 
@@ -193,7 +200,7 @@ class _RegionFolder:
                 s_i, t_i = scale[lo:hi], shift[lo:hi]
             elif d.combine == "sum" and i != d.shift_into:  # the scale into every term, the shift once
                 t_i = None
-            absorbed.append(("post", s_i, t_i))
+            absorbed.append(Absorbed(Side.AFTER, Affine(s_i, t_i)))
             compute = functools.partial(_preceding, layer.kind, layer.groups, s_i, t_i)
             layers.append(self._write_layer(layer, compute))
             self._tag(layer.node, d)
@@ -210,7 +217,7 @@ class _RegionFolder:
             layers.append(self._write_layer(layer, compute))
             entry.args = (d.site.input, *entry.args[1:])
             self._tag(layer.node, d)
-            absorbed.append(("pre", scale, shift))
+            absorbed.append(Absorbed(Side.BEFORE, Affine(scale, shift)))
         return layers, absorbed, d.consumers
 
     def _apply_scale_shift(self, d: Decision) -> None:

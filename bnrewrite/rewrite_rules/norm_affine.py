@@ -43,6 +43,7 @@ from bnrewrite.editor.units import CheckSpec, ParamEdit, SetEdit, Unit, covers
 from bnrewrite.local_checks import LocalCheck, bare_copy, channel_view, mismatch, run_original
 from bnrewrite.runtime import own_copies
 from bnrewrite.semantics import fold_math
+from bnrewrite.semantics.affine import Absorbed, Affine, Side
 from bnrewrite.semantics.captured import Capture, Region
 from bnrewrite.semantics.layers import LayerSite, layer_site
 from bnrewrite.semantics.norms import fetch_attr, forward_is_torchs, other_norm_family
@@ -110,9 +111,8 @@ def plan(cap: Capture, *, taken: set[str], scopes: dict[str, Any], selector: Any
             m = match(region, node)
             if m is None or (selector is not None and not selector.matches(m.path, m.kind)):
                 continue
-            user = _user_module(cap, m.path)
-            if user is not None and not m.torch_class:  # (the graph holds a bare stand-in)
-                m.kind = type(user).__name__
+            if not m.torch_class and isinstance(cap.model, nn.Module):  # (the graph holds a stand-in)
+                m.kind = type(cap.model.get_submodule(m.path)).__name__
             readers, why = check(cap, m, calls, taken, scopes)
             if why:
                 out.refusals.append(_refusal(m, why))
@@ -120,15 +120,6 @@ def plan(cap: Capture, *, taken: set[str], scopes: dict[str, Any], selector: Any
             out.units.append(rewrite(m, readers))
             taken.update(r.module_path or "" for r in readers)
     return out
-
-
-def _user_module(cap: Capture, path: str) -> nn.Module | None:
-    if not isinstance(cap.model, nn.Module):
-        return None
-    try:
-        return cap.model.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 # -- match --------------------------------------------------------------------------------------
@@ -391,7 +382,11 @@ def rewrite(m: Match, readers: list[LayerSite]) -> Unit:
     unit = Unit(actions=[action], paths={m.path, *paths})
     for r in readers:
         unit.edits.append(ParamEdit(r.module_path or "", functools.partial(_folded, r.module, scale, shift)))
-        unit.specs.append(CheckSpec("layer", r.module_path or "", absorbed=[("pre", scale, shift)]))
+        unit.specs.append(
+            CheckSpec(
+                "layer", r.module_path or "", absorbed=[Absorbed(Side.BEFORE, Affine(scale, shift, m.axis))]
+            )
+        )
     unit.edits.append(_identity(m))
     if not any(covers(m.path, p) for p in paths):  # the module's output is the norm's: check it alone
         label = m.path or "<root>"

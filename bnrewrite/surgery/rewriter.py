@@ -16,8 +16,9 @@ from bnrewrite.capture.tracer import compile_now
 from bnrewrite.codes import finding
 from bnrewrite.diagnostics import Report
 from bnrewrite.driver import describe_module
+from bnrewrite.editor.bind import bind
 from bnrewrite.editor.edit import Editor, shallow_copy
-from bnrewrite.editor.units import common_prefix, covers
+from bnrewrite.editor.units import ModuleEdit, Unit, common_prefix, covers
 from bnrewrite.errors import VerificationError
 from bnrewrite.fold import RewriteResult
 from bnrewrite.plan.steps import GraphStep, Plan, SwapStep
@@ -85,7 +86,7 @@ class Rewriter:
             compile_now(region.gm)
             return region.gm
         root = shallow_copy(cap.model)
-        ed = Editor(root)
+        unit = Unit()  # the one editor's units, as a fold's: bound to the copy, then applied
         pending = dict(self.modules)
         for rpath, reditor in self.edited.items():
             scope = common_prefix(sorted(self.scopes.get(rpath, {rpath})))
@@ -94,7 +95,7 @@ class Rewriter:
                 new = self.redo(cap.model.get_submodule(scope), part.inputs if part else None, scope)
                 pending = {p: m for p, m in pending.items() if not covers(scope, p)}
                 self._graph_note(scope)
-                ed.set_module(scope, new)
+                unit.edits.append(ModuleEdit(scope, new))
                 continue
             prefix = rpath + "."
             for path in [p for p in pending if rpath == "" or p.startswith(prefix)]:
@@ -104,9 +105,10 @@ class Rewriter:
             self._graph_note(rpath)
             if rpath == "":
                 return region.gm
-            ed.set_module(rpath, region.gm)
-        for path, new in pending.items():
-            ed.set_module(path, new)
+            unit.edits.append(ModuleEdit(rpath, region.gm))
+        unit.edits.extend(ModuleEdit(path, new) for path, new in pending.items())
+        bind([unit], Editor(root), checks=False)
+        unit.apply()
         return root
 
     def plan(self) -> Plan:

@@ -232,3 +232,26 @@ def test_batchnorm_folds_and_norm_affine_do_not_collide():
     assert any(d.code == "FD112" and "changed by another fold" in d.message for d in report.diagnostics)
     with torch.no_grad():
         assert (folded(x).double() - want).abs().max() < 1e-5
+
+
+class _ScaledBySqrt(nn.Module):
+    """A scale by a parameter after ``rsqrt`` of a constant: no reduction, so no norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(torch.tensor(2.0)))
+
+
+def test_only_what_normalizes_is_a_norm():
+    """Planted look-alikes: a layer scale (``x * gamma``) and a scale after ``rsqrt`` of a constant
+    are no norms: the rule neither folds nor refuses them (the layer scale folds as an affine site)."""
+    for first in (_ScaledBySqrt(), tb.RMSNorm(8)):
+        model = nn.Sequential(first, nn.Linear(8, 8)).eval()
+        _, report = fold(model, (torch.randn(2, 8),), norm_affine=True)
+        fd112 = [a for a in report.actions if a.code == "FD112"] + [
+            d for d in report.diagnostics if d.code == "FD112"
+        ]
+        assert bool(fd112) == isinstance(first, tb.RMSNorm), fd112
