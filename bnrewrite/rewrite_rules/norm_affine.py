@@ -1,36 +1,26 @@
 """Rule ``norm-affine`` (FD112, opt-in): a per-sample norm's elementwise affine folds into the
-layers that read it.
+layers that read it: ``W (gamma * n + beta) + b = (W diag(gamma)) n + (W beta + b)`` (for a conv
+the shift is summed over the kernel: exact where no padded zero is read). Rotation- and
+smoothing-based quantization (QuaRot, SpinQuant, SmoothQuant) starts with this step.
 
-Matches: a LayerNorm or RMSNorm (torch's, or any module whose forward computes
-``normalize(x) * weight [+ bias]`` op by op: found by what it computes, a reduction and a
-reciprocal square root before the scale, never by class name), a GroupNorm or an InstanceNorm,
-whose elementwise affine is stored parameters, and whose output only Linear layers (the affine
-on the last axis) or convs without zero padding (the affine on the channel axis) read.
-
-Math: ``W (gamma * n + beta) + b = (W diag(gamma)) n + (W beta + b)``; for a conv the shift is
-summed over the kernel (exact because no padded zero is read). Rotation- and smoothing-based
-quantization pipelines (QuaRot, SpinQuant, SmoothQuant) start with this step, written by hand
-per architecture.
-
-Check (each failure is an FD112 finding with the reason): the norm and every reader run once,
-nothing else reads the norm's output (a residual, an activation, the model's output, a
-functional layer) or its affine parameters, every reader reads the affine axis, no other fold
-changes the same layer, and no reader lies inside a module that becomes a graph.
-
+Matches: a LayerNorm or RMSNorm (torch's, or any module computing ``normalize(x) * weight [+
+bias]`` op by op: found by what it computes, a reduction and a reciprocal square root before the
+scale), a GroupNorm or an InstanceNorm, with an affine of stored parameters.
+Check (an FD112 finding with the reason when it fails): the norm and every reader run once; only
+Linear layers (affine on the last axis) or convs without zero padding (on the channel axis), as
+modules or ATen ops on a module's own weights, read its output; nothing else reads its affine;
+no other fold changes a reader; no reader lies inside a module that becomes a graph.
 Rewrite (plan steps): every reader gets its folded weight and bias; the norm keeps normalizing
-with an identity affine (torch's classes: none at all, ``elementwise_affine``/``affine`` off;
-other modules: weight 1, bias 0).
-
-Local check: each reader against the original layer on ``gamma * x + beta`` (``LayerCheck``),
-and the norm's new output times ``gamma`` plus ``beta`` against the original norm
-(:class:`NormAffineCheck`).
+with no affine (torch's classes: ``elementwise_affine``/``affine`` off) or weight 1, bias 0.
+Local check: each reader against the original on ``gamma * x + beta`` (``LayerCheck``), the norm
+times ``gamma`` plus ``beta`` against the original norm (:class:`NormAffineCheck`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,18 +47,12 @@ aten = torch.ops.aten
 F = torch.nn.functional
 # functional norms: target -> positions of (weight, bias); None: the op has no bias
 _FUNCTIONAL: dict[Any, tuple[int, int | None]] = {
-    F.layer_norm: (2, 3),
-    torch.layer_norm: (2, 3),
-    aten.layer_norm.default: (2, 3),
-    F.group_norm: (2, 3),
-    torch.group_norm: (2, 3),
-    aten.group_norm.default: (2, 3),
-    F.instance_norm: (3, 4),
-    torch.instance_norm: (3, 4),
-    aten.instance_norm.default: (1, 2),
+    F.layer_norm: (2, 3), torch.layer_norm: (2, 3), aten.layer_norm.default: (2, 3),
+    F.group_norm: (2, 3), torch.group_norm: (2, 3), aten.group_norm.default: (2, 3),
+    F.instance_norm: (3, 4), torch.instance_norm: (3, 4), aten.instance_norm.default: (1, 2),
     **({F.rms_norm: (2, None)} if hasattr(F, "rms_norm") else {}),
     **({aten.rms_norm.default: (2, None)} if hasattr(aten, "rms_norm") else {}),
-}
+}  # fmt: skip
 _CASTS = frozenset({"to", "type_as", "float", "half", "bfloat16", "contiguous"})
 _ROOTS = frozenset({"rsqrt", "sqrt", "norm", "std", "normalize", "rms_norm", "layer_norm"})
 _REDUCTIONS = frozenset(
@@ -111,8 +95,7 @@ def plan(cap: Capture, *, taken: set[str], scopes: dict[str, Any], selector: Any
             m = match(region, node)
             if m is None or (selector is not None and not selector.matches(m.path, m.kind)):
                 continue
-            if not m.torch_class and isinstance(cap.model, nn.Module):  # (the graph holds a stand-in)
-                m.kind = type(cap.model.get_submodule(m.path)).__name__
+            _as_user_module(cap, m)
             readers, why = check(cap, m, calls, taken, scopes)
             if why:
                 out.refusals.append(_refusal(m, why))
@@ -120,6 +103,19 @@ def plan(cap: Capture, *, taken: set[str], scopes: dict[str, Any], selector: Any
             out.units.append(rewrite(m, readers))
             taken.update(r.module_path or "" for r in readers)
     return out
+
+
+def _as_user_module(cap: Capture, m: Match) -> None:
+    """The user's module for ``m`` (a graph may hold a bare stand-in): its class, and whether it
+    is torch's norm class with torch's forward (an ATen graph of ``nn.LayerNorm``)."""
+    if m.torch_class or not isinstance(cap.model, nn.Module):
+        return
+    user = cap.model.get_submodule(m.path)
+    m.kind = type(user).__name__
+    weight = user._parameters.get(m.weight)
+    if other_norm_family(user) and forward_is_torchs(user) and weight is not None:
+        m.torch_class = weight is m.module._parameters.get(m.weight)
+        m.module = user if m.torch_class else m.module
 
 
 # -- match --------------------------------------------------------------------------------------
@@ -304,7 +300,9 @@ def _reader(
         return None, "the model returns its output"
     layer = layer_site(m.region, r)
     what = f"{r.name} ({target_name(r)})"
-    if layer is None or r.op != "call_module":
+    if layer is not None and r.op != "call_module":
+        layer = _module_layer(cap, m.region, layer)  # an ATen layer applying a module's own weights
+    if layer is None or layer.module is None:
         kind = "a functional layer" if layer is not None else "not a Linear or conv layer"
         return None, f"{what} reads its output ({kind}): the affine output is needed there"
     path = layer.module_path or ""
@@ -327,6 +325,21 @@ def _reader(
     if n != 1:
         return None, f"{path} runs {n} times"
     return layer, ""
+
+
+def _module_layer(cap: Capture, region: Region, layer: LayerSite) -> LayerSite | None:
+    """The functional layer as the module whose own weight and bias it applies (an ATen graph
+    of ``nn.Linear``/``nn.Conv*``), or None: computed or foreign weights."""
+    path = layer.module_path or ""
+    try:
+        module = cap.model.get_submodule(path) if isinstance(cap.model, nn.Module) else None
+    except AttributeError:
+        return None
+    if not isinstance(module, (nn.Linear, _ConvNd)) or module.weight is not layer.weight:
+        return None
+    if module.bias is not layer.bias or _scope(region, layer.node) != path:
+        return None
+    return replace(layer, module=module)
 
 
 def _cast_of(arg: Any, node: fx.Node) -> bool:
@@ -390,7 +403,7 @@ def rewrite(m: Match, readers: list[LayerSite]) -> Unit:
     unit.edits.append(_identity(m))
     if not any(covers(m.path, p) for p in paths):  # the module's output is the norm's: check it alone
         label = m.path or "<root>"
-        build = functools.partial(NormAffineCheck, label, scale=scale, shift=shift, axis=m.axis)
+        build = functools.partial(NormAffineCheck, label, affine=Affine(scale, shift, m.axis))
         unit.specs.append(CheckSpec("module", m.path, build=build))
     return unit
 
@@ -401,13 +414,11 @@ def _identity(m: Match) -> SetEdit:
         flags = {f: False for f in _OFF_FLAGS if isinstance(getattr(m.module, f, None), bool)}
         params = {m.weight: None, **({m.bias: None} if m.bias else {})}
         return SetEdit(m.path, params, flags)
-    weight = m.module._parameters[m.weight]
-    assert weight is not None
-    params: dict[str, Any] = {m.weight: nn.Parameter(torch.ones_like(weight), weight.requires_grad)}
-    if m.bias:
-        bias = m.module._parameters[m.bias]
-        assert bias is not None
-        params[m.bias] = nn.Parameter(torch.zeros_like(bias), bias.requires_grad)
+    params = {}
+    for name, fill in ((m.weight, torch.ones_like), (m.bias, torch.zeros_like)):
+        old = m.module._parameters.get(name) if name else None
+        if name and old is not None:
+            params[name] = nn.Parameter(fill(old), old.requires_grad)
     return SetEdit(m.path, params)
 
 
@@ -415,29 +426,19 @@ class NormAffineCheck(LocalCheck):
     """The norm with its identity affine, scaled and shifted by the affine it gave away, against
     the original norm on the same input."""
 
-    def __init__(
-        self,
-        label: str,
-        new: nn.Module,
-        original: nn.Module,
-        *,
-        scale: torch.Tensor,
-        shift: torch.Tensor | None,
-        axis: int,
-    ) -> None:
+    def __init__(self, label: str, new: nn.Module, original: nn.Module, *, affine: Affine) -> None:
         super().__init__(label)
-        self.new = new
+        self.new, self.affine = new, affine
         self.original = bare_copy(original)  # without the hooks the proof puts on the old object
-        self.scale, self.shift, self.axis = scale, shift, axis
 
     def expect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return run_original(self.original, *own_copies((args, kwargs)))
 
     def check(self, want: Any, out: Any) -> None:
-        got = out.double()
-        got = got * channel_view(self.scale, got, self.axis)
-        if self.shift is not None:
-            got = got + channel_view(self.shift, got, self.axis)
+        a = self.affine
+        got = out.double() * channel_view(a.scale, out, a.axis).double()
+        if a.shift is not None:
+            got = got + channel_view(a.shift, got, a.axis)
         magnitude = float(want.abs().max()) if want.numel() else 0.0
         problem = mismatch(got.to(want.dtype), want, magnitude, 1)
         if problem:

@@ -255,3 +255,29 @@ def test_only_what_normalizes_is_a_norm():
             d for d in report.diagnostics if d.code == "FD112"
         ]
         assert bool(fd112) == isinstance(first, tb.RMSNorm), fd112
+
+
+class _ExportOnly(nn.Module):
+    """A branch on a traced size: symbolic_trace cannot read it, torch.export can (ATen ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        y = self.fc(self.norm(x))
+        return y[..., :3] if x.shape[-1] % 2 == 0 else y
+
+
+def test_aten_graph_folds_into_the_modules_whose_weights_its_ops_apply():
+    model = _ExportOnly()
+    nn.init.uniform_(model.norm.weight, 0.5, 1.5)
+    nn.init.uniform_(model.norm.bias, -0.5, 0.5)
+    x = torch.randn(3, 5, 8)
+    want = float64_reference(model.eval(), x)
+    folded, report = fold(model, (x,), norm_affine=True)
+    assert report.extra["capture"] == "torch.export"
+    assert [(a.module_path, a.target) for a in report.actions if a.code == "FD112"] == [("norm", "fc")]
+    assert type(folded) is _ExportOnly and folded.norm.weight is None
+    with torch.no_grad():
+        assert (folded(x).double() - want).abs().max() < 1e-5
