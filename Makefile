@@ -28,6 +28,8 @@ demo: $(VENV)/.installed
 	$(BNR) fold samples.bn_after_act:build -o $(DEMO_OUT)/bn_after_act.pt2 --verify --force
 	@echo "== 5. low precision: cross-layer equalization of a MobileNetV1 for int8 weights, with a picture =="
 	$(BNR) equalize samples.mobilenet_v1:build -o $(DEMO_OUT)/mobilenet_v1_equalized.pt --plot $(DEMO_OUT)/mobilenet_v1_ranges.png --force
+	@echo "== 6. transformer blocks: LayerNorm/RMSNorm/GroupNorm affines into the layers that read them (--norm-affine) =="
+	$(BNR) fold samples.transformer_blocks:build --norm-affine -o $(DEMO_OUT)/transformer_blocks.pt --verify --force
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check bnrewrite tests samples benchmarks
