@@ -13,7 +13,7 @@ from bnrewrite.diagnostics import Action, NormEntry, Report
 from bnrewrite.fold import gc_paused, plan_capture
 from bnrewrite.lint import RULES, RuleContext
 from bnrewrite.plan.decision import NOT_FOLDABLE, FoldPolicy
-from bnrewrite.plan.fold_plan import decide
+from bnrewrite.rewrite_rules.bn_rules import decide
 from bnrewrite.rewrite_rules.merge_branches import MERGE_BRANCHES
 from bnrewrite.select import Selector
 from bnrewrite.semantics.norms import (

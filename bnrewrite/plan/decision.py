@@ -69,6 +69,7 @@ class Decision:
     slices: list[tuple[int, int]] = field(default_factory=list)  # concat: channels of each piece
     combine: str | None = None  # "cat" | "sum" | "reshape" for folds beyond the direct neighbour
     shift_into: int = 0  # sum: the term whose bias takes the shift (the others keep theirs)
+    rule: str = ""  # the rewrite rule that carries it out (``rewrite_rules.bn_rules.RULES``)
 
     @property
     def target(self) -> str | None:

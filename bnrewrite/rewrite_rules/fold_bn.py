@@ -1,4 +1,6 @@
-"""Pass: fold eval-mode BatchNorm into neighbouring conv/linear weights.
+"""The BatchNorm rules over one region, to a fixed point: it owns the region's graph and the
+folded layers' weight slots; each fold is carried out by the rule that decided it
+(``bn_rules.RULES``: into_preceding, into_concat, into_sum, into_following).
 
 Matches: every BatchNorm application in a captured region - ``nn.BatchNorm*``/``SyncBatchNorm``
 modules, frozen-BN modules, ``F.batch_norm`` and ATen ``batch_norm`` - whose statistics and
@@ -38,14 +40,13 @@ from bnrewrite.plan.decision import (
     FoldPolicy,
     RankOf,
 )
-from bnrewrite.plan.fold_plan import decide
+from bnrewrite.rewrite_rules.bn_rules import RULES, decide
 from bnrewrite.semantics import fold_math, ops
-from bnrewrite.semantics.affine import Absorbed, Affine, Side
+from bnrewrite.semantics.affine import Absorbed, Affine
 from bnrewrite.semantics.captured import Region
 from bnrewrite.semantics.layers import LayerSite
 from bnrewrite.semantics.norms import BNSite, bn_site, fetch_attr
 from bnrewrite.semantics.ops import EQUIV, source_line
-from bnrewrite.semantics.readers import move_metadata_readers
 
 RULE = "fold-bn"
 
@@ -159,15 +160,8 @@ class _RegionFolder:
     def _apply_fold(self, d: Decision) -> None:
         site = d.site
         scale, shift = site.eval_affine()
-        equiv = site.node.meta.get(EQUIV, site.node.name)
         assert site.input is not None and site.call is not None
-        if d.verdict == PRECEDING:
-            layers, absorbed, targets = self._into_preceding(d, scale, shift)
-            site.node.replace_all_uses_with(site.input)  # the layer, or the cat/sum/reshape over it
-            site.input.meta[EQUIV] = equiv
-        else:
-            layers, absorbed, targets = self._into_following(d, scale, shift)
-            move_metadata_readers(site.node, site.input)  # ``B, C, H, W = x.shape``: same shape
+        layers, absorbed, targets = RULES[d.rule].rewrite(self, d, scale, shift)
         bn_call = site.call
         bn_attrs = [str(n.target) for n in bn_call.all_input_nodes if n.op == "get_attr"]
         self._erase_bn(site)
@@ -185,40 +179,23 @@ class _RegionFolder:
         )
         self.applied.append(applied)
 
-    def _into_preceding(
-        self, d: Decision, scale: torch.Tensor, shift: torch.Tensor
-    ) -> tuple[list[Any], list[Any], list[LayerSite]]:
-        """Every producer absorbs its part: its slice of a concatenation, the scale of a sum (the
-        shift into one term only), or the whole BatchNorm."""
-        layers, absorbed = [], []
-        producers = [p for p in (d.producers or [d.producer]) if p is not None]
-        for i, layer in enumerate(producers):
-            assert layer.weight is not None
-            s_i, t_i = scale, shift
-            if d.combine == "cat":  # each piece absorbs its channels
-                lo, hi = d.slices[i]
-                s_i, t_i = scale[lo:hi], shift[lo:hi]
-            elif d.combine == "sum" and i != d.shift_into:  # the scale into every term, the shift once
-                t_i = None
-            absorbed.append(Absorbed(Side.AFTER, Affine(s_i, t_i)))
-            compute = functools.partial(_preceding, layer.kind, layer.groups, s_i, t_i)
-            layers.append(self._write_layer(layer, compute))
-            self._tag(layer.node, d)
-        return layers, absorbed, producers
+    def absorb(self, layer: LayerSite, d: Decision, absorbed: Absorbed) -> tuple[fx.Node, Slot, str | None]:
+        """Give ``layer`` weights that absorb one map (computed after the graph work)."""
+        assert layer.weight is not None
+        fold = _following if absorbed.before else _preceding
+        compute = functools.partial(
+            fold, layer.kind, layer.groups, absorbed.affine.scale, absorbed.affine.shift
+        )
+        entry = self._write_layer(layer, compute)
+        self._tag(layer.node, d)
+        return entry
 
-    def _into_following(
-        self, d: Decision, scale: torch.Tensor, shift: torch.Tensor
-    ) -> tuple[list[Any], list[Any], list[LayerSite]]:
-        """Every following layer absorbs the BatchNorm and reads its input instead."""
-        layers, absorbed = [], []
-        for layer, entry in zip(d.consumers, d.entries):
-            assert layer.weight is not None
-            compute = functools.partial(_following, layer.kind, layer.groups, scale, shift)
-            layers.append(self._write_layer(layer, compute))
-            entry.args = (d.site.input, *entry.args[1:])
-            self._tag(layer.node, d)
-            absorbed.append(Absorbed(Side.BEFORE, Affine(scale, shift)))
-        return layers, absorbed, d.consumers
+    def bypass(self, d: Decision) -> None:
+        """The BatchNorm's readers read its input (the layer, or the cat/sum/reshape over it)."""
+        site = d.site
+        equiv = site.node.meta.get(EQUIV, site.node.name)
+        site.node.replace_all_uses_with(site.input)
+        site.input.meta[EQUIV] = equiv
 
     def _apply_scale_shift(self, d: Decision) -> None:
         site = d.site
