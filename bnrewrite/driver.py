@@ -64,7 +64,12 @@ class TreeResult:
 
     def commit_inplace(self) -> None:
         """``inplace=True`` after the proof: new values go into the model's existing
-        parameters (same objects, same storage) wherever shape and dtype allow."""
+        parameters (same objects, same storage) wherever shape and dtype allow, and no other
+        module holds the parameter too (tied weights keep their old values for the other one)."""
+        held: dict[int, int] = {}
+        for m in self.root.modules():
+            for t in m._parameters.values():
+                held[id(t)] = held.get(id(t), 0) + 1
         for unit in self.units:
             for e in unit.edits:
                 old, new = e.old, e.new
@@ -73,7 +78,7 @@ class TreeResult:
                     and isinstance(new, torch.Tensor)
                     and (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device)
                 )
-                if e.kind == "param" and same:
+                if e.kind == "param" and same and held.get(id(old), 0) == 0:
                     old.data.copy_(new.data)
                     e.owner._parameters[e.name] = old
 

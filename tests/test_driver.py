@@ -15,7 +15,7 @@ from bnrewrite import fold
 from bnrewrite.plan.steps import EditStep
 from bnrewrite.semantics.norms import is_batchnorm_module
 from bnrewrite.verify import verify
-from tests.conftest import assert_unchanged, load_sample, randomize_bn, state_snapshot
+from tests.conftest import assert_unchanged, float64_reference, load_sample, randomize_bn, state_snapshot
 
 
 def _folded_paths(report) -> set[str]:
@@ -217,3 +217,48 @@ def test_a_batchnorm_whose_tensors_other_code_reads_is_carried_by_a_graph():
     assert graphs and all("stored tensors" in m for m in graphs)
     assert sum(a.kind == "fold-into-preceding" for a in report.actions) == 15
     assert verify(model, folded, inputs).passed
+
+
+class _TiedConvs(nn.Module):
+    """Two conv modules holding one weight parameter; only the first is followed by a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 1, bias=False), nn.Conv2d(4, 4, 1, bias=False)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) * self.b(x)  # (a product: no branch merge)
+
+
+def test_inplace_never_writes_a_parameter_another_module_holds():
+    """Planted: a tied weight. ``inplace=True`` writes folded values into existing tensors after
+    the proof; the other module's copy of the weight must keep its values."""
+    model = randomize_bn(_TiedConvs()).eval()
+    x = torch.randn(2, 4, 5, 5)
+    want = float64_reference(model, x)
+    folded, report = fold(model, (x,), inplace=True)
+    assert report.extra["proof"]["passed"]
+    with torch.no_grad():
+        assert (folded(x).double() - want).abs().max() < 1e-5
+
+
+def test_inplace_commit_keeps_a_tied_parameter_for_its_other_module(monkeypatch):
+    """Planted: the norm-affine rule blinded to tied weights folds into an LM head that shares
+    the embedding's weight; the commit after the proof must not write the shared tensor."""
+    from bnrewrite.semantics.captured import Capture
+    from tests.rewrite_rules.test_norm_affine import _TiedHead
+
+    monkeypatch.setattr(Capture, "tied_parameters", lambda self: set())
+    model = _TiedHead().eval()
+    nn.init.uniform_(model.norm.weight, 0.5, 1.5)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        want = model(tokens).double()
+    snap = model.embed.weight.detach().clone()
+    folded, report = fold(model, (tokens,), norm_affine=True, inplace=True)
+    assert [a.code for a in report.actions] == ["FD112"]
+    assert torch.equal(model.embed.weight, snap)  # the embedding kept its values
+    with torch.no_grad():
+        assert (folded(tokens).double() - want).abs().max() < 1e-4

@@ -38,7 +38,7 @@ from bnrewrite.semantics.captured import Capture, Region
 from bnrewrite.semantics.layers import LayerSite, layer_site
 from bnrewrite.semantics.norms import fetch_attr, forward_is_torchs, other_norm_family
 from bnrewrite.semantics.ops import module_at, source_line, stack_path, target_name
-from bnrewrite.semantics.readers import value_readers
+from bnrewrite.semantics.readers import is_cast_of, readers_through_casts, value_readers
 
 NAME = "norm-affine"
 CODE = "FD112"
@@ -53,7 +53,6 @@ _FUNCTIONAL: dict[Any, tuple[int, int | None]] = {
     **({F.rms_norm: (2, None)} if hasattr(F, "rms_norm") else {}),
     **({aten.rms_norm.default: (2, None)} if hasattr(aten, "rms_norm") else {}),
 }  # fmt: skip
-_CASTS = frozenset({"to", "type_as", "float", "half", "bfloat16", "contiguous"})
 _ROOTS = frozenset({"rsqrt", "sqrt", "norm", "std", "normalize", "rms_norm", "layer_norm"})
 _REDUCTIONS = frozenset(
     {"mean", "var", "std", "norm", "sum", "var_mean", "normalize", "rms_norm", "layer_norm"}
@@ -90,13 +89,14 @@ def plan(cap: Capture, *, taken: set[str], scopes: dict[str, Any], selector: Any
     other folds already change; ``scopes``: modules that become graphs."""
     out = Planned()
     calls = cap.graph_calls()
+    shared = cap.tied_parameters()
     for region in cap.regions:
         for node in list(region.gm.graph.nodes):
             m = match(region, node)
             if m is None or (selector is not None and not selector.matches(m.path, m.kind)):
                 continue
             _as_user_module(cap, m)
-            readers, why = check(cap, m, calls, taken, scopes)
+            readers, why = check(cap, m, calls, taken | shared, scopes)
             if why:
                 out.refusals.append(_refusal(m, why))
                 continue
@@ -236,16 +236,6 @@ def _normalizes(region: Region, value: fx.Node, path: str) -> bool:
 
 
 # -- check --------------------------------------------------------------------------------------
-def _through_casts(node: fx.Node) -> list[fx.Node]:
-    """The value readers of ``node``, looking through dtype casts (``.to(dtype)``): a cast of a
-    float32 value to float32 changes nothing, and in a lower dtype only the rounding moves."""
-    readers = []
-    for u in value_readers(node):
-        if u.op == "call_method" and u.target in _CASTS and u.args[0] is node:
-            readers.extend(_through_casts(u))
-        else:
-            readers.append(u)
-    return readers
 
 
 def check(
@@ -262,7 +252,7 @@ def check(
     other = _other_reads(m)
     if other:
         return [], f"other code reads its affine parameters ({other})"
-    readers = _through_casts(m.node)
+    readers = readers_through_casts(m.node)
     if not readers:
         return [], "nothing reads its output"
     layers: list[LayerSite] = []
@@ -309,7 +299,7 @@ def _reader(
     module = layer.module
     if isinstance(module, _ConvTransposeNd):
         return None, f"{path} is a transposed conv"
-    if r.args[:1] != (m.node,) and not _cast_of(r.args[0], m.node):
+    if r.args[:1] != (m.node,) and not is_cast_of(r.args[0], m.node):
         return None, f"{what} reads its output other than as its input"
     if isinstance(module, nn.Linear) and m.axis != -1:
         return None, f"{path} reads the last axis; the affine is on the channel axis"
@@ -317,8 +307,13 @@ def _reader(
         return None, f"{path} reads the channel axis; the affine is on the last axis"
     if layer.zero_pads():
         return None, f"{path} pads with zeros (the shift would reach the padded border)"
-    if path in taken:
-        return None, f"{path} is changed by another fold"
+    if path in taken or any(f"{path}.{n}" in taken for n in ("weight", "bias")):
+        other = (
+            "its weight or bias is also another module's (tied)"
+            if path not in taken
+            else "another fold changes it"
+        )
+        return None, f"{path}: {other}"
     if any(covers(s, path) for s in scopes):
         return None, f"{path} lies inside a module that becomes its folded graph"
     n = cap.runs(path, calls)
@@ -340,14 +335,6 @@ def _module_layer(cap: Capture, region: Region, layer: LayerSite) -> LayerSite |
     if module.bias is not layer.bias or _scope(region, layer.node) != path:
         return None
     return replace(layer, module=module)
-
-
-def _cast_of(arg: Any, node: fx.Node) -> bool:
-    while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _CASTS:
-        if arg.args[0] is node:
-            return True
-        arg = arg.args[0]
-    return False
 
 
 def _refusal(m: Match, why: str) -> Diagnostic:

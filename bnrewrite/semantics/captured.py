@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import fx
+from torch import fx, nn
 
 from bnrewrite.diagnostics import OpaquePart
 from bnrewrite.semantics.ops import propagate_shapes, stack_path
@@ -85,6 +85,18 @@ class Capture:
                 if n.op == "call_module":
                     calls[f"{region.path}.{n.target}" if region.path else str(n.target)] += 1
         return calls
+
+    def tied_parameters(self) -> set[str]:
+        """``path.weight``/``path.bias`` of every parameter more than one module holds (an LM
+        head tied to the embeddings): folded values written there would change the other too."""
+        if not isinstance(self.model, nn.Module):
+            return set()
+        holders: dict[int, list[str]] = {}
+        for path, module in self.model.named_modules():
+            for name, t in module._parameters.items():
+                if t is not None:
+                    holders.setdefault(id(t), []).append(f"{path}.{name}" if path else name)
+        return {p for paths in holders.values() if len(paths) > 1 for p in paths}
 
     def runs(self, path: str, graph_calls: Counter[str]) -> int:
         """How often the module at ``path`` runs: counted in the eager pass where it ran, else in

@@ -17,6 +17,8 @@ replaces ``node`` by another value of the same shape, dtype and device may move 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -100,3 +102,27 @@ def _move_after(user: fx.Node, anchor: fx.Node, order: dict[fx.Node, int]) -> No
     for n in sorted(seen, key=order.__getitem__):
         cursor.append(n)
         cursor = n
+
+
+_CASTS = frozenset({"to", "type_as", "float", "half", "bfloat16", "contiguous"})
+
+
+def readers_through_casts(node: fx.Node) -> list[fx.Node]:
+    """The value readers of ``node``, looking through dtype casts (``.to(dtype)``): a cast of a
+    float32 value to float32 changes nothing, and in a lower dtype only the rounding moves."""
+    readers = []
+    for u in value_readers(node):
+        if u.op == "call_method" and u.target in _CASTS and u.args[0] is node:
+            readers.extend(readers_through_casts(u))
+        else:
+            readers.append(u)
+    return readers
+
+
+def is_cast_of(arg: Any, node: fx.Node) -> bool:
+    """True when ``arg`` is ``node`` through one or more dtype casts."""
+    while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _CASTS:
+        if arg.args[0] is node:
+            return True
+        arg = arg.args[0]
+    return False

@@ -229,7 +229,7 @@ def test_batchnorm_folds_and_norm_affine_do_not_collide():
     x = torch.randn(4, 8)
     want = float64_reference(model, x)
     folded, report = fold(copy.deepcopy(model), (x,), norm_affine=True)
-    assert any(d.code == "FD112" and "changed by another fold" in d.message for d in report.diagnostics)
+    assert any(d.code == "FD112" and "another fold changes it" in d.message for d in report.diagnostics)
     with torch.no_grad():
         assert (folded(x).double() - want).abs().max() < 1e-5
 
@@ -281,3 +281,33 @@ def test_aten_graph_folds_into_the_modules_whose_weights_its_ops_apply():
     assert type(folded) is _ExportOnly and folded.norm.weight is None
     with torch.no_grad():
         assert (folded(x).double() - want).abs().max() < 1e-5
+
+
+class _TiedHead(nn.Module):
+    """GPT-style: the final norm feeds an LM head whose weight is the token embedding's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Embedding(11, 8), nn.LayerNorm(8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.embed(tokens)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_tied_reader_is_refused(inplace):
+    """Folding into the head would write the embedding too (in place: after the proof)."""
+    model = _TiedHead().eval()
+    nn.init.uniform_(model.norm.weight, 0.5, 1.5)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(tokens)
+    snap = model.embed.weight.detach().clone()
+    folded, report = fold(model, (tokens,), norm_affine=True, inplace=inplace)
+    refused = [d.message for d in report.diagnostics if d.code == "FD112"]
+    assert len(refused) == 1 and "tied" in refused[0], refused
+    assert torch.equal(folded.embed.weight, snap) and folded.head.weight is folded.embed.weight
+    with torch.no_grad():
+        assert (folded(tokens).double() - want).abs().max() < 1e-5
