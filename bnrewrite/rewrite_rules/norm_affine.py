@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,10 +35,11 @@ from bnrewrite.runtime import own_copies
 from bnrewrite.semantics import fold_math
 from bnrewrite.semantics.affine import Absorbed, Affine, Side
 from bnrewrite.semantics.captured import Capture, Region
-from bnrewrite.semantics.layers import LayerSite, layer_site
+from bnrewrite.semantics.layers import LayerSite, layer_site, module_layer
 from bnrewrite.semantics.norms import fetch_attr, forward_is_torchs, other_norm_family
 from bnrewrite.semantics.ops import module_at, source_line, stack_path, target_name
 from bnrewrite.semantics.readers import is_cast_of, readers_through_casts, value_readers
+from bnrewrite.semantics.reshapes import chain_forward, reshape_kind, track
 
 NAME = "norm-affine"
 CODE = "FD112"
@@ -74,6 +75,7 @@ class Match:
     torch_class: bool  # torch's own class and forward: the affine can be switched off
     kind: str
     nodes: tuple[fx.Node, ...] = ()  # the ops that apply the affine (they read its parameters)
+    out_axis: int | None = None  # the affine's axis in the module's output, where that differs
 
 
 @dataclass
@@ -257,10 +259,14 @@ def check(
         return [], "nothing reads its output"
     layers: list[LayerSite] = []
     for r in readers:
-        layer, why = _reader(cap, m, r, calls, taken, scopes)
-        if layer is None:
+        followed, why = _through_reshapes(cap, m, r)
+        for reader, src, axis, rank in followed:
+            layer, why = _reader(cap, m, reader, calls, taken, scopes, src=src, axis=axis, rank=rank)
+            if layer is None:
+                break
+            layers.append(layer)
+        if why:
             return [], why
-        layers.append(layer)
     rec = cap.recording
     eager = rec.readers.get(m.path, 0) if rec is not None and m.path in rec.out_ids else 0
     if eager > len(readers) and m.node.op == "call_module":
@@ -283,15 +289,35 @@ def _other_reads(m: Match) -> str:
     return ", ".join(readers[:3])
 
 
+def _through_reshapes(cap: Capture, m: Match, r: fx.Node) -> tuple[list[tuple[Any, ...]], str]:
+    """(reader, the node it must read, the affine's axis there, that node's rank) for ``r``, or
+    for the readers after a chain of permutes/reshapes ``r`` starts (a channels-first LayerNorm:
+    permute, layer_norm, permute), with the axis followed op by op on recorded shapes."""
+    if reshape_kind(r) is None or not r.args or r.args[0] is not m.node:
+        return [(r, m.node, m.axis, None)], ""
+    chain = [r, *chain_forward(r)]
+    shape_of = cap.shape_lookup().shape
+    rank = len(shape_of(m.node) or ())
+    axis = track(chain, m.axis % rank, shape_of) if rank else None
+    end_shape = shape_of(chain[-1])
+    if axis is None or end_shape is None:
+        return [], f"after {', '.join(n.name for n in chain)} the affine's axis cannot be followed"
+    inside = [n for n in chain if (_scope(m.region, n) or "").startswith(m.path)]
+    if inside and inside == chain[: len(inside)]:  # the module's own output is further on
+        m.out_axis = track(inside, m.axis % rank, shape_of)
+    return [(u, chain[-1], axis, len(end_shape)) for u in readers_through_casts(chain[-1])], ""
+
+
 def _reader(
-    cap: Capture, m: Match, r: fx.Node, calls: Counter[str], taken: set[str], scopes: dict[str, Any]
-) -> tuple[LayerSite | None, str]:
+    cap: Capture, m: Match, r: fx.Node, calls: Counter[str], taken: set[str], scopes: dict[str, Any], *,
+    src: fx.Node, axis: int, rank: int | None,
+) -> tuple[LayerSite | None, str]:  # fmt: skip
     if r.op == "output":
         return None, "the model returns its output"
     layer = layer_site(m.region, r)
     what = f"{r.name} ({target_name(r)})"
     if layer is not None and r.op != "call_module":
-        layer = _module_layer(cap, m.region, layer)  # an ATen layer applying a module's own weights
+        layer = module_layer(cap.model, layer)  # an ATen layer applying a module's own weights
     if layer is None or layer.module is None:
         kind = "a functional layer" if layer is not None else "not a Linear or conv layer"
         return None, f"{what} reads its output ({kind}): the affine output is needed there"
@@ -299,11 +325,13 @@ def _reader(
     module = layer.module
     if isinstance(module, _ConvTransposeNd):
         return None, f"{path} is a transposed conv"
-    if r.args[:1] != (m.node,) and not is_cast_of(r.args[0], m.node):
+    if r.args[:1] != (src,) and not is_cast_of(r.args[0], src):
         return None, f"{what} reads its output other than as its input"
-    if isinstance(module, nn.Linear) and m.axis != -1:
+    last = axis == -1 or (rank is not None and axis == rank - 1)
+    channel = axis == 1 or (rank is None and axis == -(module.weight.dim() - 1))
+    if isinstance(module, nn.Linear) and not last:
         return None, f"{path} reads the last axis; the affine is on the channel axis"
-    if isinstance(module, _ConvNd) and (m.axis != 1 and m.axis != -(module.weight.dim() - 1)):
+    if isinstance(module, _ConvNd) and not channel:
         return None, f"{path} reads the channel axis; the affine is on the last axis"
     if layer.zero_pads():
         return None, f"{path} pads with zeros (the shift would reach the padded border)"
@@ -320,21 +348,6 @@ def _reader(
     if n != 1:
         return None, f"{path} runs {n} times"
     return layer, ""
-
-
-def _module_layer(cap: Capture, region: Region, layer: LayerSite) -> LayerSite | None:
-    """The functional layer as the module whose own weight and bias it applies (an ATen graph
-    of ``nn.Linear``/``nn.Conv*``), or None: computed or foreign weights."""
-    path = layer.module_path or ""
-    try:
-        module = cap.model.get_submodule(path) if isinstance(cap.model, nn.Module) else None
-    except AttributeError:
-        return None
-    if not isinstance(module, (nn.Linear, _ConvNd)) or module.weight is not layer.weight:
-        return None
-    if module.bias is not layer.bias or _scope(region, layer.node) != path:
-        return None
-    return replace(layer, module=module)
 
 
 def _refusal(m: Match, why: str) -> Diagnostic:
@@ -390,7 +403,8 @@ def rewrite(m: Match, readers: list[LayerSite]) -> Unit:
     unit.edits.append(_identity(m))
     if not any(covers(m.path, p) for p in paths):  # the module's output is the norm's: check it alone
         label = m.path or "<root>"
-        build = functools.partial(NormAffineCheck, label, affine=Affine(scale, shift, m.axis))
+        axis = m.out_axis if m.out_axis is not None else m.axis
+        build = functools.partial(NormAffineCheck, label, affine=Affine(scale, shift, axis))
         unit.specs.append(CheckSpec("module", m.path, build=build))
     return unit
 

@@ -86,6 +86,14 @@ class Capture:
                     calls[f"{region.path}.{n.target}" if region.path else str(n.target)] += 1
         return calls
 
+    def shape_lookup(self) -> Any:
+        """One :class:`~bnrewrite.semantics.shapes.ShapeLookup` per capture (shapes are found once)."""
+        from bnrewrite.semantics.shapes import ShapeLookup
+
+        if getattr(self, "_shapes", None) is None:
+            self._shapes = ShapeLookup(self)
+        return self._shapes
+
     def tied_parameters(self) -> set[str]:
         """``path.weight``/``path.bias`` of every parameter more than one module holds (an LM
         head tied to the embeddings): folded values written there would change the other too."""

@@ -4,6 +4,7 @@ hyperparameters a fold rewrites."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -130,3 +131,19 @@ def is_dropout(region: Region, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(ops.module_at(region.gm, str(node.target)), nn.modules.dropout._DropoutNd)
     return node.op == "call_function" and node.target in ops.DROPOUT_TARGETS
+
+
+def module_layer(root: Any, layer: LayerSite) -> LayerSite | None:
+    """A functional layer as the module whose own weight and bias it applies (an ATen graph of
+    ``nn.Linear``/``nn.Conv*``: the op runs in that module and reads its tensors), or None:
+    computed or foreign weights."""
+    path = layer.module_path or ""
+    try:
+        module = root.get_submodule(path) if isinstance(root, nn.Module) else None
+    except AttributeError:
+        return None
+    if not isinstance(module, (nn.Linear, _ConvNd)) or module.weight is not layer.weight:
+        return None
+    if module.bias is not layer.bias or not layer.node.meta.get("nn_module_stack"):
+        return None
+    return dataclasses.replace(layer, module=module)

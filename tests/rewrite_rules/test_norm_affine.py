@@ -311,3 +311,41 @@ def test_a_tied_reader_is_refused(inplace):
     assert torch.equal(folded.embed.weight, snap) and folded.head.weight is folded.embed.weight
     with torch.no_grad():
         assert (folded(tokens).double() - want).abs().max() < 1e-5
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """A channels-first LayerNorm the way vision libraries write it: permute, layer_norm, permute."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _ConvNeXtStage(nn.Module):
+    def __init__(self, padding: int):
+        super().__init__()
+        self.norm = _LayerNorm2d(8)
+        self.conv = nn.Conv2d(8, 6, 1 if padding == 0 else 3, padding=padding)
+
+    def forward(self, x):
+        return self.conv(self.norm(x))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_channels_first_layernorm_is_followed_through_its_permutes(padding):
+    model = _ConvNeXtStage(padding).eval()
+    nn.init.uniform_(model.norm.weight, 0.5, 1.5)
+    nn.init.uniform_(model.norm.bias, -0.5, 0.5)
+    x = torch.randn(2, 8, 5, 5)
+    want = float64_reference(model, x)
+    folded, report = fold(model, (x,), norm_affine=True)
+    done = [a.target for a in report.actions if a.code == "FD112"]
+    refused = [d.message for d in report.diagnostics if d.code == "FD112"]
+    if padding:
+        assert not done and "pads with zeros" in refused[0]
+    else:
+        assert done == ["conv"] and report.extra["proof"]["passed"] and not report.extra["proof"]["undone"]
+        assert torch.equal(folded.norm.weight, torch.ones(8))  # its own forward: weight 1, bias 0
+    with torch.no_grad():
+        assert (folded(x).double() - want).abs().max() < 1e-5
