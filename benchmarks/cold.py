@@ -35,14 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("fuse", "fold", "fold-noinputs", "fold-inplace", "fold-noproof", "forward")
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(key)
-
-
 def _build(model_name: str, blocks: int):
     import torch
 
@@ -68,6 +60,7 @@ def worker(mode: str, model_name: str, blocks: int, threads: int) -> None:
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
+    from fold import _status  # benchmarks/fold.py: the same /proc/self/status reader
     from torch.fx.experimental.optimization import fuse
 
     import bnrewrite

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -26,6 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bnrewrite  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from fold import latency_ratio as ratio  # noqa: E402  (median of interleaved rounds)
 
 warnings.filterwarnings("ignore")
 
@@ -38,24 +39,6 @@ LAYERS = [
     ("k3s2 64->32", 64, 32, 3, 2, 1, (2, 64, 16, 16)),
     ("k4s2 64->32", 64, 32, 4, 2, 1, (2, 64, 16, 16)),
 ]
-
-
-def ratio(a, b, x: torch.Tensor, rounds: int) -> float:
-    """Median over interleaved rounds of latency(a) / latency(b)."""
-    out = []
-    with torch.no_grad():
-        for _ in range(10):
-            a(x), b(x)
-        for i in range(rounds):
-            first, second = (a, b) if i % 2 == 0 else (b, a)
-            t0 = time.perf_counter()
-            first(x)
-            t1 = time.perf_counter()
-            second(x)
-            t2 = time.perf_counter()
-            ta, tb = (t1 - t0, t2 - t1) if first is a else (t2 - t1, t1 - t0)
-            out.append(ta / tb)
-    return statistics.median(out)
 
 
 def layers_section(rounds: int) -> None:

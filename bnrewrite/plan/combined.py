@@ -20,6 +20,15 @@ aten = torch.ops.aten
 ADDS = (operator.add, torch.add, aten.add.Tensor, "add", "__add__")
 
 
+def combined_source(site: BNSite) -> fx.Node | None:
+    """The BatchNorm's input when a fold beyond its direct neighbour may start there: a channel
+    BatchNorm (dim 1) with known width whose input nothing else reads; None otherwise."""
+    src = site.input
+    if src is None or site.region is None or site.num_features is None or site.axis != 1:
+        return None
+    return src if len(value_readers(src)) == 1 else None
+
+
 def _passthrough(site: BNSite, node: fx.Node, eval_mode: bool) -> fx.Node:
     """Look through an eval-mode Dropout (identity) read by nothing else: a Dropout module, or
     ATen ``dropout(x, p, train=False)``."""

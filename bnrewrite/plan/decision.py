@@ -141,6 +141,7 @@ def in_channels(layer: LayerSite) -> int:
     return int(layer.weight.shape[1]) * layer.groups
 
 
+Note = tuple[str, str]  # (code, message): why a rule refused
 RankOf = Callable[[fx.Node], "int | None"]  # a ShapeLookup, or any rank function (tests)
 
 

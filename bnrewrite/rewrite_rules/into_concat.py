@@ -18,31 +18,27 @@ from typing import Any
 import torch
 from torch import fx
 
-from bnrewrite.plan.combined import pieces
+from bnrewrite.plan.combined import combined_source, pieces
 from bnrewrite.plan.decision import (
     PRECEDING,
     Decision,
+    Note,
     RankOf,
     label,
     out_channels,
-)  # fmt: skip
+)
 from bnrewrite.semantics import ops
 from bnrewrite.semantics.affine import Absorbed, Affine, Side
 from bnrewrite.semantics.layers import LayerSite
 from bnrewrite.semantics.norms import BNSite
-from bnrewrite.semantics.readers import value_readers
-
-Note = tuple[str, str]  # (code, message)
 
 NAME = "into-concat"
 
 
 def check(site: BNSite, rank_of: RankOf, eval_mode: bool = False) -> tuple[Decision | None, Note | None]:
     """The decision to fold into every concatenated layer, or why not."""
-    src = site.input
-    if src is None or site.region is None or site.num_features is None or site.axis != 1:
-        return None, None
-    if len(value_readers(src)) != 1:
+    src = combined_source(site)
+    if src is None:
         return None, None
     if src.op == "call_function" and src.target in (torch.cat, torch.concat, ops.aten.cat.default):
         return _concat(site, src, rank_of, eval_mode)

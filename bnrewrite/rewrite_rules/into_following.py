@@ -23,19 +23,18 @@ from torch import fx
 from bnrewrite.plan.decision import (
     FOLLOWING,
     Decision,
+    Note,
     RankOf,
     in_channels,
     label,
     shape_of,
-)  # fmt: skip
+)
 from bnrewrite.semantics import ops
 from bnrewrite.semantics.affine import Absorbed, Affine, Side
 from bnrewrite.semantics.layers import LayerSite, layer_site
 from bnrewrite.semantics.norms import BNSite
 from bnrewrite.semantics.readers import move_metadata_readers, value_readers
 from bnrewrite.semantics.reshapes import chain_forward, reshape_kind, track
-
-Note = tuple[str, str]  # (code, message)
 
 NAME = "into-following"
 

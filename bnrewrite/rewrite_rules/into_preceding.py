@@ -21,22 +21,22 @@ from typing import Any
 import torch
 from torch import fx
 
+from bnrewrite.plan.combined import combined_source
 from bnrewrite.plan.decision import (
     PRECEDING,
     Decision,
+    Note,
     RankOf,
     label,
     out_channels,
     shape_of,
-)  # fmt: skip
+)
 from bnrewrite.semantics import ops
 from bnrewrite.semantics.affine import Absorbed, Affine, Side
 from bnrewrite.semantics.layers import LayerSite, layer_site
 from bnrewrite.semantics.norms import BNSite
 from bnrewrite.semantics.readers import value_readers
 from bnrewrite.semantics.reshapes import chain_back, reshape_kind, track
-
-Note = tuple[str, str]  # (code, message)
 
 NAME = "into-preceding"
 
@@ -94,10 +94,8 @@ def check_reshaped(
     site: BNSite, rank_of: RankOf, eval_mode: bool = False
 ) -> tuple[Decision | None, Note | None]:
     """The decision to fold into a Linear whose output reaches the BatchNorm through reshapes."""
-    src = site.input
-    if src is None or site.region is None or site.num_features is None or site.axis != 1:
-        return None, None
-    if len(value_readers(src)) != 1 or reshape_kind(src) is None:
+    src = combined_source(site)
+    if src is None or reshape_kind(src) is None:
         return None, None
     return _linear_reshaped(site, src, rank_of)
 

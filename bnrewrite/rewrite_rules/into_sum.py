@@ -18,30 +18,26 @@ from typing import Any
 import torch
 from torch import fx
 
-from bnrewrite.plan.combined import ADDS, pieces, shift_term, sum_terms
+from bnrewrite.plan.combined import ADDS, combined_source, pieces, shift_term, sum_terms
 from bnrewrite.plan.decision import (
     PRECEDING,
     Decision,
+    Note,
     RankOf,
     label,
     out_channels,
-)  # fmt: skip
+)
 from bnrewrite.semantics.affine import Absorbed, Affine, Side
 from bnrewrite.semantics.layers import LayerSite
 from bnrewrite.semantics.norms import BNSite
-from bnrewrite.semantics.readers import value_readers
-
-Note = tuple[str, str]  # (code, message)
 
 NAME = "into-sum"
 
 
 def check(site: BNSite, rank_of: RankOf, eval_mode: bool = False) -> tuple[Decision | None, Note | None]:
     """The decision to fold into every summed layer, or why not."""
-    src = site.input
-    if src is None or site.region is None or site.num_features is None or site.axis != 1:
-        return None, None
-    if len(value_readers(src)) != 1:
+    src = combined_source(site)
+    if src is None:
         return None, None
     if src.op in ("call_function", "call_method") and src.target in ADDS:
         return _sum(site, src, eval_mode)
