@@ -1,10 +1,14 @@
-"""Fold a captured ``nn.Module`` so that the result is the user's own module tree.
+"""The one driver: every rule over a captured ``nn.Module``, so that the result is the user's own
+module tree.
 
-The graphs are the analysis: every region is folded as a graph (without compiling it), and
-:mod:`~bnrewrite.rewrite_rules.bn_tree` turns each applied fold into module-tree edits. Folds that no
-module edit can express make the smallest module enclosing them a graph of its own: that module
-is captured alone, folded and swapped in (FD104 names it and the reason). Every change is a
-:class:`~bnrewrite.rewrite_rules.bn_tree.Unit`, so the proof can undo any of them.
+Per region, :func:`run_rules` runs the graph rules in their order - the branch merges (found on
+the graph as captured), then the BatchNorm rules to a fixed point (``rewrite_rules.fold_bn``) -
+without compiling anything; ``rewrite_rules.bn_tree`` turns each applied fold into module-tree
+edits. Folds that no module edit can express make the smallest module enclosing them a graph of
+its own: that module is captured alone, run through the same :func:`run_rules`, and swapped in
+(FD104 names it and the reason). Then the tree rules plan around those scopes (the opt-in
+``norm_affine``). Every change is a :class:`~bnrewrite.editor.units.Unit`, so the proof can undo
+any of them; ``dry_run`` stops at the typed plan (``plan.steps``).
 """
 
 from __future__ import annotations
